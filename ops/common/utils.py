@@ -1,0 +1,147 @@
+"""Shared host-side helpers for every op: input validation, output allocation, dtype rules, varlen chunk maps."""
+import os
+
+import torch
+import triton
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_HEAD_SIZE = 256
+
+# When set (tests do), every output buffer an op allocates is filled with NaN before its kernel runs, so an
+# element a kernel fails to write shows up as NaN instead of a plausible stale value.
+POISON_OUTPUTS = os.environ.get("DELTACHECK_POISON", "0") == "1"
+
+
+def set_poison(flag: bool) -> None:
+    global POISON_OUTPUTS
+    POISON_OUTPUTS = bool(flag)
+
+
+def new_empty(shape, dtype, device) -> torch.Tensor:
+    """An output buffer: uninitialized, or NaN-poisoned when POISON_OUTPUTS is set."""
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation / intermediate / state dtype: float64 for float64 inputs, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot precision. Operands are upcast to the accumulation dtype inside kernels; float32 and float64
+    inputs get exact products ("ieee": no silent tf32); half inputs use tf32, whose unit roundoff 2^-11 is
+    below fp16's and bf16's, so the output rounding still dominates their error."""
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+def block_size(n: int, minimum: int = 16) -> int:
+    """Power-of-two tile covering n (at least 16: tl.dot's smallest dimension)."""
+    return max(minimum, triton.next_power_of_2(n))
+
+
+def check_device(name: str, x: torch.Tensor) -> None:
+    if x.device.type == "cuda":
+        return
+    if x.device.type == "cpu" and interpreting():
+        return
+    raise ValueError(
+        f"{name} is on {x.device}; Triton kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 "
+        "set before triton is imported, which runs them in the slow interpreter)")
+
+
+def check_tensor(name, x, ndim=None, shape=None, device=None, dtype=None, floating=True):
+    """Raise a clear TypeError/ValueError naming `name` when x is not what is expected."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if floating and x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} has dtype {x.dtype}; expected one of float16, bfloat16, float32, float64")
+    if dtype is not None and x.dtype != dtype:
+        raise TypeError(f"{name} has dtype {x.dtype} but q has {dtype}; all inputs must share one dtype")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(x.shape)}")
+    if shape is not None and tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+    if device is not None and x.device != device:
+        raise ValueError(f"{name} is on {x.device} but q is on {device}; all inputs must be on one device")
+    check_device(name, x)
+
+
+def check_head_size(name: str, n: int) -> None:
+    if not 1 <= n <= MAX_HEAD_SIZE:
+        raise ValueError(f"{name} head size {n} is unsupported: expected 1 <= size <= {MAX_HEAD_SIZE}")
+
+
+def check_cu_seqlens(cu_seqlens, B: int, T: int, device) -> int:
+    """Validate packed-sequence offsets; return the number of sequences N."""
+    if cu_seqlens is None:
+        return B
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries, got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {device}")
+    if B != 1:
+        raise ValueError(f"cu_seqlens packs sequences along T and needs batch size 1, got B={B}")
+    cu = cu_seqlens.tolist()
+    if cu[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {cu[0]}")
+    if cu[-1] != T:
+        raise ValueError(f"cu_seqlens must end at T={T}, got {cu[-1]}")
+    if any(e < s for s, e in zip(cu[:-1], cu[1:])):
+        raise ValueError(f"cu_seqlens must be non-decreasing, got {cu}")
+    return len(cu) - 1
+
+
+def check_qkv(q, k, v):
+    """q, k [B, T, H, K] and v [B, T, H, V], one dtype and device. Returns (B, T, H, K, V)."""
+    check_tensor("q", q, ndim=4)
+    check_tensor("k", k, ndim=4, shape=q.shape, device=q.device, dtype=q.dtype)
+    check_tensor("v", v, ndim=4, device=q.device, dtype=q.dtype)
+    B, T, H, K = q.shape
+    if tuple(v.shape[:3]) != (B, T, H):
+        raise ValueError(f"v must have shape [B, T, H, V] = [{B}, {T}, {H}, V], got {tuple(v.shape)}")
+    check_head_size("q/k", K)
+    check_head_size("v", v.shape[-1])
+    return B, T, H, K, v.shape[-1]
+
+
+def check_state(initial_state, N, H, K, V, device):
+    if initial_state is None:
+        return
+    check_tensor("initial_state", initial_state, ndim=4, shape=(N, H, K, V), device=device)
+
+
+def sequence_offsets(cu_seqlens, B: int, T: int, device) -> torch.Tensor:
+    """int32 [N + 1] start offsets of each sequence in the flattened [B*T] token axis."""
+    if cu_seqlens is None:
+        return torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=device)
+    return cu_seqlens.to(device=device, dtype=torch.int32)
+
+
+def chunk_map(offsets: torch.Tensor, chunk_size: int):
+    """Every (sequence, chunk) pair as int32 [NC, 2] rows (n, c), and int32 [N + 1] chunk offsets:
+    sequence n's chunks are rows chunk_offsets[n] .. chunk_offsets[n+1] (empty sequences have none)."""
+    lens = (offsets[1:] - offsets[:-1]).long()
+    counts = (lens + chunk_size - 1) // chunk_size
+    chunk_offsets = torch.zeros(len(lens) + 1, dtype=torch.long, device=offsets.device)
+    chunk_offsets[1:] = torch.cumsum(counts, 0)
+    seq = torch.repeat_interleave(torch.arange(len(lens), device=offsets.device), counts)
+    idx = torch.arange(int(chunk_offsets[-1]), device=offsets.device) - chunk_offsets[seq]
+    return torch.stack([seq, idx], 1).to(torch.int32).contiguous(), chunk_offsets.to(torch.int32)
+
+
+def default_scale(scale, K: int) -> float:
+    if scale is None:
+        return K ** -0.5
+    if not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float, got {type(scale).__name__}")
+    return float(scale)

@@ -1,0 +1,103 @@
+"""Shared hypothesis strategies. Hypothesis draws the structure of a case (shapes, dtype, flags, segment lengths,
+a seed); tensors are then drawn from torch with that seed, fresh for every example.
+
+Sizes adapt to where the tests run: on CPU the Triton interpreter is slow, so T, K and V stay small."""
+import os
+from dataclasses import dataclass
+
+import torch
+from hypothesis import strategies as st
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+# Dtypes the Triton ops are tested in here. bf16 is GPU-only: the interpreter's bf16 tl.dot is unreliable.
+OP_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64] if ON_GPU else \
+    [torch.float16, torch.float32, torch.float64]
+
+# Head sizes: powers of two and not (1, 24, 60, 100, ...), capped smaller on the interpreter.
+HEAD_SIZES = [1, 16, 24, 32, 60, 64, 100, 128, 256] if ON_GPU else [1, 3, 8, 16, 24]
+MAX_T = int(os.environ.get("DELTACHECK_MAX_T", 300 if ON_GPU else 70))
+
+
+@dataclass
+class Case:
+    """A drawn delta-rule case; `make()` materializes its tensors."""
+    B: int
+    T: int
+    H: int
+    K: int
+    V: int
+    dtype: torch.dtype
+    seed: int
+    unit_keys: bool
+    beta_max: float
+    beta_ends: bool
+    initial_state: bool
+    seqlens: tuple | None  # packed segment lengths (B == 1) or None
+    scale: float | None
+
+    @property
+    def N(self):
+        return self.B if self.seqlens is None else len(self.seqlens)
+
+    def cu_seqlens(self, device=DEVICE):
+        if self.seqlens is None:
+            return None
+        cu = [0]
+        for n in self.seqlens:
+            cu.append(cu[-1] + n)
+        return torch.tensor(cu, dtype=torch.long, device=device)
+
+    def make(self, device=DEVICE):
+        """q, k, v, beta, initial_state in self.dtype (state: float32, or float64 for float64 cases)."""
+        g = torch.Generator().manual_seed(self.seed)
+        B, T, H, K, V = self.B, self.T, self.H, self.K, self.V
+        q = torch.randn(B, T, H, K, generator=g, dtype=torch.float64)
+        k = torch.randn(B, T, H, K, generator=g, dtype=torch.float64)
+        k = torch.nn.functional.normalize(k, dim=-1) if self.unit_keys else k / K ** 0.5
+        v = torch.randn(B, T, H, V, generator=g, dtype=torch.float64)
+        beta = torch.rand(B, T, H, generator=g, dtype=torch.float64) * self.beta_max
+        if self.beta_ends:  # put a share of the betas exactly on 0 and on beta_max
+            r = torch.rand(B, T, H, generator=g)
+            beta = torch.where(r < 0.15, 0.0, torch.where(r > 0.85, self.beta_max, beta))
+        S0 = torch.randn(self.N, H, K, V, generator=g, dtype=torch.float64) if self.initial_state else None
+        cast = lambda x: x.to(device=device, dtype=self.dtype)  # noqa: E731
+        state_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
+        return dict(q=cast(q), k=cast(k), v=cast(v), beta=cast(beta),
+                    initial_state=None if S0 is None else S0.to(device=device, dtype=state_dtype),
+                    cu_seqlens=self.cu_seqlens(device), scale=self.scale)
+
+
+@st.composite
+def seqlens(draw, max_total):
+    """Packed segment lengths including 0 and 1, summing to at most max_total."""
+    n = draw(st.integers(1, 4))
+    lens = draw(st.lists(st.one_of(st.sampled_from([0, 1]), st.integers(2, max(2, max_total // n))),
+                         min_size=n, max_size=n))
+    return tuple(lens)
+
+
+@st.composite
+def delta_cases(draw, dtypes=None, max_T=None, head_sizes=None, varlen=None, max_B=2, max_H=2):
+    """A delta-rule case: T from 1 to max_T (not tied to any chunk size), K != V allowed, odd head sizes,
+    unit-norm keys with beta in [0, 2] (ends included) or raw keys with beta in [0, 1], optional initial state,
+    optional packed varlen with empty and length-1 segments, optional explicit scale."""
+    dtypes = dtypes or OP_DTYPES
+    max_T = max_T or MAX_T
+    head_sizes = head_sizes or HEAD_SIZES
+    use_varlen = draw(st.booleans()) if varlen is None else varlen
+    if use_varlen:
+        lens = draw(seqlens(max_T))
+        B, T = 1, sum(lens)
+    else:
+        lens, B, T = None, draw(st.integers(1, max_B)), draw(st.integers(1, max_T))
+    unit_keys = draw(st.booleans())
+    return Case(
+        B=B, T=T, H=draw(st.integers(1, max_H)),
+        K=draw(st.sampled_from(head_sizes)), V=draw(st.sampled_from(head_sizes)),
+        dtype=draw(st.sampled_from(dtypes)), seed=draw(st.integers(0, 2 ** 31 - 1)),
+        unit_keys=unit_keys, beta_max=2.0 if unit_keys else 1.0, beta_ends=draw(st.booleans()),
+        initial_state=draw(st.booleans()), seqlens=lens,
+        scale=draw(st.one_of(st.none(), st.floats(0.1, 2.0))),
+    )

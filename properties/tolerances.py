@@ -1,0 +1,65 @@
+"""The one place that owns the error metric and the per-dtype bounds.
+
+Error: ``||x - x_ref|| / ||x_ref||`` (Frobenius norms, in float64), with x_ref the float64 reference evaluated on
+the *same rounded inputs* the op saw, so input rounding is not charged to the op. A NaN anywhere is an infinite
+error. Bounds are multiples of each dtype's unit roundoff u = 2^-p (p the significand bits):
+
+    dtype      u          forward   gradients
+    float64    1.1e-16    1024 u    4096 u
+    float32    6.0e-8     512 u     2048 u
+    float16    4.9e-4     8 u       32 u
+    bfloat16   3.9e-3     4 u       16 u
+
+Why these multiples: kernels accumulate in float32 (float64 for float64 inputs), so a half-precision result's
+error is its own rounding (about u/2) plus float32/tf32 accumulation error, a few u at most; float32 and float64
+results carry the accumulation error of sums over T and K, which grows with T and with the conditioning of the
+transitions (the properties draw T up to a few hundred). Gradients pass through one more triangular solve and
+reverse recurrence, hence four times the forward bound.
+"""
+import math
+
+import torch
+
+UNIT_ROUNDOFF = {
+    torch.float64: 2.0 ** -53,
+    torch.float32: 2.0 ** -24,
+    torch.float16: 2.0 ** -11,
+    torch.bfloat16: 2.0 ** -8,
+}
+
+FORWARD_ULPS = {torch.float64: 1024, torch.float32: 512, torch.float16: 8, torch.bfloat16: 4}
+GRADIENT_ULPS = {torch.float64: 4096, torch.float32: 2048, torch.float16: 32, torch.bfloat16: 16}
+
+# Tolerance for two float64 references of the same function (issue: the four delta-rule forms agree to 1e-12).
+REFERENCE_AGREEMENT = 1e-12
+
+
+def bound(dtype: torch.dtype, kind: str = "forward") -> float:
+    """The error bound for results of `dtype`; kind is 'forward' or 'gradient'."""
+    table = FORWARD_ULPS if kind == "forward" else GRADIENT_ULPS
+    return table[dtype] * UNIT_ROUNDOFF[dtype]
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """||x - ref|| / ||ref|| in float64; inf if x has a NaN or inf; ||x|| when ref is exactly zero."""
+    x = x.detach().double().cpu()
+    ref = ref.detach().double().cpu()
+    if x.shape != ref.shape:
+        raise AssertionError(f"shape {tuple(x.shape)} != reference shape {tuple(ref.shape)}")
+    if not torch.isfinite(x).all():
+        return math.inf
+    denom = ref.norm().item()
+    num = (x - ref).norm().item()
+    return num / denom if denom > 0 else num
+
+
+def assert_close(name: str, x: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, kind: str = "forward",
+                 record=None) -> float:
+    """Assert rel_err(x, ref) <= bound(dtype, kind); report the measured error and the bound on failure.
+    `record` (a callable) receives (name, err, bound) for the verification report."""
+    err = rel_err(x, ref)
+    b = bound(dtype, kind)
+    if record is not None:
+        record(name, err, b)
+    assert err <= b, f"{name}: relative error {err:.3e} > bound {b:.3e} ({kind}, {dtype})"
+    return err
