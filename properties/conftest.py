@@ -15,12 +15,13 @@ from hypothesis import HealthCheck, settings
 
 _common = dict(deadline=None, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                      HealthCheck.filter_too_much])
+                                      HealthCheck.filter_too_much, HealthCheck.function_scoped_fixture])
 settings.register_profile("ci", max_examples=6, derandomize=True, **_common)
 settings.register_profile("dev", max_examples=20, **_common)
 settings.register_profile("thorough", max_examples=200, **_common)
 settings.load_profile(os.environ.get("DELTACHECK_PROFILE", "dev"))
 
+# `record` is function-scoped on purpose: it appends to one list across all hypothesis examples of a test.
 _RECORDS = []
 
 

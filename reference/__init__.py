@@ -10,13 +10,13 @@ from reference.delta_rule import (
     delta_rule_parallel,
     delta_rule_recurrent,
 )
+from reference.deltaformer import causal_softmax_attention, deltaformer_recurrent, deltaformer_solve
 from reference.generalized_delta_rule import (
     dplr_recurrent,
     dplr_transition_product,
     iplr_recurrent,
     iplr_transition_product,
 )
-from reference.deltaformer import deltaformer_recurrent, deltaformer_solve, causal_softmax_attention
 from reference.l2norm import l2norm
 
 __all__ = [
