@@ -50,3 +50,30 @@ def gpu(session):
 def lint(session):
     session.install("ruff")
     session.run("ruff", "check", ".")
+
+
+@nox.session
+def report(session):
+    """Main job: the property suite on this machine's CPU (Triton interpreter, `ci` profile), recording every
+    measured error, a tiny CPU accuracy sweep, then the HTML report (reports/site/index.html) with the committed
+    GPU data beside it. Failing properties do not stop the report: its verification matrix shows them."""
+    cpu_install(session, *REPORT_DEPS)
+    os.makedirs("reports/data", exist_ok=True)
+    record, junit = "reports/data/verification-cpu.json", "reports/data/verification-cpu.junit.xml"
+    for stale in (record, junit):
+        if os.path.exists(stale):
+            os.remove(stale)
+    session.run("python", "-m", "pytest", "properties", "-q", "-p", "no:cacheprovider",
+                "--continue-on-collection-errors", f"--junitxml={junit}", *session.posargs,
+                env=dict(CPU_ENV, DELTACHECK_PROFILE="ci", DELTACHECK_RECORD=record), success_codes=[0, 1])
+    session.run("python", "-m", "benchmarks.accuracy", "--out", "reports/data", "--file", "accuracy-cpu.json",
+                env=CPU_ENV, success_codes=[0, 1])
+    session.run("python", "-m", "reports.build")
+
+
+@nox.session(venv_backend="none")
+def bench(session):
+    """On a GPU machine, with its own CUDA torch and triton (and fla when installed): the speed sweep, decode and
+    the accuracy sweep inside one time budget (default 420 s; `-- --budget-s N` and any harness option), writing
+    reports/data/<gpu>/ (bench.json/.csv, accuracy.json/.csv, plots/)."""
+    session.run("python3", "-m", "benchmarks.harness", "--accuracy", "--plots", *session.posargs)

@@ -5,6 +5,7 @@ Profiles (one test body for quick and deep runs), chosen by DELTACHECK_PROFILE:
   dev       the default: a few more random examples
   thorough  many examples, for `nox -s properties` and the GPU
 """
+import glob
 import json
 import os
 import platform
@@ -12,6 +13,8 @@ import platform
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
+
+from properties import tolerances
 
 _common = dict(deadline=None, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
@@ -22,24 +25,32 @@ settings.register_profile("thorough", max_examples=200, **_common)
 settings.load_profile(os.environ.get("DELTACHECK_PROFILE", "dev"))
 
 # `record` is function-scoped on purpose: it appends to one list across all hypothesis examples of a test.
-_RECORDS = []
 
 
 @pytest.fixture
-def record(request):
+def record():
     """record(name, err, bound, **fields): keep a measured error for the verification report."""
-    def _record(name, err, bound, **fields):
-        _RECORDS.append(dict(test=request.node.nodeid, name=name, err=err, bound=bound,
-                             **{k: str(v) for k, v in fields.items()}))
-    return _record
+    return tolerances.keep
 
 
 def pytest_sessionfinish(session, exitstatus):
+    """Write the records to $DELTACHECK_RECORD. Under pytest-xdist each worker writes PATH.<worker> and the
+    controller, which finishes last, merges them into PATH."""
     path = os.environ.get("DELTACHECK_RECORD")
-    if not path or not _RECORDS:
+    if not path:
+        return
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:
+        path = f"{path}.{worker}"
+    else:
+        for part in sorted(glob.glob(glob.escape(path) + ".gw*")):
+            with open(part) as f:
+                tolerances.RECORDS.extend(json.load(f)["records"])
+            os.remove(part)
+    if not tolerances.RECORDS:
         return
     meta = dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
                 torch=torch.__version__, profile=os.environ.get("DELTACHECK_PROFILE", "dev"),
                 exitstatus=int(exitstatus))
     with open(path, "w") as f:
-        json.dump(dict(meta=meta, records=_RECORDS), f, indent=1)
+        json.dump(dict(meta=meta, records=tolerances.RECORDS), f, indent=1)

@@ -42,10 +42,10 @@ def delta_rule_householder(q, k, v, beta, scale=None, initial_state=None, output
     S_r = P_r S_0 + H_r."""
     q, k, v, beta, scale, S0, segs = _prepare(q, k, v, beta, scale, initial_state, cu_seqlens)
     H, K, V = S0.shape[1:]
-    eye = torch.eye(K, dtype=torch.float64).expand(H, K, K)
+    eye = torch.eye(K, dtype=torch.float64, device=q.device).expand(H, K, K)
     o, finals = [], []
     for n, b, s, e in segs:
-        P, Hr = eye, torch.zeros(H, K, V, dtype=torch.float64)
+        P, Hr = eye, q.new_zeros(H, K, V)
         for t in range(s, e):
             G = eye - beta[b, t, :, None, None] * k[b, t, :, :, None] * k[b, t, :, None, :]
             P = G @ P
@@ -62,7 +62,7 @@ def wy_representation(k, v, beta):
     prod_i (I - beta_i k_i k_i^T) = I - K^T W and the chunk's write H = K^T U."""
     C = k.shape[-2]
     A = torch.tril(beta[..., :, None] * (k @ k.transpose(-1, -2)), -1)
-    L = torch.eye(C, dtype=torch.float64) + A
+    L = torch.eye(C, dtype=torch.float64, device=k.device) + A
     T = torch.linalg.solve_triangular(L, torch.diag_embed(beta), upper=False, unitriangular=True)
     return T @ k, T @ v, T
 
@@ -79,7 +79,7 @@ def delta_rule_chunkwise(q, k, v, beta, scale=None, initial_state=None, output_f
             ce = min(cs + chunk_size, e)
             Qc, Kc, Vc = (x[b, cs:ce].transpose(0, 1) for x in (q, k, v))  # [H, C, *]
             W, U, _ = wy_representation(Kc, Vc, beta[b, cs:ce].T)
-            M = torch.tril(torch.ones(ce - cs, ce - cs, dtype=torch.bool))
+            M = torch.ones(ce - cs, ce - cs, dtype=torch.bool, device=q.device).tril()
             new = U - W @ S
             Oc = scale * (Qc @ S + (Qc @ Kc.transpose(-1, -2)).masked_fill(~M, 0) @ new)
             S = S + Kc.transpose(-1, -2) @ new
@@ -97,7 +97,7 @@ def delta_rule_parallel(q, k, v, beta, scale=None, initial_state=None, output_fi
     for n, b, s, e in segs:
         Qc, Kc, Vc = (x[b, s:e].transpose(0, 1) for x in (q, k, v))
         W, U, T = wy_representation(Kc, Vc, beta[b, s:e].T)
-        M = torch.tril(torch.ones(e - s, e - s, dtype=torch.bool))
+        M = torch.ones(e - s, e - s, dtype=torch.bool, device=q.device).tril()
         A = scale * (Qc @ Kc.transpose(-1, -2)).masked_fill(~M, 0) @ T
         Oc = scale * Qc @ S0[n] + A @ (Vc - Kc @ S0[n])
         finals.append(S0[n] + Kc.transpose(-1, -2) @ (U - W @ S0[n]))

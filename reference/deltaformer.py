@@ -13,7 +13,7 @@ from reference.segments import default_scale, segments
 
 def _prep(q, k, v, beta, scale):
     B, T, H, D = q.shape
-    beta = torch.ones(B, T, H, dtype=torch.float64) if beta is None else beta.double()
+    beta = q.new_ones(B, T, H, dtype=torch.float64) if beta is None else beta.double()
     return q.double(), k.double(), v.double(), beta, default_scale(scale, D)
 
 
@@ -24,7 +24,7 @@ def causal_softmax_attention(q, k, v, scale=None, cu_seqlens=None):
     o = []
     for _, b, s, e in segments(B, T, cu_seqlens):
         Qs, Ks, Vs = (x[b, s:e].transpose(0, 1) for x in (q, k, v))
-        M = torch.tril(torch.ones(e - s, e - s, dtype=torch.bool))
+        M = torch.ones(e - s, e - s, dtype=torch.bool, device=q.device).tril()
         P = torch.softmax((scale * Qs @ Ks.transpose(-1, -2)).masked_fill(~M, float("-inf")), -1)
         Os = P @ Vs
         o.extend(((b, t), Os[:, t - s]) for t in range(s, e))
@@ -34,7 +34,7 @@ def causal_softmax_attention(q, k, v, scale=None, cu_seqlens=None):
 def strict_causal_softmax(q, k, scale):
     """P_ij = softmax_j(scale q_i . k_j over j < i), zero on and above the diagonal (q, k: [H, T, D])."""
     T = q.shape[-2]
-    M = torch.tril(torch.ones(T, T, dtype=torch.bool), -1)
+    M = torch.ones(T, T, dtype=torch.bool, device=q.device).tril(-1)
     logits = (scale * q @ k.transpose(-1, -2)).masked_fill(~M, float("-inf"))
     # row 0 is all -inf: its weights are defined as zero (an empty sum)
     P = torch.softmax(logits.masked_fill(~M.any(-1, keepdim=True), 0.0), -1)
@@ -65,7 +65,8 @@ def deltaformer_solve(q, k, v, beta=None, scale=None, cu_seqlens=None, return_u=
     u = []
     for _, b, s, e in segments(B, T, cu_seqlens):
         Qs, Ks, Vs = (x[b, s:e].transpose(0, 1) for x in (q, k, v))
-        L = torch.eye(e - s, dtype=torch.float64) + beta[b, s:e].T[:, :, None] * strict_causal_softmax(Qs, Ks, scale)
+        P = strict_causal_softmax(Qs, Ks, scale)
+        L = torch.eye(e - s, dtype=torch.float64, device=q.device) + beta[b, s:e].T[:, :, None] * P
         us = torch.linalg.solve_triangular(L, Vs, upper=False, unitriangular=True)
         u.extend(((b, t), us[:, t - s]) for t in range(s, e))
     u = _assemble(u, v)

@@ -21,11 +21,11 @@ def _run(q, k, v, a, b, gk, scale, initial_state, output_final_state, cu_seqlens
     scale = default_scale(scale, K)
     q, k, v, a, b = (x.double() for x in (q, k, v, a, b))
     decay = None if gk is None else torch.exp(gk.double())
-    eye = torch.eye(K, dtype=torch.float64).expand(H, K, K)
+    eye = torch.eye(K, dtype=torch.float64, device=q.device).expand(H, K, K)
     o, finals = [], []
     for n, bb, s, e in segments(B, T, cu_seqlens):
         S = S0[n]
-        P, Hr = eye, torch.zeros(H, K, V, dtype=torch.float64)
+        P, Hr = eye, q.new_zeros(H, K, V)
         for t in range(s, e):
             write = k[bb, t, :, :, None] * v[bb, t, :, None, :]
             if explicit:

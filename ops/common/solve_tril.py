@@ -32,7 +32,7 @@ def solve_unit_lower(A, C: tl.constexpr, DOT_PREC: tl.constexpr):
     A = tl.where(rows > cols, A, 0.0)
     Ad = tl.where(same16, A, 0.0)
     X = tl.where(rows == cols, 1.0, 0.0).to(A.dtype)
-    for s in tl.static_range(15):
+    for s in range(15):
         # a[i] = A[i, j(i)] and r[m] = X[j(m), m], with j(.) the s-th row of the 16-block of its argument
         a = tl.sum(tl.where(cols == (rows // 16) * 16 + s, Ad, 0.0), 1)
         r = tl.sum(tl.where(rows == (cols // 16) * 16 + s, X, 0.0), 0)

@@ -123,7 +123,7 @@ def check_state(initial_state, N, H, K, V, device):
 def sequence_offsets(cu_seqlens, B: int, T: int, device) -> torch.Tensor:
     """int32 [N + 1] start offsets of each sequence in the flattened [B*T] token axis."""
     if cu_seqlens is None:
-        return torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=device)
+        return torch.arange(B + 1, dtype=torch.int32, device=device) * T
     return cu_seqlens.to(device=device, dtype=torch.int32)
 
 

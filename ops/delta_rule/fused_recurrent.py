@@ -21,36 +21,70 @@ from ops.common.utils import (
     check_state,
     check_tensor,
     default_scale,
+    interpreting,
     new_empty,
     sequence_offsets,
 )
 
-# State-tile budgets (elements of the accumulation dtype per program). The forward keeps its tile small: more
-# programs along V give decode (T = 1, small N*H) enough parallelism to stream the state at full bandwidth. The
-# backward keeps V blocks wide (fewer partial sums) up to what fits in registers without spilling.
+# State-tile budgets (elements of the accumulation dtype per program; halved for float64), from H100 timings.
+# The per-token chain is latency bound, so tiles stay small and programs many: the forward runs a [BK, <=2048/BK]
+# tile on one warp (the decode path, T = 1, streams the state within a few percent of its best this way); the
+# backward a [BK, <=32] tile (fewer partial sums to write and add up) at about 32 elements per thread.
 FWD_TILE = 2048
-BWD_TILE = 8192
+BWD_TILE = 4096
 
 
-def _tiles(K: int, V: int, budget: int, dtype: torch.dtype):
-    """(BK, BV, num_warps): all of K in one tile, V blocked so BK * BV <= budget (halved for float64)."""
-    if dtype == torch.float64:
-        budget //= 2
+def _tiles(K: int, V: int, dtype: torch.dtype, backward: bool):
+    """(BK, BV, num_warps): all of K in one tile, V in blocks of BV."""
+    budget = (BWD_TILE if backward else FWD_TILE) // (2 if dtype == torch.float64 else 1)
     BK = block_size(K)
     BV = min(block_size(V, minimum=8), max(8, budget // BK))
-    num_warps = max(1, min(8, BK * BV // 1024))
-    return BK, BV, num_warps
+    if not backward:
+        return BK, BV, 1
+    BV = min(BV, 32)
+    return BK, BV, max(1, min(8, BK * BV // 1024))
+
+
+# Loops run over a sequence's tokens [bos, eos) loaded from `offsets`. Each step first issues the loads of the next
+# token (masked off past the end), which then overlap the current token's state update (2.3x on an H100 over
+# loading in step). A for loop is the faster form on the GPU (about 20% in the backward), but the interpreter (under
+# numpy >= 2.4) cannot range() over loaded bounds, so there the same step runs in a while loop (LOOP_WHILE).
+
+@triton.jit
+def _load_fwd_token(q, k, v, beta, x, valid, i_h, o_k, o_v, m_k, m_v, H: tl.constexpr, K: tl.constexpr,
+                    V: tl.constexpr):
+    r = x * H + i_h
+    return (tl.load(q + r * K + o_k, mask=m_k & valid, other=0), tl.load(k + r * K + o_k, mask=m_k & valid, other=0),
+            tl.load(v + r * V + o_v, mask=m_v & valid, other=0), tl.load(beta + r, mask=valid, other=0))
+
+
+@triton.jit
+def _fwd_step(t, eos, b_h, n_q, n_k, n_v, n_beta, q, k, v, beta, u, o, scale, i_h, o_k, o_v, m_k, m_v,
+              H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, STORE_U: tl.constexpr):
+    """Step t in (bos, eos]: token x = t - 1 (inputs n_* loaded a step ahead):
+    u = v - S^T k;  S += k (beta u)^T;  o = scale S^T q.  Returns S and token t's inputs."""
+    ACC = b_h.dtype
+    b_q, b_k, b_v, b_beta = n_q.to(ACC), n_k.to(ACC), n_v.to(ACC), n_beta.to(ACC)
+    n_q, n_k, n_v, n_beta = _load_fwd_token(q, k, v, beta, t, t < eos, i_h, o_k, o_v, m_k, m_v, H, K, V)
+    b_u = b_v - tl.sum(b_h * b_k[:, None], 0)
+    b_h += b_k[:, None] * (b_beta * b_u)[None, :]
+    b_o = tl.sum(b_h * b_q[:, None], 0) * scale
+    r = (t - 1) * H + i_h
+    if STORE_U:
+        tl.store(u + r * V + o_v, b_u, mask=m_v)
+    tl.store(o + r * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
+    return b_h, n_q, n_k, n_v, n_beta
 
 
 @triton.jit
 def _fwd_kernel(q, k, v, beta, u, o, h0, ht, offsets, scale: tl.float64,
                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr):
-    """For t in the sequence: u_t = v_t - S^T k_t; S += k_t (beta_t u_t)^T; o_t = scale S^T q_t.
-    Stores u (accumulation dtype, for the backward), o, and the final S when asked."""
+                USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, STORE_U: tl.constexpr,
+                ACC: tl.constexpr, LOOP_WHILE: tl.constexpr):
+    """One sequence and head, V columns of block i_v; for each token: u_t = v_t - S^T k_t; S += k_t (beta_t u_t)^T;
+    o_t = scale S^T q_t. Stores o, u (accumulation dtype, for the backward) and the final S when asked."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    ACC = u.dtype.element_ty
     scale = (tl.zeros([], dtype=ACC) + scale).to(ACC)  # scale arrives as float64 (exact for float64 inputs)
     bos = tl.load(offsets + i_n).to(tl.int64)
     eos = tl.load(offsets + i_n + 1).to(tl.int64)
@@ -59,43 +93,77 @@ def _fwd_kernel(q, k, v, beta, u, o, h0, ht, offsets, scale: tl.float64,
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
     m_h = m_k[:, None] & m_v[None, :]
-    p_q = q + (bos * H + i_h) * K + o_k
-    p_k = k + (bos * H + i_h) * K + o_k
-    p_v = v + (bos * H + i_h) * V + o_v
-    p_u = u + (bos * H + i_h) * V + o_v
-    p_o = o + (bos * H + i_h) * V + o_v
-    p_beta = beta + bos * H + i_h
     o_h = i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
-
     b_h = tl.zeros([BK, BV], dtype=ACC)
     if USE_INITIAL_STATE:
         b_h += tl.load(h0 + o_h, mask=m_h, other=0).to(ACC)
-    t = bos
-    while t < eos:  # (a while loop: the interpreter under numpy >= 2.4 cannot range() over loaded bounds)
-        t += 1
-        b_q = tl.load(p_q, mask=m_k, other=0).to(ACC)
-        b_k = tl.load(p_k, mask=m_k, other=0).to(ACC)
-        b_v = tl.load(p_v, mask=m_v, other=0).to(ACC)
-        b_beta = tl.load(p_beta).to(ACC)
-        b_u = b_v - tl.sum(b_h * b_k[:, None], 0)
-        b_h += b_k[:, None] * (b_beta * b_u)[None, :]
-        b_o = tl.sum(b_h * b_q[:, None], 0) * scale
-        tl.store(p_u, b_u, mask=m_v)
-        tl.store(p_o, b_o.to(p_o.dtype.element_ty), mask=m_v)
-        p_q += H * K
-        p_k += H * K
-        p_v += H * V
-        p_u += H * V
-        p_o += H * V
-        p_beta += H
+    n_q, n_k, n_v, n_beta = _load_fwd_token(q, k, v, beta, bos, bos < eos, i_h, o_k, o_v, m_k, m_v, H, K, V)
+    if LOOP_WHILE:
+        t = bos
+        while t < eos:
+            t += 1
+            b_h, n_q, n_k, n_v, n_beta = _fwd_step(t, eos, b_h, n_q, n_k, n_v, n_beta, q, k, v, beta, u, o, scale,
+                                                   i_h, o_k, o_v, m_k, m_v, H, K, V, STORE_U)
+    else:
+        for t in range(bos + 1, eos + 1):
+            b_h, n_q, n_k, n_v, n_beta = _fwd_step(t, eos, b_h, n_q, n_k, n_v, n_beta, q, k, v, beta, u, o, scale,
+                                                   i_h, o_k, o_v, m_k, m_v, H, K, V, STORE_U)
     if STORE_FINAL_STATE:
         tl.store(ht + o_h, b_h.to(ht.dtype.element_ty), mask=m_h)
 
 
 @triton.jit
+def _load_bwd_token(k, u, do, beta, x, valid, i_h, o_k, o_v, m_k, m_v, H: tl.constexpr, K: tl.constexpr,
+                    V: tl.constexpr):
+    r = x * H + i_h
+    return (tl.load(k + r * K + o_k, mask=m_k & valid, other=0), tl.load(u + r * V + o_v, mask=m_v & valid, other=0),
+            tl.load(do + r * V + o_v, mask=m_v & valid, other=0), tl.load(beta + r, mask=valid, other=0))
+
+
+@triton.jit
+def _bwd_reverse_step(t, bos, eos, b_dh, n_q, n_k, n_u, n_do, n_beta, q, k, u, do, beta, du, dk, dbeta, part,
+                      scale, i_h, o_k, o_v, m_k, m_v, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr):
+    """Step t in (bos, eos]: token x = bos + eos - t, from the last down to the first (inputs loaded a step ahead):
+    dS += scale q do^T;  du = beta dS^T k;  dk = beta dS u;  dbeta = k^T dS u;  dS -= k du^T."""
+    ACC = b_dh.dtype
+    b_q, b_k, b_u, b_do, b_beta = n_q.to(ACC), n_k.to(ACC), n_u.to(ACC), n_do.to(ACC), n_beta.to(ACC)
+    x = bos + eos - t
+    n_k, n_u, n_do, n_beta = _load_bwd_token(k, u, do, beta, x - 1, t < eos, i_h, o_k, o_v, m_k, m_v, H, K, V)
+    n_q = tl.load(q + ((x - 1) * H + i_h) * K + o_k, mask=m_k & (t < eos), other=0)
+    b_dh += (scale * b_q)[:, None] * b_do[None, :]
+    b_du = b_beta * tl.sum(b_dh * b_k[:, None], 0)
+    b_dhu = tl.sum(b_dh * b_u[None, :], 1)
+    b_dh -= b_k[:, None] * b_du[None, :]
+    r = x * H + i_h
+    tl.store(du + r * V + o_v, b_du, mask=m_v)
+    tl.store(dk + (part + r) * K + o_k, b_beta * b_dhu, mask=m_k)
+    tl.store(dbeta + part + r, tl.sum(b_k * b_dhu, 0))
+    return b_dh, n_q, n_k, n_u, n_do, n_beta
+
+
+@triton.jit
+def _bwd_forward_step(t, eos, b_h, n_k, n_u, n_do, n_beta, n_du, n_dk, k, u, do, beta, du, dk, dq, part, scale,
+                      i_h, o_k, o_v, m_k, m_v, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr):
+    """Step t in (bos, eos]: token x = t - 1 (inputs loaded a step ahead), S = S_{x-1} recomputed:
+    dk -= S du;  S += k (beta u)^T;  dq = scale S do."""
+    ACC = b_h.dtype
+    b_k, b_u, b_do, b_beta = n_k.to(ACC), n_u.to(ACC), n_do.to(ACC), n_beta.to(ACC)
+    b_du, b_dk = n_du.to(ACC), n_dk.to(ACC)
+    n_k, n_u, n_do, n_beta = _load_bwd_token(k, u, do, beta, t, t < eos, i_h, o_k, o_v, m_k, m_v, H, K, V)
+    n_du = tl.load(du + (t * H + i_h) * V + o_v, mask=m_v & (t < eos), other=0)
+    n_dk = tl.load(dk + (part + t * H + i_h) * K + o_k, mask=m_k & (t < eos), other=0)
+    r = (t - 1) * H + i_h
+    tl.store(dk + (part + r) * K + o_k, b_dk - tl.sum(b_h * b_du[None, :], 1), mask=m_k)
+    b_h += b_k[:, None] * (b_beta * b_u)[None, :]
+    tl.store(dq + (part + r) * K + o_k, scale * tl.sum(b_h * b_do[None, :], 1), mask=m_k)
+    return b_h, n_k, n_u, n_do, n_beta, n_du, n_dk
+
+
+@triton.jit
 def _bwd_kernel(q, k, beta, u, do, dht, h0, dh0, du, dq, dk, dbeta, offsets, scale: tl.float64, NTOK,
                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                USE_INITIAL_STATE: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr):
+                USE_INITIAL_STATE: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
+                ACC: tl.constexpr, LOOP_WHILE: tl.constexpr):
     """Two passes over one sequence and head, V block i_v (dS: gradient reaching S_t, from dht or 0).
     Reverse, t = T-1 .. 0:  dS += scale q_t do_t^T;  du_t = beta_t dS^T k_t;  dk_t = beta_t dS u_t;
                             dbeta_t = k_t^T dS u_t;  dS -= k_t du_t^T   (dS is now dS_{t-1}; at the end dS_0).
@@ -104,7 +172,6 @@ def _bwd_kernel(q, k, beta, u, do, dht, h0, dh0, du, dq, dk, dbeta, offsets, sca
     dq, dk, dbeta are this V block's partials (summed over blocks on the host); du = dv is complete."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    ACC = du.dtype.element_ty
     scale = (tl.zeros([], dtype=ACC) + scale).to(ACC)  # scale arrives as float64 (exact for float64 inputs)
     bos = tl.load(offsets + i_n).to(tl.int64)
     eos = tl.load(offsets + i_n + 1).to(tl.int64)
@@ -116,42 +183,24 @@ def _bwd_kernel(q, k, beta, u, do, dht, h0, dh0, du, dq, dk, dbeta, offsets, sca
     o_h = i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
     part = i_v.to(tl.int64) * NTOK * H  # this V block's slice of the partial-sum buffers
 
-    # pass 1: reverse in time, starting at the last token
-    last = eos - 1
-    p_q = q + (last * H + i_h) * K + o_k
-    p_k = k + (last * H + i_h) * K + o_k
-    p_u = u + (last * H + i_h) * V + o_v
-    p_do = do + (last * H + i_h) * V + o_v
-    p_du = du + (last * H + i_h) * V + o_v
-    p_dk = dk + (part + last * H + i_h) * K + o_k
-    p_beta = beta + last * H + i_h
-    p_dbeta = dbeta + part + last * H + i_h
+    # pass 1: reverse in time
     b_dh = tl.zeros([BK, BV], dtype=ACC)
     if USE_DHT:
         b_dh += tl.load(dht + o_h, mask=m_h, other=0).to(ACC)
-    t = bos
-    while t < eos:  # (a while loop: the interpreter under numpy >= 2.4 cannot range() over loaded bounds)
-        t += 1
-        b_q = tl.load(p_q, mask=m_k, other=0).to(ACC)
-        b_k = tl.load(p_k, mask=m_k, other=0).to(ACC)
-        b_u = tl.load(p_u, mask=m_v, other=0).to(ACC)
-        b_do = tl.load(p_do, mask=m_v, other=0).to(ACC)
-        b_beta = tl.load(p_beta).to(ACC)
-        b_dh += (scale * b_q)[:, None] * b_do[None, :]
-        b_du = b_beta * tl.sum(b_dh * b_k[:, None], 0)
-        b_dhu = tl.sum(b_dh * b_u[None, :], 1)
-        b_dh -= b_k[:, None] * b_du[None, :]
-        tl.store(p_du, b_du, mask=m_v)
-        tl.store(p_dk, b_beta * b_dhu, mask=m_k)
-        tl.store(p_dbeta, tl.sum(b_k * b_dhu, 0))
-        p_q -= H * K
-        p_k -= H * K
-        p_u -= H * V
-        p_do -= H * V
-        p_du -= H * V
-        p_dk -= H * K
-        p_beta -= H
-        p_dbeta -= H
+    n_k, n_u, n_do, n_beta = _load_bwd_token(k, u, do, beta, eos - 1, bos < eos, i_h, o_k, o_v, m_k, m_v, H, K, V)
+    n_q = tl.load(q + ((eos - 1) * H + i_h) * K + o_k, mask=m_k & (bos < eos), other=0)
+    if LOOP_WHILE:
+        t = bos
+        while t < eos:
+            t += 1
+            b_dh, n_q, n_k, n_u, n_do, n_beta = _bwd_reverse_step(
+                t, bos, eos, b_dh, n_q, n_k, n_u, n_do, n_beta, q, k, u, do, beta, du, dk, dbeta, part, scale,
+                i_h, o_k, o_v, m_k, m_v, H, K, V)
+    else:
+        for t in range(bos + 1, eos + 1):
+            b_dh, n_q, n_k, n_u, n_do, n_beta = _bwd_reverse_step(
+                t, bos, eos, b_dh, n_q, n_k, n_u, n_do, n_beta, q, k, u, do, beta, du, dk, dbeta, part, scale,
+                i_h, o_k, o_v, m_k, m_v, H, K, V)
     if STORE_DH0:
         tl.store(dh0 + o_h, b_dh.to(dh0.dtype.element_ty), mask=m_h)
 
@@ -159,45 +208,38 @@ def _bwd_kernel(q, k, beta, u, do, dht, h0, dh0, du, dq, dk, dbeta, offsets, sca
     tl.debug_barrier()
 
     # pass 2: forward in time
-    p_k = k + (bos * H + i_h) * K + o_k
-    p_u = u + (bos * H + i_h) * V + o_v
-    p_do = do + (bos * H + i_h) * V + o_v
-    p_du = du + (bos * H + i_h) * V + o_v
-    p_dk = dk + (part + bos * H + i_h) * K + o_k
-    p_dq = dq + (part + bos * H + i_h) * K + o_k
-    p_beta = beta + bos * H + i_h
     b_h = tl.zeros([BK, BV], dtype=ACC)
     if USE_INITIAL_STATE:
         b_h += tl.load(h0 + o_h, mask=m_h, other=0).to(ACC)
-    t = bos
-    while t < eos:  # (a while loop: the interpreter under numpy >= 2.4 cannot range() over loaded bounds)
-        t += 1
-        b_k = tl.load(p_k, mask=m_k, other=0).to(ACC)
-        b_u = tl.load(p_u, mask=m_v, other=0).to(ACC)
-        b_do = tl.load(p_do, mask=m_v, other=0).to(ACC)
-        b_du = tl.load(p_du, mask=m_v, other=0).to(ACC)
-        b_dk = tl.load(p_dk, mask=m_k, other=0).to(ACC)
-        b_beta = tl.load(p_beta).to(ACC)
-        tl.store(p_dk, b_dk - tl.sum(b_h * b_du[None, :], 1), mask=m_k)
-        b_h += b_k[:, None] * (b_beta * b_u)[None, :]
-        tl.store(p_dq, scale * tl.sum(b_h * b_do[None, :], 1), mask=m_k)
-        p_k += H * K
-        p_u += H * V
-        p_do += H * V
-        p_du += H * V
-        p_dk += H * K
-        p_dq += H * K
-        p_beta += H
+    n_k, n_u, n_do, n_beta = _load_bwd_token(k, u, do, beta, bos, bos < eos, i_h, o_k, o_v, m_k, m_v, H, K, V)
+    n_du = tl.load(du + (bos * H + i_h) * V + o_v, mask=m_v & (bos < eos), other=0)
+    n_dk = tl.load(dk + (part + bos * H + i_h) * K + o_k, mask=m_k & (bos < eos), other=0)
+    if LOOP_WHILE:
+        t = bos
+        while t < eos:
+            t += 1
+            b_h, n_k, n_u, n_do, n_beta, n_du, n_dk = _bwd_forward_step(
+                t, eos, b_h, n_k, n_u, n_do, n_beta, n_du, n_dk, k, u, do, beta, du, dk, dq, part, scale,
+                i_h, o_k, o_v, m_k, m_v, H, K, V)
+    else:
+        for t in range(bos + 1, eos + 1):
+            b_h, n_k, n_u, n_do, n_beta, n_du, n_dk = _bwd_forward_step(
+                t, eos, b_h, n_k, n_u, n_do, n_beta, n_du, n_dk, k, u, do, beta, du, dk, dq, part, scale,
+                i_h, o_k, o_v, m_k, m_v, H, K, V)
 
 
-def fused_recurrent_delta_rule_fwd(q, k, v, beta, scale, initial_state, output_final_state, offsets):
-    """Returns (o [B, T, H, V] in q's dtype, u [B, T, H, V] accumulation dtype, final [N, H, K, V] or None)."""
+_TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+def fused_recurrent_delta_rule_fwd(q, k, v, beta, scale, initial_state, output_final_state, offsets, store_u=True):
+    """Returns (o [B, T, H, V] in q's dtype, u [B, T, H, V] accumulation dtype or None (store_u=False: no
+    backward will follow), final state [N, H, K, V] or None)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     N = offsets.numel() - 1
     acc = acc_dtype(q.dtype)
     o = new_empty((B, T, H, V), q.dtype, q.device)
-    u = new_empty((B, T, H, V), acc, q.device)
+    u = new_empty((B, T, H, V), acc, q.device) if store_u else None
     ht = new_empty((N, H, K, V), acc, q.device) if output_final_state else None
     if B * T * H == 0:  # no tokens: the final state is the initial state
         if ht is not None and initial_state is not None:
@@ -205,12 +247,12 @@ def fused_recurrent_delta_rule_fwd(q, k, v, beta, scale, initial_state, output_f
         elif ht is not None:
             ht.zero_()
         return o, u, ht
-    BK, BV, num_warps = _tiles(K, V, FWD_TILE, q.dtype)
+    BK, BV, num_warps = _tiles(K, V, q.dtype, backward=False)
     grid = (triton.cdiv(V, BV), N * H)
     _fwd_kernel[grid](q, k, v, beta, u, o, initial_state, ht, offsets, scale,
                       H=H, K=K, V=V, BK=BK, BV=BV,
                       USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=ht is not None,
-                      num_warps=num_warps)
+                      STORE_U=store_u, ACC=_TL_ACC[acc], LOOP_WHILE=interpreting(), num_warps=num_warps)
     return o, u, ht
 
 
@@ -228,7 +270,7 @@ def fused_recurrent_delta_rule_bwd(q, k, u, beta, scale, initial_state, do, dht,
             dh0.zero_()
         return (new_empty(q.shape, acc, q.device), new_empty(k.shape, acc, q.device),
                 new_empty(u.shape, acc, q.device), new_empty(beta.shape, acc, q.device), dh0)
-    BK, BV, num_warps = _tiles(K, V, BWD_TILE, q.dtype)
+    BK, BV, num_warps = _tiles(K, V, q.dtype, backward=True)
     NV = triton.cdiv(V, BV)
     du = new_empty((B, T, H, V), acc, q.device)
     dq = new_empty((NV, B, T, H, K), acc, q.device)
@@ -237,7 +279,8 @@ def fused_recurrent_delta_rule_bwd(q, k, u, beta, scale, initial_state, do, dht,
     _bwd_kernel[(NV, N * H)](q, k, beta, u, do, dht, initial_state, dh0, du, dq, dk, dbeta, offsets, scale, B * T,
                              H=H, K=K, V=V, BK=BK, BV=BV,
                              USE_INITIAL_STATE=initial_state is not None, USE_DHT=dht is not None,
-                             STORE_DH0=dh0 is not None, num_warps=num_warps)
+                             STORE_DH0=dh0 is not None, ACC=_TL_ACC[acc], LOOP_WHILE=interpreting(),
+                             num_warps=num_warps)
     if NV == 1:
         return dq[0], dk[0], du, dbeta[0], dh0
     return dq.sum(0), dk.sum(0), du, dbeta.sum(0), dh0
@@ -285,7 +328,18 @@ def fused_recurrent_delta_rule(q, k, v, beta=None, scale=None, initial_state=Non
     if use_qk_l2norm_in_kernel:
         from ops.common.l2norm import l2norm
         q, k = l2norm(q), l2norm(k)
-    offsets = sequence_offsets(cu_seqlens, B, T, q.device)
-    return FusedRecurrentDeltaRuleFunction.apply(
-        q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous(), scale,
-        None if initial_state is None else initial_state.contiguous(), bool(output_final_state), offsets)
+    if cu_seqlens is None and T == 0:  # (sequence_offsets cannot step by T = 0)
+        offsets = torch.zeros(B + 1, dtype=torch.int32, device=q.device)
+    else:
+        offsets = sequence_offsets(cu_seqlens, B, T, q.device)
+    q, k, v, beta = q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous()
+    if initial_state is not None:
+        initial_state = initial_state.contiguous()
+    if not (torch.is_grad_enabled() and any(x is not None and x.requires_grad
+                                            for x in (q, k, v, beta, initial_state))):
+        # inference (decode): no autograd node, and no u to keep for a backward
+        o, _, ht = fused_recurrent_delta_rule_fwd(q, k, v, beta, scale, initial_state, output_final_state, offsets,
+                                                  store_u=False)
+        return o, ht
+    return FusedRecurrentDeltaRuleFunction.apply(q, k, v, beta, scale, initial_state, bool(output_final_state),
+                                                 offsets)

@@ -1,0 +1,1 @@
+"""Speed and accuracy harness, FLOP models and pytest-benchmark suites (see README.md)."""

@@ -1,0 +1,141 @@
+"""The HTML report builds from small fixture data (reports/fixtures/data/) and from no data at all: the page is
+well-formed, self-contained (no http(s) source or link) and has every section; missing data reads "not measured
+yet"; verification records map to the right op, form, feature, quantity and dtype."""
+import math
+import os
+import shutil
+from html.parser import HTMLParser
+
+import pytest
+
+from reports import build as B
+
+FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "reports", "fixtures", "data")
+VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+
+
+class Checker(HTMLParser):
+    """Tracks the open-element stack: every non-void element must close in order; collects headings and every
+    src/href."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.stack, self.errors, self.urls, self.headings, self._h = [], [], [], [], None
+
+    def handle_starttag(self, tag, attrs):
+        for k, v in attrs:
+            if k in ("src", "href") and v is not None:
+                self.urls.append(v)
+        if tag in ("h1", "h2", "h3"):
+            self._h = [tag, ""]
+        if tag not in VOID:
+            self.stack.append((tag, self.getpos()))
+
+    def handle_startendtag(self, tag, attrs):
+        for k, v in attrs:
+            if k in ("src", "href") and v is not None:
+                self.urls.append(v)
+
+    def handle_endtag(self, tag):
+        if tag in VOID:
+            return
+        if not self.stack or self.stack[-1][0] != tag:
+            self.errors.append(f"</{tag}> at {self.getpos()} closes {self.stack[-1] if self.stack else 'nothing'}")
+            return
+        self.stack.pop()
+        if self._h and tag == self._h[0]:
+            self.headings.append(self._h[1].strip())
+            self._h = None
+
+    def handle_data(self, data):
+        if self._h:
+            self._h[1] += data
+
+
+def check_page(page):
+    c = Checker()
+    c.feed(page)
+    c.close()
+    assert page.lstrip().lower().startswith("<!doctype html>")
+    assert not c.errors, c.errors[:5]
+    assert not c.stack, f"unclosed elements: {c.stack[:5]}"
+    external = [u for u in c.urls if u.lower().startswith(("http:", "https:", "//"))]
+    assert not external, f"the page must be self-contained, found {external[:3]}"
+    local = [u[:60] for u in c.urls if not u.startswith(("#", "data:"))]
+    assert not local, f"only in-page anchors and data URIs expected, found {local[:3]}"
+    for _, title in B.SECTIONS:
+        assert title in c.headings, f"section heading {title!r} missing; headings: {c.headings}"
+    return c
+
+
+def test_report_builds_from_fixture_data(tmp_path):
+    """Every section renders from the fixture data: machines, both verification matrices (a failing and an
+    infinite error included), tolerances, plots or a note, the peer table with its fla/ours ratios, decode."""
+    out = tmp_path / "site" / "index.html"
+    page = B.build(FIXTURES, str(out))
+    assert out.read_text() == page
+    check_page(page)
+    for text in ("NVIDIA H100 80GB HBM3", "FAIL 1.7", "FAIL inf", "fla / ours", "SDPA / best ours", "1980 MHz",
+                 "test_long_sequence_large_heads", "copy ceiling" if "data:image/png" in page else "decode",
+                 "4 u = 0.0156", "CPU · fresh", "GPU · committed"):
+        assert text in page, f"{text!r} not in the page"
+    assert page.count(B.NOT_MEASURED) == 0, "fixture data covers every section"
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "install matplotlib" in page
+    else:
+        # error vs T (GPU, CPU), throughput, TFLOP/s, memory, roofline, decode
+        assert page.count("data:image/png;base64,") >= 7
+
+
+def test_report_says_not_measured_yet_without_data(tmp_path):
+    """With an empty data folder the report still builds, and each data section says so."""
+    data = tmp_path / "data"
+    data.mkdir()
+    page = B.build(str(data), str(tmp_path / "index.html"))
+    check_page(page)
+    for sid, title in B.SECTIONS:
+        if sid in ("tolerances", "machines", "sources"):
+            continue
+        start = page.index(f'<section id="{sid}">')
+        end = page.index("</section>", start)
+        assert B.NOT_MEASURED in page[start:end], f"section {title!r} should say '{B.NOT_MEASURED}'"
+
+
+def test_report_builds_with_only_cpu_data(tmp_path):
+    """CPU data present, GPU absent: the CPU matrix shows, every GPU section says not measured yet."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in ("verification-cpu.json", "verification-cpu.junit.xml", "accuracy-cpu.json"):
+        shutil.copy(os.path.join(FIXTURES, f), data / f)
+    page = B.build(str(data), None)
+    check_page(page)
+    assert "FAIL 1.7" in page and "GPU verification: not measured yet" in page
+    assert "GPU throughput: not measured yet" in page
+
+
+@pytest.mark.parametrize("rec, expect", [
+    (dict(test="properties/test_fused_recurrent_delta_rule.py::test_fused_recurrent_gradients_match_reference",
+          name="dq", err=1e-6, bound=2048 * 2.0 ** -24),
+     dict(op="delta_rule", form="fused_recurrent", feature="gradients match reference", quantity="dq",
+          dtype="float32")),
+    (dict(test="properties/test_chunk_delta_rule.py::test_chunk_size_invariance", name="o C=32 vs 16", err=0.0,
+          bound=8 * 2.0 ** -11),
+     dict(op="delta_rule", form="chunk", feature="size invariance", quantity="o", dtype="float16")),
+    # fp16's gradient bound equals bf16's forward bound (2^-6): the quantity's kind decides
+    (dict(test="properties/test_chunk_delta_rule.py::test_chunk_gradients_match_reference", name="dbeta",
+          err=0.0, bound=2.0 ** -6), dict(dtype="float16")),
+    (dict(test="properties/test_chunk_delta_rule.py::test_chunk_matches_recurrent_reference", name="o", err=0.0,
+          bound=2.0 ** -6), dict(dtype="bfloat16")),
+    (dict(test="properties/test_delta_rule_forms_agree.py::test_chunk_equals_recurrent_equals_parallel",
+          name="chunk.final_state", err=1e-9, bound=1e-8, dtype="torch.float64"),
+     dict(op="delta_rule", form="chunk", quantity="final_state", dtype="float64")),
+    (dict(test="properties/test_l2norm.py::test_l2norm_matches_reference", name="l2norm.dx", err=None, bound=1.0),
+     dict(op="l2norm", form="-", quantity="dx", err=math.inf)),
+])
+def test_verification_records_parse(rec, expect):
+    """A record's test id, name and fields give its matrix coordinates and dtype."""
+    got = B.parse_record(rec)
+    for k, v in expect.items():
+        assert got[k] == v, (k, got)

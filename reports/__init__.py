@@ -1,0 +1,1 @@
+"""The HTML report builder (reports/build.py) and the data it reads (reports/data/)."""

@@ -1,0 +1,740 @@
+"""Build the self-contained HTML report: reports/site/index.html.
+
+    python3 -m reports.build [--data reports/data] [--out reports/site/index.html]
+
+Reads what the runs left under the data folder and never fails for missing data (a section says "not measured
+yet"):
+
+  verification-cpu.json (+ .junit.xml)   the property suite on this machine's CPU (fresh: `nox -s report`)
+  accuracy-cpu.json                        a tiny CPU accuracy sweep (fresh: `nox -s report`)
+  <gpu>/bench.json, <gpu>/accuracy.json    speed and accuracy sweeps on a GPU (committed; benchmarks/harness.py)
+  <gpu>/verification-gpu.json              the property suite on that GPU (committed)
+  verification-gpu.json                    the same as `nox -s gpu` writes it (machine from its meta)
+  <gpu>/point-*.json                       single-configuration timings (harness --point)
+
+Plots are PNGs inlined as base64 data URIs (matplotlib; without it the plots are replaced by a note). No
+scripts, no network.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime
+import glob
+import html
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+# Section ids and headings, in page order (the report test checks each is present).
+SECTIONS = [
+    ("sources", "Data sources"),
+    ("machines", "Machines"),
+    ("verification", "Verification matrix"),
+    ("tolerances", "Tolerances"),
+    ("accuracy", "Error vs T"),
+    ("throughput", "Throughput"),
+    ("memory", "Memory"),
+    ("roofline", "Roofline"),
+    ("peers", "Peer comparison"),
+    ("first-call", "First-call times"),
+    ("decode", "Decode"),
+]
+NOT_MEASURED = "not measured yet"
+UNKNOWN_DTYPE = "dtype not recorded"
+DTYPE_ORDER = ["float64", "float32", "float16", "bfloat16", UNKNOWN_DTYPE]
+KNOWN_OPS = ["gated_delta_rule", "delta_rule", "iplr", "dplr", "deltaformer", "l2norm", "solve_tril"]
+KNOWN_FORMS = ["fused_recurrent", "fused_chunk", "recurrent", "chunk", "parallel", "reference"]
+
+
+def esc(x) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def el(tag, content="", **attrs) -> str:
+    a = "".join(f' {k.rstrip("_").replace("_", "-")}="{esc(v)}"' for k, v in attrs.items() if v is not None)
+    return f"<{tag}{a}>{content}</{tag}>"
+
+
+def fmt(v, spec=".3g", none="–"):
+    if v is None:
+        return none
+    if isinstance(v, float) and math.isinf(v):
+        return "inf"
+    if isinstance(v, float) and math.isnan(v):
+        return "nan"
+    try:
+        return format(v, spec)
+    except (TypeError, ValueError):
+        return str(v)
+
+
+def table(head, rows, cls=None) -> str:
+    """head: list of header cells (plain text); rows: lists of cells, each plain text or ('html', markup[, attrs])."""
+    def cell(tag, c):
+        if isinstance(c, tuple):
+            return el(tag, c[1], **(c[2] if len(c) > 2 else {}))
+        return el(tag, esc(c))
+    body = "".join("<tr>" + "".join(cell("td", c) for c in r) + "</tr>" for r in rows)
+    thead = "<thead><tr>" + "".join(cell("th", h) for h in head) + "</tr></thead>" if head else ""
+    return el("table", thead + el("tbody", body), class_=cls)
+
+
+def note(text) -> str:
+    return el("p", esc(text), class_="note")
+
+
+def missing(what) -> str:
+    return el("p", esc(f"{what}: {NOT_MEASURED}."), class_="missing")
+
+
+def load_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def git_date(path):
+    """(committed?, ISO date of the last commit touching path, or None)."""
+    try:
+        rel = os.path.relpath(path, REPO)
+        tracked = subprocess.run(["git", "ls-files", "--error-unmatch", rel], cwd=REPO, capture_output=True,
+                                 timeout=10).returncode == 0
+        date = subprocess.run(["git", "log", "-1", "--format=%cI", "--", rel], cwd=REPO, capture_output=True,
+                              text=True, timeout=10).stdout.strip() if tracked else ""
+        return tracked, date or None
+    except Exception:
+        return False, None
+
+
+def cpu_model() -> str:
+    """This machine's CPU model and core count (Linux /proc/cpuinfo, else platform)."""
+    import platform
+    name = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name or platform.processor() or platform.machine()}, {os.cpu_count()} logical cores"
+
+
+def mtime(path):
+    try:
+        return datetime.datetime.fromtimestamp(os.path.getmtime(path), datetime.timezone.utc).isoformat(
+            timespec="seconds")
+    except OSError:
+        return None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Plots (optional matplotlib)
+# --------------------------------------------------------------------------------------------------------------
+
+def _plots():
+    try:
+        from benchmarks import plots
+        return plots
+    except Exception as e:  # matplotlib missing
+        return e
+
+
+def img(fn_name, doc, alt) -> str:
+    p = _plots()
+    if isinstance(p, Exception):
+        return note(f"plot unavailable: {type(p).__name__}: {p} (install matplotlib)")
+    try:
+        png = getattr(p, fn_name)(doc)
+    except Exception as e:
+        return note(f"plot failed: {type(e).__name__}: {e}")
+    if not png:
+        return missing(alt)
+    return el("p", f'<img alt="{esc(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">')
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Verification records
+# --------------------------------------------------------------------------------------------------------------
+
+def _bounds():
+    from properties.tolerances import FORWARD_ULPS, GRADIENT_ULPS, UNIT_ROUNDOFF
+    out = []
+    for dt, u in UNIT_ROUNDOFF.items():
+        name = str(dt).replace("torch.", "")
+        out.append((name, u, FORWARD_ULPS[dt], GRADIENT_ULPS[dt]))
+    return out
+
+
+def _dtype_from_bound(b, kind):
+    try:
+        hits = [(n, k) for n, u, f, g in _bounds() for k, m in (("forward", f), ("gradient", g))
+                if math.isclose(b, m * u, rel_tol=1e-9)]
+    except Exception:
+        return UNKNOWN_DTYPE
+    exact = [n for n, k in hits if k == kind]
+    if exact:
+        return exact[0]
+    return hits[0][0] if len(hits) == 1 else UNKNOWN_DTYPE
+
+
+def norm_dtype(s):
+    s = str(s).replace("torch.", "")
+    return {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "fp64": "float64", "half": "float16",
+            "float": "float32", "double": "float64"}.get(s, s)
+
+
+def parse_record(rec) -> dict:
+    """A `record` fixture entry -> op, form, feature, quantity, dtype, err, bound.
+
+    The test's module names the op and form (test_<form>_<op>.py), its function the feature (test_<form>_<what>),
+    the record's name the quantity ('o', 'dq', 'final_state T=300', 'chunk.o': an optional '<form>.' prefix
+    overrides the module's form); the dtype is a recorded field, else read from the test id, else the unique
+    dtype whose bound in properties/tolerances.py equals the recorded bound."""
+    nodeid = rec.get("test", "")
+    path, _, rest = nodeid.partition("::")
+    module = os.path.basename(path)
+    module = module[:-3] if module.endswith(".py") else module
+    module = module[5:] if module.startswith("test_") else module
+    func, _, params = rest.partition("[")
+    func = func[5:] if func.startswith("test_") else func
+    op = next((o for o in KNOWN_OPS if o in module), None)
+    form = module.replace(op, "").strip("_") if op else ""
+    if form in ("ops", "op"):  # test_<op>_ops.py: several forms, named by the record or the test
+        form = ""
+    op = op or module
+    name = str(rec.get("name", ""))
+    quantity = name.split()[0] if name.split() else name
+    if "." in quantity:
+        prefix, quantity = quantity.split(".", 1)
+        if prefix in KNOWN_FORMS:
+            form = prefix
+        elif prefix == op:
+            pass
+        elif not form:
+            form = prefix
+    form = form or "-"
+    feature = func
+    for p in (form + "_", op + "_"):
+        if feature.startswith(p):
+            feature = feature[len(p):]
+    feature = (feature.replace("_", " ").strip() or "basic")
+    kind = rec.get("kind") or ("gradient" if re.match(r"^d[a-z]", quantity) else "forward")
+    dtype = rec.get("dtype")
+    if dtype is None:
+        m = re.search(r"(bfloat16|float16|float32|float64|bf16|fp16|fp32|fp64)", params)
+        dtype = m.group(1) if m else None
+    dtype = norm_dtype(dtype) if dtype is not None else _dtype_from_bound(float(rec.get("bound", 0) or 0), kind)
+    err = rec.get("err")
+    err = math.inf if err is None else float(err)
+    b = float(rec.get("bound") or 0)
+    return dict(op=op, form=form, feature=feature, quantity=quantity, dtype=dtype, err=err, bound=b,
+                ratio=(err / b if b > 0 else math.inf), test=nodeid)
+
+
+def verification_html(doc, junit_path=None, label="") -> str:
+    if not doc or not doc.get("records"):
+        return missing(f"{label} verification records")
+    recs = [parse_record(r) for r in doc["records"]]
+    meta = doc.get("meta", {})
+    parts = [note(f"{label}: {len(recs)} measured errors from {len({r['test'] for r in recs})} tests on "
+                  f"{meta.get('device', '?')}, torch {meta.get('torch', '?')}, hypothesis profile "
+                  f"{meta.get('profile', '?')}, pytest exit status {meta.get('exitstatus', '?')}. Each cell: the worst "
+                  "error / bound over every example and quantity (pass when <= 1); hover for the quantities.")]
+    dtypes = [d for d in DTYPE_ORDER if any(r["dtype"] == d for r in recs)]
+    dtypes += sorted({r["dtype"] for r in recs} - set(dtypes))
+    groups = {}
+    for r in recs:
+        groups.setdefault((r["op"], r["form"], r["feature"]), {}).setdefault(r["dtype"], []).append(r)
+    rows = []
+    for key in sorted(groups):
+        cells = list(key)
+        for d in dtypes:
+            rs = groups[key].get(d)
+            if not rs:
+                cells.append("")
+                continue
+            worst = max(r["ratio"] for r in rs)
+            ok = worst <= 1.0
+            per_q = {}
+            for r in rs:
+                q = per_q.setdefault(r["quantity"], [0, 0.0, r["bound"]])
+                q[0] += 1
+                q[1] = max(q[1], r["err"])
+            title = "; ".join(f"{q}: max {fmt(v[1])} / bound {fmt(v[2])} (n={v[0]})" for q, v in per_q.items())
+            cells.append(("html", f"{'pass' if ok else 'FAIL'} {esc(fmt(worst, '.2g'))}",
+                          dict(class_="pass" if ok else "fail", title=title)))
+        rows.append(cells)
+    parts.append(table(["op", "form", "feature"] + dtypes, rows, cls="matrix"))
+    detail = {}
+    for r in recs:
+        k = (r["op"], r["form"], r["feature"], r["quantity"], r["dtype"])
+        d = detail.setdefault(k, dict(n=0, err=0.0, bound=r["bound"]))
+        d["n"] += 1
+        d["err"] = max(d["err"], r["err"])
+    drows = []
+    for k in sorted(detail):
+        d = detail[k]
+        ratio = d["err"] / d["bound"] if d["bound"] > 0 else math.inf
+        ok = ratio <= 1
+        drows.append(list(k) + [d["n"], fmt(d["err"]), fmt(d["bound"]), fmt(ratio, ".2g"),
+                                ("html", "pass" if ok else "FAIL", dict(class_="pass" if ok else "fail"))])
+    parts.append(el("details", el("summary", esc(f"{label}: every quantity ({len(drows)} rows)"))
+                    + table(["op", "form", "feature", "quantity", "dtype", "examples", "max error", "bound",
+                             "error / bound", ""], drows)))
+    parts.append(junit_html(junit_path, label))
+    return "".join(parts)
+
+
+def junit_html(path, label) -> str:
+    """Outcomes of every test (also those that record no error: gradcheck, bad input, NaN propagation)."""
+    if not path or not os.path.exists(path):
+        return ""
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as e:
+        return note(f"{label}: unreadable junit file ({e})")
+    per_file, bad = {}, []
+    for tc in root.iter("testcase"):
+        f = tc.get("classname", "?").split(".")[-1]
+        c = per_file.setdefault(f, dict(passed=0, failed=0, error=0, skipped=0))
+        outcome = "passed"
+        for child in tc:
+            if child.tag in ("failure", "error", "skipped"):
+                outcome = {"failure": "failed"}.get(child.tag, child.tag)
+                if child.tag != "skipped":
+                    bad.append((f, tc.get("name", "?"), outcome, (child.get("message") or "").splitlines()[0][:240]
+                                if child.get("message") else ""))
+        c[outcome] += 1
+    rows = [[f, c["passed"], c["failed"], c["error"], c["skipped"]] for f, c in sorted(per_file.items())]
+    tot = [sum(r[i] for r in rows) for i in range(1, 5)]
+    rows.append([("html", "<b>total</b>")] + tot)
+    out = el("h3", esc(f"{label}: test outcomes")) + table(["test module", "passed", "failed", "errors", "skipped"],
+                                                             rows)
+    if bad:
+        out += el("details", el("summary", esc(f"{len(bad)} failing tests"))
+                  + table(["module", "test", "outcome", "message"], [list(b) for b in bad]), open="open")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# GPU data
+# --------------------------------------------------------------------------------------------------------------
+
+def find_gpu_dirs(data):
+    """Subfolders of the data folder that hold a bench, accuracy, point or verification file."""
+    out = []
+    for d in sorted(glob.glob(os.path.join(data, "*"))):
+        if not os.path.isdir(d) or os.path.basename(d).startswith("_"):
+            continue
+        if any(os.path.exists(os.path.join(d, f)) for f in ("bench.json", "accuracy.json", "verification-gpu.json")) \
+                or glob.glob(os.path.join(d, "point-*.json")):
+            out.append(d)
+    return out
+
+
+def provenance(path, doc=None) -> str:
+    committed, date = git_date(path)
+    created = (doc or {}).get("created")
+    rel = os.path.relpath(path, REPO)
+    bits = [f"{rel}"]
+    if created:
+        bits.append(f"measured {created}")
+    bits.append(f"committed {date}" if committed and date else ("committed" if committed else
+                                                                 f"not committed (file from {mtime(path)})"))
+    g = (doc or {}).get("git") or {}
+    if g.get("commit") and g["commit"] != "unknown":
+        bits.append(f"code at {g['commit'][:10]}{' + local changes' if g.get('dirty') else ''}")
+    if (doc or {}).get("source"):
+        bits.append(f"source hash {doc['source']}")
+    return ", ".join(bits)
+
+
+def machine_rows(m):
+    if not m:
+        return []
+    smi = m.get("nvidia_smi") or {}
+    keys = [("GPU", m.get("gpu")), ("SMs", m.get("sm_count")), ("compute capability", m.get("compute_capability")),
+            ("memory", f"{m['total_memory'] / 2 ** 30:.1f} GiB" if m.get("total_memory") else None),
+            ("L2", f"{m['L2_cache_size'] / 2 ** 20:.0f} MiB" if m.get("L2_cache_size") else None),
+            ("driver", smi.get("driver_version")),
+            ("SM clock at start (idle) / max",
+             f"{smi.get('clocks.sm')} / {smi.get('clocks.max.sm')}" if smi.get("clocks.sm") else None),
+            ("memory clock at start / max", f"{smi.get('clocks.mem')} / {smi.get('clocks.max.mem')}"
+             if smi.get("clocks.mem") else None),
+            ("power limit", smi.get("power.limit")),
+            ("torch", m.get("torch")), ("CUDA", m.get("cuda")), ("triton", m.get("triton")), ("fla", m.get("fla")),
+            ("python", m.get("python")), ("platform", m.get("platform"))]
+    return [[k, v] for k, v in keys if v is not None]
+
+
+def _label(bench, name):
+    return (bench.get("forms") or {}).get(name, {}).get("label", name)
+
+
+def _ok(rows, **kw):
+    return [r for r in rows or [] if r.get("status") == "ok" and all(r.get(k) == v for k, v in kw.items())]
+
+
+def sweep_table(bench) -> str:
+    rows = []
+    for r in bench.get("sweep") or []:
+        if r.get("status") == "ok":
+            rows.append([_label(bench, r["form"]), r["mode"], r["dtype"], r["B"], r["T"], r["H"], r["K"], r["V"],
+                         fmt(r["ms"], ".4g"), fmt(r["tokens_per_s"] / 1e6, ".4g"), fmt(r["tflops"], ".3g"),
+                         fmt(r["gbps"], ".4g"), fmt(100 * r["frac_peak_flops"], ".2g") if r.get("frac_peak_flops")
+                         is not None else "–",
+                         fmt(100 * r["frac_roofline"], ".2g") if r.get("frac_roofline") is not None else "–",
+                         fmt(r["mem_extra_bytes"] / 2 ** 30, ".3g") if r.get("mem_extra_bytes") is not None
+                         else "–",
+                         fmt(r["mem_peak_bytes"] / 2 ** 30, ".3g") if r.get("mem_peak_bytes") else "–", "ok"])
+        else:
+            rows.append([_label(bench, r["form"]), r.get("mode"), r.get("dtype"), r.get("B"), r.get("T"), r.get("H"),
+                         r.get("K"), r.get("V")] + [""] * 8 + [f"{r.get('status')}: {r.get('reason', '')}"])
+    return table(["form", "mode", "dtype", "B", "T", "H", "K", "V", "ms", "Mtok/s", "TFLOP/s", "GB/s",
+                  "% matmul peak", "% roofline", "GiB allocated", "peak GiB (process)", "status"], rows)
+
+
+def peer_html(bench) -> str:
+    """Per mode and T: each of our forms beside its fla counterpart (ratio fla / ours: > 1 means ours is faster)
+    and causal SDPA beside our fastest form."""
+    sweep = bench.get("sweep") or []
+    if not _ok(sweep):
+        return missing("peer comparison")
+    forms = bench.get("forms") or {}
+    ours = [n for n, f in forms.items() if f.get("provider") == "ours" and any(r["form"] == n for r in sweep)]
+    fla = {f["form"]: n for n, f in forms.items() if f.get("provider") == "fla" and any(r["form"] == n for r in sweep)}
+    sd = [n for n, f in forms.items() if f.get("provider") == "torch" and any(r["form"] == n for r in sweep)]
+    out = []
+    first = sweep[0]
+    cfg = dict(dtype=first["dtype"], H=first["H"], K=first["K"], V=first["V"])
+    for mode in ("fwd", "fwd+bwd"):
+        rows_mode = [r for r in sweep if r.get("mode") == mode and all(r.get(k) == v for k, v in cfg.items())]
+        if not rows_mode:
+            continue
+        head = ["T", "B"]
+        for n in ours:
+            head.append(f"{_label(bench, n)} ms")
+            if forms[n]["form"] in fla:
+                head += [f"{_label(bench, fla[forms[n]['form']])} ms", "fla / ours"]
+        for n in sd:
+            head += [f"{_label(bench, n)} ms", "SDPA / best ours"]
+        rows = []
+        for T in sorted({r["T"] for r in rows_mode}):
+            at = {r["form"]: r for r in rows_mode if r["T"] == T}
+            ms = {n: r["ms"] for n, r in at.items() if r.get("status") == "ok"}
+            row = [T, next(iter(at.values()))["B"]]
+            for n in ours:
+                row.append(fmt(ms.get(n), ".4g"))
+                if forms[n]["form"] in fla:
+                    p = fla[forms[n]["form"]]
+                    row.append(fmt(ms.get(p), ".4g"))
+                    row.append(_ratio(ms.get(p), ms.get(n)))
+            best = min((ms[n] for n in ours if n in ms), default=None)
+            for n in sd:
+                row.append(fmt(ms.get(n), ".4g"))
+                row.append(_ratio(ms.get(n), best))
+            rows.append(row)
+        out.append(el("h3", esc(f"{mode} ({cfg['dtype']}, H={cfg['H']}, K={cfg['K']}, V={cfg['V']})")) +
+                   table(head, rows))
+    out.append(note("Ratios above 1 mean ours is faster. Blank: the form skipped or failed that point (the full "
+                    "table under Throughput gives the reason)."))
+    return "".join(out)
+
+
+def _ratio(a, b):
+    if a is None or b is None or b == 0:
+        return "–"
+    v = a / b
+    return ("html", esc(fmt(v, ".3g")), dict(class_="pass" if v >= 1 else "fail"))
+
+
+def first_call_html(bench, points) -> str:
+    sweep = _ok(bench.get("sweep") if bench else [])
+    if not sweep and not points:
+        return missing("first-call times")
+    out = []
+    if sweep:
+        rows = []
+        order = list((bench.get("forms") or {}).keys())
+        pairs = sorted({(r["form"], r["mode"]) for r in sweep},
+                       key=lambda p: (order.index(p[0]) if p[0] in order else len(order), p[1]))
+        for (name, mode) in pairs:
+            rs = [r for r in sweep if r["form"] == name and r["mode"] == mode]
+            cold = [r for r in rs if r.get("cold")]
+            later = [r for r in rs if not r.get("cold")]
+            c = cold[0] if cold else None
+            med = lambda xs: sorted(xs)[len(xs) // 2] if xs else None  # noqa: E731
+            rows.append([_label(bench, name), mode, fmt(c["first_call_ms"] / 1e3, ".3g") if c else "–",
+                         c["T"] if c else "–", fmt(med([r["first_call_ms"] for r in later]), ".4g"),
+                         fmt(med([r["first_call_ms"] / r["ms"] for r in later if r.get("ms")]), ".3g"), len(rs)])
+        out.append(table(["form", "mode", "first call in a fresh process (s)", "at T",
+                          "first call at each later T (ms, median)", "… / steady-state time (median)", "points"],
+                         rows))
+        out.append(note("The first call of a form in a fresh process includes Triton compilation and any "
+                        "autotuning (an empty kernel cache on a fresh machine). fwd+bwd points run after the fwd "
+                        "point of the same shape, so their first call compiles the backward only. A later T can "
+                        "compile again where a kernel specializes on it (autotuning keys, divisibility)."))
+    for p in points:
+        rows = [[_label(p, r["form"]), r["mode"], fmt(r["first_call_ms"] / 1e3, ".3g"), fmt(r["ms"], ".4g")]
+                for r in _ok(p.get("rows"))]
+        if rows:
+            pt = p.get("point", {})
+            out.append(el("h3", esc("--point " + ",".join(f"{k}={v}" for k, v in pt.items())))
+                       + table(["form", "mode", "first call (s)", "median ms"], rows))
+    return "".join(out)
+
+
+def decode_html(bench) -> str:
+    rows = _ok((bench or {}).get("decode"))
+    if not rows:
+        return missing("decode")
+    out = [img("decode_bandwidth", bench, "decode bandwidth")]
+    forms = []
+    for r in rows:
+        if r["form"] not in forms:
+            forms.append(r["form"])
+    trs = []
+    for N in sorted({r["N"] for r in rows}):
+        row = [N]
+        for n in forms:
+            r = next((r for r in rows if r["N"] == N and r["form"] == n), None)
+            row += [fmt(r["us"], ".4g") if r else "–", fmt(r["state_gbps"], ".4g") if r else "–",
+                    fmt(100 * r["frac_copy_bw_state"], ".2g") if r and r.get("frac_copy_bw_state") is not None
+                    else "–"]
+        trs.append(row)
+    head = ["batch"] + [h for n in forms for h in (f"{_label(bench, n)} µs", "state GB/s", "% copy")]
+    out.append(table(head, trs))
+    out.append(note("One token per sequence with the state carried in and out (fp32 [N, H, K, V]): GB/s counts one "
+                    "read and one write of the state; the copy ceiling counts read + write the same way."))
+    return "".join(out)
+
+
+def ceilings_html(bench) -> str:
+    c = bench.get("ceilings") or {}
+    rows = [[f"{k} matmul", fmt(v, ".4g"), "TFLOP/s"] for k, v in (c.get("matmul_tflops") or {}).items()]
+    if c.get("copy_gbps"):
+        rows.append(["device-to-device copy (read + write)", fmt(c["copy_gbps"], ".4g"), "GB/s"])
+    return table(["ceiling (measured in the same run)", "value", "unit"], rows) if rows else missing("ceilings")
+
+
+def accuracy_table(acc) -> str:
+    rows = []
+    for r in acc.get("rows") or []:
+        if r.get("status") != "ok":
+            rows.append([(acc.get("forms") or {}).get(r["form"], {}).get("label", r["form"]), r["dtype"], r["T"]]
+                        + [""] * 4 + [f"{r['status']}: {r.get('reason', '')}"])
+            continue
+        e = r["errors"]
+        grads = {k: v for k, v in e.items() if k.startswith("d")}
+        worst_g = max(grads.values()) if grads else None
+        rows.append([(acc.get("forms") or {}).get(r["form"], {}).get("label", r["form"]), r["dtype"], r["T"],
+                     fmt(e.get("o")), fmt(e.get("final_state")),
+                     fmt(worst_g) + (f" ({max(grads, key=grads.get)})" if grads else ""),
+                     f"{fmt(r.get('bound_forward'))} / {fmt(r.get('bound_gradient'))}", r.get("reason", "ok")])
+    return table(["form", "dtype", "T", "o", "final state", "worst gradient", "bounds fwd / grad", "note"], rows)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Page
+# --------------------------------------------------------------------------------------------------------------
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1320px;color:#222;
+padding:0 16px;line-height:1.4}
+h1{margin-bottom:4px} h2{border-bottom:2px solid #ddd;padding-bottom:4px;margin-top:36px}
+table{border-collapse:collapse;margin:8px 0 16px;font-size:13px}
+th,td{border:1px solid #ccc;padding:3px 7px;text-align:left;vertical-align:top}
+th{background:#f2f2f2} td.pass{background:#e3f5e1} td.fail{background:#fbe0e0;font-weight:600}
+table.matrix td.pass,table.matrix td.fail{text-align:center;white-space:nowrap}
+p.note{color:#555;font-size:13px} p.missing{color:#8a6d00;background:#fff8e0;padding:6px 10px;border-radius:4px}
+img{max-width:100%;border:1px solid #eee} details{margin:8px 0} summary{cursor:pointer;color:#035}
+nav a{margin-right:12px} .tag{display:inline-block;padding:1px 6px;border-radius:3px;font-size:12px;color:#fff}
+.cpu{background:#2b7a3d} .gpu{background:#1f4e99}
+"""
+
+
+def section(sid, title, body) -> str:
+    return el("section", el("h2", esc(title)) + body, id=sid)
+
+
+def build(data=None, out=None) -> str:
+    data = data or os.path.join(REPO, "reports", "data")
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    cpu_path = os.path.join(data, "verification-cpu.json")
+    cpu = load_json(cpu_path)
+    cpu_acc_path = os.path.join(data, "accuracy-cpu.json")
+    cpu_acc = load_json(cpu_acc_path)
+    gpus = []
+    for d in find_gpu_dirs(data):
+        g = dict(dir=d, slug=os.path.basename(d))
+        for key, fname in (("bench", "bench.json"), ("accuracy", "accuracy.json"), ("verification",
+                                                                                      "verification-gpu.json")):
+            p = os.path.join(d, fname)
+            g[key] = load_json(p)
+            g[key + "_path"] = p
+        g["points"] = [p for p in (load_json(f) for f in sorted(glob.glob(os.path.join(d, "point-*.json")))) if p]
+        gpus.append(g)
+    loose_gpu_path = os.path.join(data, "verification-gpu.json")
+    loose_gpu = load_json(loose_gpu_path)
+    tag_cpu = el("span", "CPU · fresh", class_="tag cpu")
+    tag_gpu = el("span", "GPU · committed", class_="tag gpu")
+
+    def gname(g):
+        m = (g.get("bench") or {}).get("machine") or {}
+        return m.get("gpu") or ((g.get("verification") or {}).get("meta") or {}).get("device") or g["slug"]
+
+    body = {}
+    # --- data sources
+    src = []
+    src.append([("html", tag_cpu), "property suite (CPU, Triton interpreter)",
+                provenance(cpu_path, dict(created=mtime(cpu_path))) if cpu else NOT_MEASURED])
+    src.append([("html", tag_cpu), "accuracy vs T (tiny, CPU)",
+                provenance(cpu_acc_path, cpu_acc) if cpu_acc else NOT_MEASURED])
+    for g in gpus:
+        for key, what in (("bench", "speed sweep + decode"), ("accuracy", "accuracy vs T"),
+                          ("verification", "property suite")):
+            src.append([("html", tag_gpu), f"{what} on {gname(g)}",
+                        provenance(g[key + "_path"], g[key]) if g.get(key) else NOT_MEASURED])
+    if loose_gpu:
+        src.append([("html", tag_gpu), f"property suite on {loose_gpu.get('meta', {}).get('device', '?')}",
+                    provenance(loose_gpu_path)])
+    if not gpus and not loose_gpu:
+        src.append([("html", tag_gpu), "GPU speed, accuracy and verification", NOT_MEASURED])
+    body["sources"] = (note(f"Built {now}. CPU data is regenerated by `python3 -m nox -s report` on the machine "
+                            "that builds this page; GPU data is what `python3 -m nox -s bench` / `nox -s gpu` wrote "
+                            "on a GPU machine and was committed under reports/data/<gpu>/.")
+                       + table(["", "what", "file and provenance"], src))
+    # --- machines
+    import platform
+    mparts = [el("h3", tag_cpu + " " + esc("this machine (CPU)")),
+              table(None, [["CPU", cpu_model()],
+                               ["platform", platform.platform()], ["python", platform.python_version()],
+                               ["torch (property run)", (cpu or {}).get("meta", {}).get("torch", NOT_MEASURED)]])]
+    for g in gpus:
+        m = (g.get("bench") or {}).get("machine")
+        mparts.append(el("h3", tag_gpu + " " + esc(gname(g))))
+        mparts.append(table(None, machine_rows(m)) if m else missing(f"{gname(g)} machine record"))
+    if not gpus:
+        mparts.append(missing("GPU machine"))
+    body["machines"] = "".join(mparts)
+    # --- verification
+    vparts = [el("h3", tag_cpu + " " + esc("CPU (Triton interpreter)")),
+              verification_html(cpu, os.path.join(data, "verification-cpu.junit.xml"), "CPU")]
+    gver = [(gname(g), g["verification"], os.path.join(g["dir"], "verification-gpu.junit.xml"))
+            for g in gpus if g.get("verification")]
+    if loose_gpu:
+        gver.append((loose_gpu.get("meta", {}).get("device", "GPU"), loose_gpu,
+                     os.path.join(data, "verification-gpu.junit.xml")))
+    for name, doc, junit in gver:
+        vparts.append(el("h3", tag_gpu + " " + esc(name)))
+        vparts.append(verification_html(doc, junit, name))
+    if not gver:
+        vparts.append(el("h3", tag_gpu + " " + esc("GPU")) + missing("GPU verification"))
+    body["verification"] = "".join(vparts)
+    # --- tolerances
+    try:
+        trs = [[n, fmt(u, ".2g"), f"{f} u = {fmt(f * u, '.3g')}", f"{g_} u = {fmt(g_ * u, '.3g')}"]
+               for n, u, f, g_ in _bounds()]
+        from properties import tolerances
+        doc_t = (tolerances.__doc__ or "").strip().split("\n\n")
+        body["tolerances"] = (table(["dtype", "unit roundoff u", "forward bound", "gradient bound"], trs)
+                              + note("Metric: ||x - x_ref|| / ||x_ref|| against the float64 reference on the same "
+                                     "rounded inputs (properties/tolerances.py). " + " ".join(doc_t[-1:])))
+    except Exception as e:
+        body["tolerances"] = note(f"properties/tolerances.py could not be read: {e}")
+    # --- accuracy
+    aparts = []
+    for g in gpus:
+        if g.get("accuracy"):
+            a = g["accuracy"]
+            cfg = a.get("config", {})
+            aparts.append(el("h3", tag_gpu + " " + esc(f"{gname(g)}: B={cfg.get('B')}, H={cfg.get('H')}, "
+                                                       f"K={cfg.get('K')}, V={cfg.get('V')}")))
+            aparts.append(img("error_vs_T", a, "error vs T"))
+            aparts.append(el("details", el("summary", "every point") + accuracy_table(a)))
+    if not any(g.get("accuracy") for g in gpus):
+        aparts.append(el("h3", tag_gpu + " GPU") + missing("GPU error vs T"))
+    aparts.append(el("h3", tag_cpu + " " + esc("CPU (tiny shapes, Triton interpreter)")))
+    if cpu_acc:
+        cfg = cpu_acc.get("config", {})
+        aparts.append(note(f"B={cfg.get('B')}, H={cfg.get('H')}, K={cfg.get('K')}, V={cfg.get('V')}; reference "
+                           f"{cfg.get('reference')}."))
+        aparts.append(img("error_vs_T", cpu_acc, "CPU error vs T"))
+        aparts.append(el("details", el("summary", "every point") + accuracy_table(cpu_acc)))
+    else:
+        aparts.append(missing("CPU error vs T"))
+    body["accuracy"] = "".join(aparts)
+    # --- speed sections
+    benches = [g for g in gpus if g.get("bench") and g["bench"].get("sweep")]
+    tp, mem, roof, peers, fc, dec = [], [], [], [], [], []
+    for g in benches:
+        b = g["bench"]
+        h = el("h3", tag_gpu + " " + esc(gname(g)))
+        tp.append(h + img("throughput_vs_T", b, "throughput vs T") + img("tflops_vs_T", b, "TFLOP/s vs T")
+                  + el("details", el("summary", "every point (with skip and error reasons)") + sweep_table(b)))
+        mem.append(h + img("memory_vs_T", b, "memory vs T")
+                   + note("torch.cuda.max_memory_allocated over one call after a reset, minus what was allocated "
+                          "before it: outputs, saved activations and workspace (fwd+bwd: also the gradients); the "
+                          "inputs, shared by every form, are not counted. The process-wide peak is in the table "
+                          "under Throughput."))
+        roof.append(h + img("roofline", b, "roofline") + ceilings_html(b))
+        peers.append(h + peer_html(b))
+    for g in gpus:
+        b = g.get("bench")
+        if b and b.get("sweep") or g.get("points"):
+            fc.append(el("h3", tag_gpu + " " + esc(gname(g))) + first_call_html(b or {}, g.get("points") or []))
+        if b and b.get("decode"):
+            dec.append(el("h3", tag_gpu + " " + esc(gname(g))) + decode_html(b))
+    for g in gpus:
+        for p in g.get("points") or []:
+            rows = [[_label(p, r["form"]), r["mode"], fmt(r["ms"], ".4g"), fmt(r["tokens_per_s"] / 1e6, ".4g"),
+                     fmt(r["tflops"], ".3g"), fmt(r["gbps"], ".4g")] for r in _ok(p.get("rows"))]
+            if rows:
+                pt = p.get("point", {})
+                peers.append(el("h3", esc(f"{gname(g)}: --point " + ",".join(f"{k}={v}" for k, v in pt.items())))
+                             + table(["form", "mode", "ms", "Mtok/s", "TFLOP/s", "GB/s"], rows))
+    body["throughput"] = "".join(tp) or missing("GPU throughput")
+    body["memory"] = "".join(mem) or missing("GPU memory")
+    body["roofline"] = "".join(roof) or missing("GPU roofline")
+    body["peers"] = "".join(peers) or missing("peer comparison (ours vs fla vs SDPA)")
+    body["first-call"] = "".join(fc) or missing("first-call times")
+    body["decode"] = "".join(dec) or missing("decode")
+
+    nav = el("nav", "".join(el("a", esc(t), href=f"#{s}") for s, t in SECTIONS))
+    page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>deltacheck report</title>"
+            f"<style>{CSS}</style></head><body>"
+            + el("h1", "deltacheck: delta-rule kernels, verified and measured")
+            + note("Triton kernels for the delta rule held to float64 references (properties/) and measured "
+                   "beside flash-linear-attention and causal SDPA (benchmarks/).")
+            + nav + "".join(section(s, t, body[s]) for s, t in SECTIONS) + "</body></html>\n")
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            f.write(page)
+    return page
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python3 -m reports.build", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=os.path.join(REPO, "reports", "data"))
+    p.add_argument("--out", default=os.path.join(REPO, "reports", "site", "index.html"))
+    a = p.parse_args(argv)
+    build(a.data, a.out)
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
