@@ -1,0 +1,92 @@
+"""Chunkwise (training) form of the delta rule: a thin autograd Function over the Triton kernels.
+
+    S_t = (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,    o_t = scale * S_t^T q_t
+
+Forward:  wy_fwd (W, U, X per chunk) -> chunk_h_fwd (states h_n, v_new, final state) -> chunk_o_fwd (o).
+Backward: chunk_dv_local -> chunk_h_bwd (dh, dv_new, dS0) -> chunk_o_bwd (dq, dk part, dW) -> wy_bwd (dk, dv, dbeta).
+"""
+import contextlib
+
+import torch
+
+import ops.common.utils as U
+from ops.delta_rule.chunk_h import chunk_h_bwd, chunk_h_fwd
+from ops.delta_rule.chunk_o import chunk_dv_local, chunk_o_bwd, chunk_o_fwd
+from ops.delta_rule.wy_fast import wy_bwd, wy_fwd
+
+CHUNK_SIZES = (16, 32, 64)
+
+
+def _on(device):
+    """Launch kernels on `device` (Triton uses the current CUDA device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def chunk_delta_rule_fwd(q, k, v, beta, scale_t, initial_state, output_final_state, offsets, cmap, chunk_offsets,
+                         chunk_size):
+    w, u, x = wy_fwd(k, v, beta, offsets, cmap, chunk_size)
+    h, v_new, ht = chunk_h_fwd(k, w, u, initial_state, output_final_state, offsets, chunk_offsets, chunk_size)
+    o = chunk_o_fwd(q, k, v_new, h, scale_t, offsets, cmap, chunk_size)
+    return o, ht, (x, w, h, v_new)
+
+
+def chunk_delta_rule_bwd(q, k, v, beta, scale_t, initial_state, do, dht, saved, offsets, cmap, chunk_offsets,
+                         chunk_size):
+    x, w, h, v_new = saved
+    dv_local = chunk_dv_local(q, k, do, scale_t, offsets, cmap, chunk_size)
+    dh, dv_new, ds0 = chunk_h_bwd(q, k, w, do, dv_local, dht, initial_state, scale_t, offsets, chunk_offsets,
+                                  chunk_size)
+    dq, dk_part, dw = chunk_o_bwd(q, k, v_new, h, do, dh, dv_new, scale_t, offsets, cmap, chunk_size)
+    dk, dv, dbeta = wy_bwd(k, v, beta, x, dw, dv_new, dk_part, offsets, cmap, chunk_size)
+    return dq, dk, dv, dbeta, ds0
+
+
+class ChunkDeltaRuleFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_size):
+        B, T = q.shape[:2]
+        q, k, v, beta = (x.contiguous() for x in (q, k, v, beta))
+        if initial_state is not None:
+            initial_state = initial_state.contiguous()
+        with _on(q.device):
+            offsets = U.sequence_offsets(cu_seqlens, B, T, q.device)
+            cmap, chunk_offsets = U.chunk_map(offsets, chunk_size)
+            scale_t = torch.full((1,), scale, dtype=U.acc_dtype(q.dtype), device=q.device)
+            o, ht, saved = chunk_delta_rule_fwd(q, k, v, beta, scale_t, initial_state, output_final_state, offsets,
+                                                cmap, chunk_offsets, chunk_size)
+        ctx.save_for_backward(q, k, v, beta, initial_state, scale_t, offsets, cmap, chunk_offsets, *saved)
+        ctx.chunk_size = chunk_size
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, beta, initial_state, scale_t, offsets, cmap, chunk_offsets, *saved = ctx.saved_tensors
+        do = do.contiguous()
+        dht = None if dht is None else dht.contiguous()
+        with _on(q.device):
+            dq, dk, dv, dbeta, ds0 = chunk_delta_rule_bwd(q, k, v, beta, scale_t, initial_state, do, dht, saved,
+                                                          offsets, cmap, chunk_offsets, ctx.chunk_size)
+        return dq, dk, dv, dbeta, None, ds0, None, None, None
+
+
+def chunk_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
+                     use_qk_l2norm_in_kernel=False, chunk_size=64):
+    """The delta rule in chunkwise (WY) form, fla layout.
+
+    q, k [B, T, H, K], v [B, T, H, V], beta [B, T, H] (one dtype: float16, bfloat16, float32 or float64);
+    scale defaults to K^-0.5; initial_state [N, H, K, V]; cu_seqlens (int [N + 1], B == 1) packs N sequences;
+    use_qk_l2norm_in_kernel l2-normalizes q and k first; chunk_size in (16, 32, 64).
+    Returns (o [B, T, H, V] in q's dtype, final state [N, H, K, V] (float32; float64 for float64 inputs) when
+    output_final_state else None)."""
+    B, T, H, K, V = U.check_qkv(q, k, v)
+    U.check_tensor("beta", beta, ndim=3, shape=(B, T, H), device=q.device, dtype=q.dtype)
+    N = U.check_cu_seqlens(cu_seqlens, B, T, q.device)
+    U.check_state(initial_state, N, H, K, V, q.device)
+    scale = U.default_scale(scale, K)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size not in CHUNK_SIZES:
+        raise ValueError(f"chunk_size must be one of {CHUNK_SIZES}, got {chunk_size!r}")
+    if use_qk_l2norm_in_kernel:
+        from ops.common.l2norm import l2norm
+        q, k = l2norm(q), l2norm(k)
+    return ChunkDeltaRuleFunction.apply(q, k, v, beta, scale, initial_state, bool(output_final_state), cu_seqlens,
+                                        chunk_size)

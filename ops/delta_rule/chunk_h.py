@@ -1,0 +1,294 @@
+"""The inter-chunk state pass of the chunked delta rule: sequential over the chunks of each sequence.
+
+Forward, with h_0 = S0 (or 0) and per chunk n (W_n, U_n from the WY stage):
+    store h_n;   v_new_n = U_n - W_n h_n (store);   h_{n+1} = h_n + K_n^T v_new_n;   final state = h_last.
+Backward, reverse over chunks, with dh_N = dht (or 0) and dv_local = scale (Q K^T * M)^T dO from chunk_o:
+    store dh_{n+1};   dv_new_n = dv_local_n + K_n dh_{n+1} (store);
+    dh_n = dh_{n+1} + scale Q_n^T dO_n - W_n^T dv_new_n;   dS0 = dh_0.
+Grid (V blocks, N * H). The [K, BV] state lives in registers as up to four [64, BV] tiles (K <= 256); states are
+stored per chunk ([NC, H, K, V]) in the accumulation dtype.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ops.common.utils import acc_dtype, block_size, dot_precision, interpreting, new_empty
+
+
+@triton.jit
+def _tok(ptr, bos, i_h, L, H, D: tl.constexpr, r0, c0, BR: tl.constexpr, BC: tl.constexpr):
+    """Block pointer to rows r0.. of a sequence (starting at token bos, L tokens) of a [B*T, H, D] tensor."""
+    return tl.make_block_ptr(ptr + (bos * H + i_h) * D, (L, D), (H * D, 1), (r0, c0), (BR, BC), (1, 0))
+
+
+@triton.jit
+def _st(ptr, i_h, H, K: tl.constexpr, V: tl.constexpr, r0, c0, BR: tl.constexpr,
+        BC: tl.constexpr):
+    """Block pointer into the [K, V] state of head i_h of a [*, H, K, V] tensor (ptr at the first head)."""
+    return tl.make_block_ptr(ptr + i_h * K * V, (K, V), (V, 1), (r0, c0), (BR, BC), (1, 0))
+
+
+@triton.jit
+def _fwd_step(t, b_h0, b_h1, b_h2, b_h3, k, w, u, h, v_new, bos, i_h, L, c0, v0,
+              H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+              BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Chunk t: store h_t; v_new = U - W h_t; h_{t+1} = h_t + K^T v_new."""
+    ACC = b_h0.dtype
+    ph = h + (c0 + t) * H * K * V
+    tl.store(_st(ph, i_h, H, K, V, 0, v0, BK, BV), b_h0, boundary_check=(0, 1))
+    if NK > 1:
+        tl.store(_st(ph, i_h, H, K, V, BK, v0, BK, BV), b_h1, boundary_check=(0, 1))
+    if NK > 2:
+        tl.store(_st(ph, i_h, H, K, V, 2 * BK, v0, BK, BV), b_h2, boundary_check=(0, 1))
+    if NK > 3:
+        tl.store(_st(ph, i_h, H, K, V, 3 * BK, v0, BK, BV), b_h3, boundary_check=(0, 1))
+
+    # v_new = U - W h
+    b_v = tl.load(_tok(u, bos, i_h, L, H, V, t * C, v0, C, BV), boundary_check=(0, 1))
+    b_w = tl.load(_tok(w, bos, i_h, L, H, K, t * C, 0, C, BK), boundary_check=(0, 1))
+    b_v -= tl.dot(b_w, b_h0, input_precision=DOT_PREC)
+    if NK > 1:
+        b_w = tl.load(_tok(w, bos, i_h, L, H, K, t * C, BK, C, BK), boundary_check=(0, 1))
+        b_v -= tl.dot(b_w, b_h1, input_precision=DOT_PREC)
+    if NK > 2:
+        b_w = tl.load(_tok(w, bos, i_h, L, H, K, t * C, 2 * BK, C, BK), boundary_check=(0, 1))
+        b_v -= tl.dot(b_w, b_h2, input_precision=DOT_PREC)
+    if NK > 3:
+        b_w = tl.load(_tok(w, bos, i_h, L, H, K, t * C, 3 * BK, C, BK), boundary_check=(0, 1))
+        b_v -= tl.dot(b_w, b_h3, input_precision=DOT_PREC)
+    tl.store(_tok(v_new, bos, i_h, L, H, V, t * C, v0, C, BV), b_v, boundary_check=(0, 1))
+
+    # h += K^T v_new
+    b_k = tl.load(_tok(k, bos, i_h, L, H, K, t * C, 0, C, BK), boundary_check=(0, 1)).to(ACC)
+    b_h0 += tl.dot(tl.trans(b_k), b_v, input_precision=DOT_PREC)
+    if NK > 1:
+        b_k = tl.load(_tok(k, bos, i_h, L, H, K, t * C, BK, C, BK), boundary_check=(0, 1)).to(ACC)
+        b_h1 += tl.dot(tl.trans(b_k), b_v, input_precision=DOT_PREC)
+    if NK > 2:
+        b_k = tl.load(_tok(k, bos, i_h, L, H, K, t * C, 2 * BK, C, BK), boundary_check=(0, 1)).to(ACC)
+        b_h2 += tl.dot(tl.trans(b_k), b_v, input_precision=DOT_PREC)
+    if NK > 3:
+        b_k = tl.load(_tok(k, bos, i_h, L, H, K, t * C, 3 * BK, C, BK), boundary_check=(0, 1)).to(ACC)
+        b_h3 += tl.dot(tl.trans(b_k), b_v, input_precision=DOT_PREC)
+    return b_h0, b_h1, b_h2, b_h3
+
+
+@triton.jit
+def chunk_h_fwd_kernel(k, w, u, h, v_new, h0, ht, offsets, chunk_offsets,
+                       H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                       BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr,
+                       USE_S0: tl.constexpr, STORE_FINAL: tl.constexpr, DOT_PREC: tl.constexpr,
+                       WHILE_LOOP: tl.constexpr):
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, eos = tl.load(offsets + i_n).to(tl.int64), tl.load(offsets + i_n + 1).to(tl.int64)
+    L = eos - bos
+    c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
+    ACC = h.dtype.element_ty
+    v0 = i_v * BV
+
+    b_h0 = tl.zeros([BK, BV], dtype=ACC)
+    b_h1 = tl.zeros([BK, BV], dtype=ACC)
+    b_h2 = tl.zeros([BK, BV], dtype=ACC)
+    b_h3 = tl.zeros([BK, BV], dtype=ACC)
+    if USE_S0:
+        p0 = h0 + i_n.to(tl.int64) * H * K * V
+        b_h0 += tl.load(_st(p0, i_h, H, K, V, 0, v0, BK, BV), boundary_check=(0, 1)).to(ACC)
+        if NK > 1:
+            b_h1 += tl.load(_st(p0, i_h, H, K, V, BK, v0, BK, BV), boundary_check=(0, 1)).to(ACC)
+        if NK > 2:
+            b_h2 += tl.load(_st(p0, i_h, H, K, V, 2 * BK, v0, BK, BV), boundary_check=(0, 1)).to(ACC)
+        if NK > 3:
+            b_h3 += tl.load(_st(p0, i_h, H, K, V, 3 * BK, v0, BK, BV), boundary_check=(0, 1)).to(ACC)
+
+    NT = tl.cdiv(L, C).to(tl.int32)
+    if WHILE_LOOP:  # the interpreter cannot range() over a loaded bound
+        t = 0
+        while t < NT:
+            b_h0, b_h1, b_h2, b_h3 = _fwd_step(t, b_h0, b_h1, b_h2, b_h3, k, w, u, h, v_new, bos, i_h, L, c0, v0,
+                                               H, K, V, C, BK, BV, NK, DOT_PREC)
+            t += 1
+    else:
+        for t in range(NT):
+            b_h0, b_h1, b_h2, b_h3 = _fwd_step(t, b_h0, b_h1, b_h2, b_h3, k, w, u, h, v_new, bos, i_h, L, c0, v0,
+                                               H, K, V, C, BK, BV, NK, DOT_PREC)
+
+    if STORE_FINAL:
+        pt = ht + i_n.to(tl.int64) * H * K * V
+        tl.store(_st(pt, i_h, H, K, V, 0, v0, BK, BV), b_h0, boundary_check=(0, 1))
+        if NK > 1:
+            tl.store(_st(pt, i_h, H, K, V, BK, v0, BK, BV), b_h1, boundary_check=(0, 1))
+        if NK > 2:
+            tl.store(_st(pt, i_h, H, K, V, 2 * BK, v0, BK, BV), b_h2, boundary_check=(0, 1))
+        if NK > 3:
+            tl.store(_st(pt, i_h, H, K, V, 3 * BK, v0, BK, BV), b_h3, boundary_check=(0, 1))
+
+
+@triton.jit
+def _bwd_step(t, b_h0, b_h1, b_h2, b_h3, q, k, w, do, dv_local, dh, dv_new, scale, bos, i_h, L, c0, v0,
+              H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+              BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Chunk t (reverse order): store dh_{t+1}; dv_new = dv_local + K dh; dh_t = dh + scale Q^T dO - W^T dv_new."""
+    ACC = b_h0.dtype
+    ph = dh + (c0 + t) * H * K * V
+    tl.store(_st(ph, i_h, H, K, V, 0, v0, BK, BV), b_h0, boundary_check=(0, 1))
+    if NK > 1:
+        tl.store(_st(ph, i_h, H, K, V, BK, v0, BK, BV), b_h1, boundary_check=(0, 1))
+    if NK > 2:
+        tl.store(_st(ph, i_h, H, K, V, 2 * BK, v0, BK, BV), b_h2, boundary_check=(0, 1))
+    if NK > 3:
+        tl.store(_st(ph, i_h, H, K, V, 3 * BK, v0, BK, BV), b_h3, boundary_check=(0, 1))
+
+    # dv_new = dv_local + K dh
+    b_dv = tl.load(_tok(dv_local, bos, i_h, L, H, V, t * C, v0, C, BV), boundary_check=(0, 1))
+    b_k = tl.load(_tok(k, bos, i_h, L, H, K, t * C, 0, C, BK), boundary_check=(0, 1)).to(ACC)
+    b_dv += tl.dot(b_k, b_h0, input_precision=DOT_PREC)
+    if NK > 1:
+        b_k = tl.load(_tok(k, bos, i_h, L, H, K, t * C, BK, C, BK), boundary_check=(0, 1)).to(ACC)
+        b_dv += tl.dot(b_k, b_h1, input_precision=DOT_PREC)
+    if NK > 2:
+        b_k = tl.load(_tok(k, bos, i_h, L, H, K, t * C, 2 * BK, C, BK), boundary_check=(0, 1)).to(ACC)
+        b_dv += tl.dot(b_k, b_h2, input_precision=DOT_PREC)
+    if NK > 3:
+        b_k = tl.load(_tok(k, bos, i_h, L, H, K, t * C, 3 * BK, C, BK), boundary_check=(0, 1)).to(ACC)
+        b_dv += tl.dot(b_k, b_h3, input_precision=DOT_PREC)
+    tl.store(_tok(dv_new, bos, i_h, L, H, V, t * C, v0, C, BV), b_dv, boundary_check=(0, 1))
+
+    # dh += scale Q^T dO - W^T dv_new
+    b_do = tl.load(_tok(do, bos, i_h, L, H, V, t * C, v0, C, BV), boundary_check=(0, 1)).to(ACC) * scale
+    b_q = tl.load(_tok(q, bos, i_h, L, H, K, t * C, 0, C, BK), boundary_check=(0, 1)).to(ACC)
+    b_w = tl.load(_tok(w, bos, i_h, L, H, K, t * C, 0, C, BK), boundary_check=(0, 1))
+    b_h0 += tl.dot(tl.trans(b_q), b_do, input_precision=DOT_PREC) - \
+        tl.dot(tl.trans(b_w), b_dv, input_precision=DOT_PREC)
+    if NK > 1:
+        b_q = tl.load(_tok(q, bos, i_h, L, H, K, t * C, BK, C, BK), boundary_check=(0, 1)).to(ACC)
+        b_w = tl.load(_tok(w, bos, i_h, L, H, K, t * C, BK, C, BK), boundary_check=(0, 1))
+        b_h1 += tl.dot(tl.trans(b_q), b_do, input_precision=DOT_PREC) - \
+            tl.dot(tl.trans(b_w), b_dv, input_precision=DOT_PREC)
+    if NK > 2:
+        b_q = tl.load(_tok(q, bos, i_h, L, H, K, t * C, 2 * BK, C, BK), boundary_check=(0, 1)).to(ACC)
+        b_w = tl.load(_tok(w, bos, i_h, L, H, K, t * C, 2 * BK, C, BK), boundary_check=(0, 1))
+        b_h2 += tl.dot(tl.trans(b_q), b_do, input_precision=DOT_PREC) - \
+            tl.dot(tl.trans(b_w), b_dv, input_precision=DOT_PREC)
+    if NK > 3:
+        b_q = tl.load(_tok(q, bos, i_h, L, H, K, t * C, 3 * BK, C, BK), boundary_check=(0, 1)).to(ACC)
+        b_w = tl.load(_tok(w, bos, i_h, L, H, K, t * C, 3 * BK, C, BK), boundary_check=(0, 1))
+        b_h3 += tl.dot(tl.trans(b_q), b_do, input_precision=DOT_PREC) - \
+            tl.dot(tl.trans(b_w), b_dv, input_precision=DOT_PREC)
+    return b_h0, b_h1, b_h2, b_h3
+
+
+@triton.jit
+def chunk_h_bwd_kernel(q, k, w, do, dv_local, dh, dv_new, dht, ds0, offsets, chunk_offsets, scale_ptr,
+                       H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                       BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr,
+                       USE_DHT: tl.constexpr, STORE_DS0: tl.constexpr, DOT_PREC: tl.constexpr,
+                       WHILE_LOOP: tl.constexpr):
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, eos = tl.load(offsets + i_n).to(tl.int64), tl.load(offsets + i_n + 1).to(tl.int64)
+    L = eos - bos
+    c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
+    ACC = dh.dtype.element_ty
+    v0 = i_v * BV
+    NT = tl.cdiv(L, C).to(tl.int32)
+    scale = tl.load(scale_ptr)
+
+    b_h0 = tl.zeros([BK, BV], dtype=ACC)
+    b_h1 = tl.zeros([BK, BV], dtype=ACC)
+    b_h2 = tl.zeros([BK, BV], dtype=ACC)
+    b_h3 = tl.zeros([BK, BV], dtype=ACC)
+    if USE_DHT:
+        pt = dht + i_n.to(tl.int64) * H * K * V
+        b_h0 += tl.load(_st(pt, i_h, H, K, V, 0, v0, BK, BV), boundary_check=(0, 1)).to(ACC)
+        if NK > 1:
+            b_h1 += tl.load(_st(pt, i_h, H, K, V, BK, v0, BK, BV), boundary_check=(0, 1)).to(ACC)
+        if NK > 2:
+            b_h2 += tl.load(_st(pt, i_h, H, K, V, 2 * BK, v0, BK, BV), boundary_check=(0, 1)).to(ACC)
+        if NK > 3:
+            b_h3 += tl.load(_st(pt, i_h, H, K, V, 3 * BK, v0, BK, BV), boundary_check=(0, 1)).to(ACC)
+
+    if WHILE_LOOP:  # the interpreter cannot range() over a loaded bound
+        t = NT - 1
+        while t >= 0:
+            b_h0, b_h1, b_h2, b_h3 = _bwd_step(t, b_h0, b_h1, b_h2, b_h3, q, k, w, do, dv_local, dh, dv_new, scale,
+                                               bos, i_h, L, c0, v0, H, K, V, C, BK, BV, NK, DOT_PREC)
+            t -= 1
+    else:
+        for s in range(NT):
+            b_h0, b_h1, b_h2, b_h3 = _bwd_step(NT - 1 - s, b_h0, b_h1, b_h2, b_h3, q, k, w, do, dv_local, dh,
+                                               dv_new, scale, bos, i_h, L, c0, v0, H, K, V, C, BK, BV, NK, DOT_PREC)
+
+    if STORE_DS0:
+        p0 = ds0 + i_n.to(tl.int64) * H * K * V
+        DT = ds0.dtype.element_ty
+        tl.store(_st(p0, i_h, H, K, V, 0, v0, BK, BV), b_h0.to(DT), boundary_check=(0, 1))
+        if NK > 1:
+            tl.store(_st(p0, i_h, H, K, V, BK, v0, BK, BV), b_h1.to(DT), boundary_check=(0, 1))
+        if NK > 2:
+            tl.store(_st(p0, i_h, H, K, V, 2 * BK, v0, BK, BV), b_h2.to(DT), boundary_check=(0, 1))
+        if NK > 3:
+            tl.store(_st(p0, i_h, H, K, V, 3 * BK, v0, BK, BV), b_h3.to(DT), boundary_check=(0, 1))
+
+
+# Shared memory that software pipelining may fill with in-flight loads (H100/H200: 227 KiB per block in all;
+# the rest is left for the dot operands' layout conversions).
+PIPELINE_SMEM = 96 * 1024
+
+
+def pipeline_stages(stage_bytes: int) -> int:
+    """num_stages for a loop whose iteration loads stage_bytes: 2 where two copies fit the budget, else 1."""
+    return 2 if 2 * stage_bytes <= PIPELINE_SMEM else 1
+
+
+# Largest K / V tile (tests lower it to reach the multi-tile paths with small head sizes).
+TILE = 64
+
+
+def _blocks(K, V):
+    """K in at most four tiles of BK rows; BV columns, narrower for large K to bound the register state
+    (at most [256, 32] or [128, 64] fp32 per program)."""
+    BK = min(TILE, block_size(K))
+    while triton.cdiv(K, BK) > 4:
+        BK *= 2
+    NK = triton.cdiv(K, BK)
+    BV = min(block_size(V), TILE if NK * BK <= 128 else max(16, TILE // 2))
+    return BK, NK, BV
+
+
+def chunk_h_fwd(k, w, u, initial_state, output_final_state, offsets, chunk_offsets, chunk_size):
+    """Returns h [NC, H, K, V] (state entering each chunk), v_new [B, T, H, V] (both accumulation dtype) and
+    the final state [N, H, K, V] (accumulation dtype) or None."""
+    B, T, H, K = k.shape
+    V = u.shape[-1]
+    N, NC, acc = offsets.numel() - 1, int(chunk_offsets[-1]), acc_dtype(k.dtype)
+    h = new_empty((NC, H, K, V), acc, k.device)
+    v_new = new_empty((B, T, H, V), acc, k.device)
+    ht = new_empty((N, H, K, V), acc, k.device) if output_final_state else None
+    BK, NK, BV = _blocks(K, V)
+    a, e = torch.finfo(acc).bits // 8, k.element_size()
+    stages = pipeline_stages(chunk_size * (NK * BK * (a + e) + BV * a))  # W, K, U tiles of one chunk
+    chunk_h_fwd_kernel[(triton.cdiv(V, BV), N * H)](
+        k, w, u, h, v_new, initial_state, ht, offsets, chunk_offsets, H=H, K=K, V=V, C=chunk_size,
+        BK=BK, BV=BV, NK=NK, USE_S0=initial_state is not None, STORE_FINAL=output_final_state,
+        DOT_PREC=dot_precision(k.dtype), WHILE_LOOP=interpreting(), num_stages=stages)
+    return h, v_new, ht
+
+
+def chunk_h_bwd(q, k, w, do, dv_local, dht, initial_state, scale_t, offsets, chunk_offsets, chunk_size):
+    """Returns dh [NC, H, K, V] (gradient of the state leaving each chunk), dv_new [B, T, H, V] (both
+    accumulation dtype) and dS0 [N, H, K, V] in initial_state's dtype (None without initial_state)."""
+    B, T, H, K = k.shape
+    V = do.shape[-1]
+    N, NC, acc = offsets.numel() - 1, int(chunk_offsets[-1]), acc_dtype(k.dtype)
+    dh = new_empty((NC, H, K, V), acc, k.device)
+    dv_new = new_empty((B, T, H, V), acc, k.device)
+    ds0 = None if initial_state is None else new_empty((N, H, K, V), initial_state.dtype, k.device)
+    BK, NK, BV = _blocks(K, V)
+    a, e = torch.finfo(acc).bits // 8, k.element_size()
+    stages = pipeline_stages(chunk_size * (NK * BK * (2 * e + a) + BV * (a + e)))  # K, Q, W, dv_local, dO tiles
+    chunk_h_bwd_kernel[(triton.cdiv(V, BV), N * H)](
+        q, k, w, do, dv_local, dh, dv_new, dht, ds0, offsets, chunk_offsets, scale_t, H=H, K=K, V=V, C=chunk_size,
+        BK=BK, BV=BV, NK=NK, USE_DHT=dht is not None, STORE_DS0=ds0 is not None,
+        DOT_PREC=dot_precision(k.dtype), WHILE_LOOP=interpreting(), num_stages=stages)
+    return dh, dv_new, ds0
