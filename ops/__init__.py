@@ -1,0 +1,4 @@
+"""deltacheck ops: Triton kernels for the delta-rule family, drop-in compatible with fla's signatures."""
+from ops.delta_rule import chunk_delta_rule, fused_chunk_delta_rule, fused_recurrent_delta_rule, parallel_delta_rule
+
+__all__ = ["chunk_delta_rule", "fused_chunk_delta_rule", "fused_recurrent_delta_rule", "parallel_delta_rule"]

@@ -101,3 +101,25 @@ def delta_cases(draw, dtypes=None, max_T=None, head_sizes=None, varlen=None, max
         initial_state=draw(st.booleans()), seqlens=lens,
         scale=draw(st.one_of(st.none(), st.floats(0.1, 2.0))),
     )
+
+
+def fixed_case(**kw) -> Case:
+    """A hand-written Case for @example edge cases: one token, head size 1, float32 unless overridden; with
+    `seqlens` the batch is packed (B = 1, T = their sum)."""
+    base = dict(B=1, T=1, H=1, K=1, V=1, dtype=torch.float32, seed=0, unit_keys=True, beta_max=2.0,
+                beta_ends=False, initial_state=True, seqlens=None, scale=None)
+    base.update(kw)
+    if base["seqlens"] is not None:
+        base.update(B=1, T=sum(base["seqlens"]))
+    return Case(**base)
+
+
+def with_examples(cases, **extra):
+    """Decorator: add each Case in `cases` as a hypothesis @example (with the other arguments fixed to `extra`)."""
+    from hypothesis import example
+
+    def add(test):
+        for c in cases:
+            test = example(case=c, **extra)(test)
+        return test
+    return add

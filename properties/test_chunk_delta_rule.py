@@ -12,38 +12,25 @@ import ops.delta_rule.chunk_o as chunk_o
 import ops.delta_rule.wy_fast as wy_fast
 import reference
 from ops.delta_rule.chunk import chunk_delta_rule
-from properties.strategies import DEVICE, ON_GPU, Case, delta_cases
+from properties.strategies import DEVICE, ON_GPU, delta_cases, fixed_case, with_examples
 from properties.tolerances import assert_close
 
 GRAD_NAMES = ("q", "k", "v", "beta", "initial_state")
 CHUNK_SIZES = (16, 32, 64)
 
 
-def _case(**kw):
-    base = dict(B=1, T=1, H=1, K=1, V=1, dtype=torch.float32, seed=0, unit_keys=True, beta_max=2.0,
-                beta_ends=False, initial_state=True, seqlens=None, scale=None)
-    base.update(kw)
-    if base["seqlens"] is not None:
-        base.update(B=1, T=sum(base["seqlens"]))
-    return Case(**base)
 
 
 # Edge cases every run sees: one token and head size 1; packed empty and length-1 segments and partial chunks;
 # K != V, odd sizes, half precision without initial state; nothing but empty segments.
 EDGE_CASES = [
-    _case(),
-    _case(K=3, V=1, dtype=torch.float64, seqlens=(0, 1, 21, 0, 16)),
-    _case(B=2, T=35, H=2, K=24, V=3, dtype=torch.float16, unit_keys=False, beta_max=1.0, initial_state=False),
-    _case(seqlens=(0, 0), K=8, V=8),
+    fixed_case(),
+    fixed_case(K=3, V=1, dtype=torch.float64, seqlens=(0, 1, 21, 0, 16)),
+    fixed_case(B=2, T=35, H=2, K=24, V=3, dtype=torch.float16, unit_keys=False, beta_max=1.0, initial_state=False),
+    fixed_case(seqlens=(0, 0), K=8, V=8),
 ]
 
 
-def _edge_examples(**extra):
-    def add(test):
-        for c in EDGE_CASES:
-            test = example(case=c, **extra)(test)
-        return test
-    return add
 
 
 @contextlib.contextmanager
@@ -106,8 +93,8 @@ def _check_gradients(case, chunk_size, ours, refs, outs, routs, record, small_ti
 
 
 @given(case=delta_cases(), chunk_size=st.sampled_from(CHUNK_SIZES), small_tiles=st.booleans())
-@_edge_examples(chunk_size=16, small_tiles=False)
-@example(case=_case(B=2, T=40, H=2, K=24, V=20, seqlens=None), chunk_size=16, small_tiles=True)
+@with_examples(EDGE_CASES, chunk_size=16, small_tiles=False)
+@example(case=fixed_case(B=2, T=40, H=2, K=24, V=20, seqlens=None), chunk_size=16, small_tiles=True)
 def test_chunk_matches_recurrent_reference(case, chunk_size, small_tiles, record):
     """o and the final state equal the float64 token-by-token recurrence within the dtype's forward bound,
     for every chunk size, in the documented dtypes (o: input dtype; final state: float32, float64 for float64)."""
@@ -120,10 +107,10 @@ def test_chunk_matches_recurrent_reference(case, chunk_size, small_tiles, record
 
 @given(case=delta_cases(), chunk_size=st.sampled_from(CHUNK_SIZES), output_final_state=st.booleans(),
        small_tiles=st.booleans())
-@_edge_examples(chunk_size=16, output_final_state=True, small_tiles=False)
-@example(case=_case(B=1, T=50, H=2, K=60, V=40, dtype=torch.float64), chunk_size=16, output_final_state=True,
+@with_examples(EDGE_CASES, chunk_size=16, output_final_state=True, small_tiles=False)
+@example(case=fixed_case(B=1, T=50, H=2, K=60, V=40, dtype=torch.float64), chunk_size=16, output_final_state=True,
          small_tiles=True)
-@example(case=_case(seqlens=(0, 1, 19, 0), H=2, K=5, V=7, dtype=torch.float64), chunk_size=16,
+@example(case=fixed_case(seqlens=(0, 1, 19, 0), H=2, K=5, V=7, dtype=torch.float64), chunk_size=16,
          output_final_state=False, small_tiles=False)
 def test_chunk_gradients_match_reference(case, chunk_size, output_final_state, small_tiles, record):
     """Every input gradient (q, k, v, beta, initial_state) for random upstream gradients of o and of the final
@@ -135,7 +122,7 @@ def test_chunk_gradients_match_reference(case, chunk_size, output_final_state, s
 
 
 @given(case=delta_cases())
-@example(case=_case(B=1, T=70, H=2, K=16, V=8, dtype=torch.float32, seqlens=None))
+@example(case=fixed_case(B=1, T=70, H=2, K=16, V=8, dtype=torch.float32, seqlens=None))
 def test_chunk_size_invariance(case, record):
     """Chunk sizes 16, 32 and 64 compute the same function: outputs and gradients agree within the dtype
     bound."""
@@ -156,7 +143,7 @@ def test_chunk_size_invariance(case, record):
 
 
 @given(case=delta_cases(), chunk_size=st.sampled_from(CHUNK_SIZES))
-@example(case=_case(K=3, V=2, seqlens=(0, 1, 20), dtype=torch.float64), chunk_size=16)
+@example(case=fixed_case(K=3, V=2, seqlens=(0, 1, 20), dtype=torch.float64), chunk_size=16)
 def test_qk_l2norm_in_kernel(case, chunk_size, record):
     """use_qk_l2norm_in_kernel=True is the delta rule on l2-normalized q and k (reference.l2norm), forward and
     every gradient."""
@@ -182,7 +169,7 @@ def test_gradcheck_float64(name):
     and of the final state, chunk_size 16, across chunk boundaries and packed segments (empty, length 1)."""
     cfg = dict(GRADCHECK_CASES[name])
     small_tiles = cfg.pop("small_tiles")
-    case = _case(dtype=torch.float64, seed=7, initial_state=True, scale=0.8, **cfg)
+    case = fixed_case(dtype=torch.float64, seed=7, initial_state=True, scale=0.8, **cfg)
     inp = case.make()
     leaves = [inp[n].detach().clone().requires_grad_() for n in GRAD_NAMES]
     cu = inp["cu_seqlens"]
@@ -199,7 +186,7 @@ def test_gradcheck_float64(name):
 def test_empty_sequence_passes_state_through():
     """A packed empty segment leaves its initial state unchanged (final state == initial state exactly) and
     its initial-state gradient is exactly the final-state gradient."""
-    case = _case(seqlens=(5, 0, 3), H=2, K=8, V=4, dtype=torch.float32)
+    case = fixed_case(seqlens=(5, 0, 3), H=2, K=8, V=4, dtype=torch.float32)
     ours, _, (o, ht), _ = _run(case, 16)
     s0 = ours["initial_state"]
     assert torch.equal(ht[1], s0[1].detach())
@@ -212,7 +199,7 @@ def test_empty_sequence_passes_state_through():
 def test_nan_input_gives_nan_output(where):
     """A NaN in any input reaches the output: in o at the poisoned token (from then on, in its sequence, for
     k, v, beta and initial_state) and in that sequence's final state (except for q, which never enters it)."""
-    case = _case(seqlens=(6, 30), H=1, K=8, V=4, dtype=torch.float32)
+    case = fixed_case(seqlens=(6, 30), H=1, K=8, V=4, dtype=torch.float32)
     inp = case.make()
     t = 10  # second sequence, second chunk with chunk_size 16 starts at 22
     if where == "initial_state":
@@ -284,7 +271,7 @@ def test_long_sequence_large_heads(dtype, record):
     """T = 4096 with K = V = 128 (two sequences, one packed ragged), and K = V = 256: o and the final state
     within the forward bound; the per-chunk states stay in float32, so bf16 does not lose accuracy with T."""
     for seqlens, K in (((1000, 3096), 128), ((2048,), 256)):
-        case = _case(seqlens=seqlens, H=2, K=K, V=K, dtype=dtype, seed=3)
+        case = fixed_case(seqlens=seqlens, H=2, K=K, V=K, dtype=dtype, seed=3)
         _, _, (o, ht), (ro, rht) = _run(case, 64)
         assert_close(f"o T={sum(seqlens)} K={K}", o, ro, dtype, record=record)
         assert_close(f"final_state T={sum(seqlens)} K={K}", ht, rht, dtype, record=record)

@@ -3,6 +3,7 @@
 deltaformer_attn = invcum (u = (I + diag(beta) P)^-1 v) then causal softmax attention over u; causal_attention
 is also checked alone against torch's scaled_dot_product_attention."""
 import contextlib
+import functools
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 import ops.deltaformer.attention as attn_mod
 import reference
 from ops.deltaformer import causal_attention, deltaformer_attn, invcum, invcum_adjoint
-from properties.strategies import DEVICE, Case, delta_cases
+from properties.strategies import DEVICE, delta_cases, fixed_case, with_examples
 from properties.tolerances import assert_close
 from reference.deltaformer import strict_causal_softmax
 from reference.segments import segments
@@ -23,32 +24,22 @@ GRAD_NAMES = ("q", "k", "v", "beta")
 CHUNKS = st.sampled_from([16, 32, 64])
 
 
-def _case(**kw):
-    base = dict(B=1, T=1, H=1, K=1, V=1, dtype=torch.float32, seed=0, unit_keys=True, beta_max=2.0,
-                beta_ends=False, initial_state=False, seqlens=None, scale=None)
-    base.update(kw)
-    if base["seqlens"] is not None:
-        base.update(B=1, T=sum(base["seqlens"]))
-    return Case(**base)
 
 
 # Edge cases every run sees: one token and head size 1; packed empty and length-1 segments; an empty input;
 # K != V and odd sizes over several blocks of 16 with sequences ending inside a block; betas on 0 and 2.
+# DeltaFormer carries no state.
+df_case = functools.partial(fixed_case, initial_state=False)
+
 EDGE_CASES = [
-    _case(),
-    _case(K=3, V=1, dtype=torch.float64, seqlens=(0, 1, 5, 0)),
-    _case(seqlens=(0, 0), K=8, V=8),
-    _case(B=2, T=40, H=2, K=24, V=3, dtype=torch.float16, unit_keys=False, beta_max=1.0),
-    _case(K=5, V=24, seqlens=(17, 0, 1, 33), beta_ends=True, seed=3, scale=0.5),
+    df_case(),
+    df_case(K=3, V=1, dtype=torch.float64, seqlens=(0, 1, 5, 0)),
+    df_case(seqlens=(0, 0), K=8, V=8),
+    df_case(B=2, T=40, H=2, K=24, V=3, dtype=torch.float16, unit_keys=False, beta_max=1.0),
+    df_case(K=5, V=24, seqlens=(17, 0, 1, 33), beta_ends=True, seed=3, scale=0.5),
 ]
 
 
-def _edge_examples(**extra):
-    def add(test):
-        for c in EDGE_CASES:
-            test = example(case=c, **extra)(test)
-        return test
-    return add
 
 
 @contextlib.contextmanager
@@ -97,7 +88,7 @@ def _solve_matrices(q, k, beta, scale, cu_seqlens):
 # ---------------------------------------------------------------- DeltaFormer
 
 @given(case=delta_cases(), chunk=CHUNKS, narrow=st.booleans(), beta_none=st.booleans())
-@_edge_examples(chunk=16, narrow=True, beta_none=False)
+@with_examples(EDGE_CASES, chunk=16, narrow=True, beta_none=False)
 def test_deltaformer_matches_recurrent_reference(case, chunk, narrow, beta_none, record):
     """o equals the float64 token-by-token reference (deltaformer_recurrent) within the dtype's forward bound for
     every block size (sequences ending mid-block, packed empty and length-1 segments, beta = None meaning ones);
@@ -111,7 +102,7 @@ def test_deltaformer_matches_recurrent_reference(case, chunk, narrow, beta_none,
 
 
 @given(case=delta_cases(), chunk=CHUNKS, narrow=st.booleans(), beta_none=st.booleans())
-@_edge_examples(chunk=16, narrow=True, beta_none=False)
+@with_examples(EDGE_CASES, chunk=16, narrow=True, beta_none=False)
 def test_deltaformer_gradients_match_reference(case, chunk, narrow, beta_none, record):
     """With a random upstream gradient do, the Triton backward's gradients for q, k, v and beta equal the float64
     reference's (deltaformer_solve) autograd gradients within the gradient bound, in the inputs' dtypes."""
@@ -152,7 +143,7 @@ def test_deltaformer_with_beta_zero_is_causal_attention(case, chunk, record):
 def test_deltaformer_backward_gradcheck():
     """float64 torch.autograd.gradcheck of the Triton backward (q, k, v and beta) on packed sequences of lengths
     0, 1, 19 (two blocks of 16) and 3 with an explicit scale, column chunks of 16 over K = 20 and V = 17."""
-    case = _case(H=2, K=20, V=17, dtype=torch.float64, seqlens=(0, 1, 19, 3), seed=7, scale=0.9)
+    case = df_case(H=2, K=20, V=17, dtype=torch.float64, seqlens=(0, 1, 19, 3), seed=7, scale=0.9)
     inp = case.make()
     leaves = tuple(inp[n].detach().clone().requires_grad_() for n in GRAD_NAMES)
 
@@ -167,7 +158,7 @@ def test_deltaformer_backward_gradcheck():
 @example(name="beta", chunk=16)
 def test_deltaformer_nan_in_gives_nan_out(name, chunk):
     """A NaN in q, k, v or beta at token t (not a sequence's first) makes o NaN at t."""
-    inp = _case(B=1, T=20, H=2, K=8, V=4, seed=1).make()
+    inp = df_case(B=1, T=20, H=2, K=8, V=4, seed=1).make()
     x = inp[name].clone()
     x[0, 17, 1] = float("nan")
     inp[name] = x
@@ -178,7 +169,7 @@ def test_deltaformer_nan_in_gives_nan_out(name, chunk):
 def test_deltaformer_bad_input_raises():
     """Wrong shapes, dtypes, devices, head sizes, cu_seqlens, scale or chunk size raise a TypeError or ValueError
     naming the argument (for deltaformer_attn, causal_attention, invcum and invcum_adjoint)."""
-    inp = _case(B=2, T=5, H=2, K=4, V=3).make()
+    inp = df_case(B=2, T=5, H=2, K=4, V=3).make()
     q, k, v, beta = (inp[n] for n in GRAD_NAMES)
     cu = torch.tensor([0, 2, 5], device=DEVICE)
     f = deltaformer_attn
@@ -227,7 +218,7 @@ def test_deltaformer_empty_input():
 # ---------------------------------------------------------------- the solve alone
 
 @given(case=delta_cases(), chunk=CHUNKS, narrow=st.booleans())
-@_edge_examples(chunk=16, narrow=True)
+@with_examples(EDGE_CASES, chunk=16, narrow=True)
 def test_invcum_matches_triangular_solve(case, chunk, narrow, record):
     """invcum's u solves (I + diag(beta) P) u = v and invcum_adjoint's g solves (I + diag(beta) P)^T g = x:
     both equal torch.linalg.solve_triangular in float64 on the same inputs (within the forward bound); u and g
@@ -267,7 +258,7 @@ def _sdpa(q, k, v, scale, cu_seqlens):
 
 
 @given(case=delta_cases(), chunk=CHUNKS, narrow=st.booleans())
-@_edge_examples(chunk=16, narrow=True)
+@with_examples(EDGE_CASES, chunk=16, narrow=True)
 def test_causal_attention_matches_sdpa(case, chunk, narrow, record):
     """causal_attention alone equals torch's scaled_dot_product_attention(is_causal=True) in float64 on the same
     rounded inputs, forward (forward bound) and gradients of q, k, v under a random do (gradient bound)."""
@@ -290,7 +281,7 @@ def test_causal_attention_matches_sdpa(case, chunk, narrow, record):
 
 def test_causal_attention_gradcheck():
     """float64 torch.autograd.gradcheck of causal_attention's Triton backward on packed sequences (0, 1, 19, 3)."""
-    case = _case(H=2, K=20, V=17, dtype=torch.float64, seqlens=(0, 1, 19, 3), seed=5, scale=1.3)
+    case = df_case(H=2, K=20, V=17, dtype=torch.float64, seqlens=(0, 1, 19, 3), seed=5, scale=1.3)
     inp = case.make()
     leaves = tuple(inp[n].detach().clone().requires_grad_() for n in ("q", "k", "v"))
 

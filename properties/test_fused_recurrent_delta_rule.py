@@ -12,36 +12,23 @@ import ops.common.utils as utils
 import ops.delta_rule.fused_recurrent as fr
 import reference
 from ops.delta_rule.fused_recurrent import fused_recurrent_delta_rule
-from properties.strategies import DEVICE, OP_DTYPES, Case, delta_cases
+from properties.strategies import DEVICE, OP_DTYPES, delta_cases, fixed_case, with_examples
 from properties.tolerances import assert_close
 
 GRAD_NAMES = ("q", "k", "v", "beta", "initial_state")
 
 
-def _case(**kw):
-    base = dict(B=1, T=1, H=1, K=1, V=1, dtype=torch.float32, seed=0, unit_keys=True, beta_max=2.0,
-                beta_ends=False, initial_state=True, seqlens=None, scale=None)
-    base.update(kw)
-    if base["seqlens"] is not None:
-        base.update(B=1, T=sum(base["seqlens"]))
-    return Case(**base)
 
 
 # Edge cases every run sees: one token and head size 1; packed empty and length-1 segments; K != V, odd sizes.
 EDGE_CASES = [
-    _case(),
-    _case(K=3, V=1, dtype=torch.float64, seqlens=(0, 1, 5, 0)),
-    _case(B=2, T=9, H=2, K=24, V=3, dtype=torch.float16, unit_keys=False, beta_max=1.0, initial_state=False),
-    _case(seqlens=(0, 0), K=8, V=8),
+    fixed_case(),
+    fixed_case(K=3, V=1, dtype=torch.float64, seqlens=(0, 1, 5, 0)),
+    fixed_case(B=2, T=9, H=2, K=24, V=3, dtype=torch.float16, unit_keys=False, beta_max=1.0, initial_state=False),
+    fixed_case(seqlens=(0, 0), K=8, V=8),
 ]
 
 
-def _edge_examples(**extra):
-    def add(test):
-        for c in EDGE_CASES:
-            test = example(case=c, **extra)(test)
-        return test
-    return add
 
 
 @contextlib.contextmanager
@@ -86,7 +73,7 @@ def _check_gradients(case, ours, refs, outs, routs, record, split_v=False):
 
 
 @given(case=delta_cases(), output_final_state=st.booleans())
-@_edge_examples(output_final_state=True)
+@with_examples(EDGE_CASES, output_final_state=True)
 def test_fused_recurrent_matches_reference(case, output_final_state, record):
     """o and the final state equal the float64 token-by-token reference within the dtype's forward bound;
     o comes back in the input dtype, the final state in float32 (float64 for float64 inputs), or None."""
@@ -101,8 +88,8 @@ def test_fused_recurrent_matches_reference(case, output_final_state, record):
 
 
 @given(case=delta_cases(), split_v=st.booleans())
-@_edge_examples(split_v=True)
-@example(case=_case(B=2, T=6, H=2, K=8, V=24, initial_state=True), split_v=True)  # 3 V blocks
+@with_examples(EDGE_CASES, split_v=True)
+@example(case=fixed_case(B=2, T=6, H=2, K=8, V=24, initial_state=True), split_v=True)  # 3 V blocks
 def test_fused_recurrent_gradients_match_reference(case, split_v, record):
     """With random upstream gradients for o and the final state, the Triton backward's gradients for q, k, v,
     beta and initial_state equal the reference's autograd gradients within the gradient bound (also when V is
@@ -116,7 +103,7 @@ def test_fused_recurrent_gradients_match_reference(case, split_v, record):
 
 
 @given(case=delta_cases())
-@example(case=_case(K=3, V=5, seqlens=(2, 0, 1)))
+@example(case=fixed_case(K=3, V=5, seqlens=(2, 0, 1)))
 def test_fused_recurrent_l2norm_in_kernel_matches_reference(case, record):
     """use_qk_l2norm_in_kernel=True equals the reference on reference.l2norm(q), reference.l2norm(k), values and
     gradients (the gradients flow through the normalization back to the raw q and k)."""
@@ -159,7 +146,7 @@ def test_fused_recurrent_decode_carries_state(dtype, monkeypatch, record):
     the reference on the whole sequence, with NaN-poisoned output buffers (so every element is written)."""
     monkeypatch.setattr(utils, "POISON_OUTPUTS", True)
     B, T, H, K, V = 3, 4, 2, 8, 5
-    case = _case(B=B, T=T, H=H, K=K, V=V, dtype=dtype, seed=11)
+    case = fixed_case(B=B, T=T, H=H, K=K, V=V, dtype=dtype, seed=11)
     inp = case.make()
     ro, rht = reference.delta_rule_recurrent(inp["q"], inp["k"], inp["v"], inp["beta"],
                                              initial_state=inp["initial_state"], output_final_state=True)
@@ -176,7 +163,7 @@ def test_fused_recurrent_decode_carries_state(dtype, monkeypatch, record):
 @pytest.mark.parametrize("dtype", OP_DTYPES)
 def test_fused_recurrent_nan_in_q_gives_nan_in_o(dtype):
     """A NaN in q makes the o row it feeds NaN (no crash), and leaves every other output finite."""
-    case = _case(B=2, T=3, H=2, K=8, V=4, dtype=dtype, seed=3)
+    case = fixed_case(B=2, T=3, H=2, K=8, V=4, dtype=dtype, seed=3)
     inp = case.make()
     q = inp["q"].clone()
     q[1, 2, 0, 5] = math.nan
