@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ops.common.utils import acc_dtype, check_device, new_empty
+from ops.common.utils import acc_dtype, check_device, new_empty, tl_acc
 
 
 @triton.jit
@@ -38,9 +38,6 @@ def _launch_shape(D):
     return BM, BD
 
 
-_TL = {torch.float32: tl.float32, torch.float64: tl.float64}
-
-
 class L2NormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, eps):
@@ -51,7 +48,7 @@ class L2NormFunction(torch.autograd.Function):
         BM, BD = _launch_shape(D)
         if M:
             l2norm_fwd_kernel[(triton.cdiv(M, BM),)](x2, y, rstd, M, D, eps, BM=BM, BD=BD,
-                                                     ACC=_TL[acc_dtype(x.dtype)])
+                                                     ACC=tl_acc(x.dtype))
         ctx.save_for_backward(x2, rstd)
         ctx.shape = x.shape
         return y.view(x.shape)
@@ -65,7 +62,7 @@ class L2NormFunction(torch.autograd.Function):
         BM, BD = _launch_shape(D)
         if M:
             l2norm_bwd_kernel[(triton.cdiv(M, BM),)](x2, rstd, dy2, dx, M, D, BM=BM, BD=BD,
-                                                     ACC=_TL[acc_dtype(x2.dtype)])
+                                                     ACC=tl_acc(x2.dtype))
         return dx.view(ctx.shape), None
 
 

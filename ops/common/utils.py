@@ -145,3 +145,21 @@ def default_scale(scale, K: int) -> float:
     if not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float, got {type(scale).__name__}")
     return float(scale)
+
+
+def tl_acc(dtype: torch.dtype):
+    """The Triton accumulation type (tl.float64 for float64 inputs, tl.float32 otherwise)."""
+    import triton.language as tl
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def scale_arg(scale: float, dtype: torch.dtype, device) -> torch.Tensor:
+    """scale as a one-element tensor of the accumulation dtype: Triton passes a Python float to a GPU kernel as
+    float32, which would round the float64 path's scale (the interpreter keeps float64, so CPU tests can't see it)."""
+    return torch.full((1,), scale, dtype=acc_dtype(dtype), device=device)
+
+
+def on_device(device):
+    """Launch kernels on `device` (Triton launches on the current CUDA device)."""
+    import contextlib
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

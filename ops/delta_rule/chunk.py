@@ -5,8 +5,6 @@
 Forward:  wy_fwd (W, U, X per chunk) -> chunk_h_fwd (states h_n, v_new, final state) -> chunk_o_fwd (o).
 Backward: chunk_dv_local -> chunk_h_bwd (dh, dv_new, dS0) -> chunk_o_bwd (dq, dk part, dW) -> wy_bwd (dk, dv, dbeta).
 """
-import contextlib
-
 import torch
 
 import ops.common.utils as U
@@ -17,9 +15,6 @@ from ops.delta_rule.wy_fast import wy_bwd, wy_fwd
 CHUNK_SIZES = (16, 32, 64)
 
 
-def _on(device):
-    """Launch kernels on `device` (Triton uses the current CUDA device)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def chunk_delta_rule_fwd(q, k, v, beta, scale_t, initial_state, output_final_state, offsets, cmap, chunk_offsets,
@@ -48,10 +43,10 @@ class ChunkDeltaRuleFunction(torch.autograd.Function):
         q, k, v, beta = (x.contiguous() for x in (q, k, v, beta))
         if initial_state is not None:
             initial_state = initial_state.contiguous()
-        with _on(q.device):
+        with U.on_device(q.device):
             offsets = U.sequence_offsets(cu_seqlens, B, T, q.device)
             cmap, chunk_offsets = U.chunk_map(offsets, chunk_size)
-            scale_t = torch.full((1,), scale, dtype=U.acc_dtype(q.dtype), device=q.device)
+            scale_t = U.scale_arg(scale, q.dtype, q.device)
             o, ht, saved = chunk_delta_rule_fwd(q, k, v, beta, scale_t, initial_state, output_final_state, offsets,
                                                 cmap, chunk_offsets, chunk_size)
         ctx.save_for_backward(q, k, v, beta, initial_state, scale_t, offsets, cmap, chunk_offsets, *saved)
@@ -63,7 +58,7 @@ class ChunkDeltaRuleFunction(torch.autograd.Function):
         q, k, v, beta, initial_state, scale_t, offsets, cmap, chunk_offsets, *saved = ctx.saved_tensors
         do = do.contiguous()
         dht = None if dht is None else dht.contiguous()
-        with _on(q.device):
+        with U.on_device(q.device):
             dq, dk, dv, dbeta, ds0 = chunk_delta_rule_bwd(q, k, v, beta, scale_t, initial_state, do, dht, saved,
                                                           offsets, cmap, chunk_offsets, ctx.chunk_size)
         return dq, dk, dv, dbeta, None, ds0, None, None, None

@@ -24,6 +24,7 @@ from ops.common.utils import (
     interpreting,
     new_empty,
     sequence_offsets,
+    tl_acc,
 )
 
 # State-tile budgets (elements of the accumulation dtype per program; halved for float64), from H100 timings.
@@ -228,7 +229,6 @@ def _bwd_kernel(q, k, beta, u, do, dht, h0, dh0, du, dq, dk, dbeta, offsets, sca
                 i_h, o_k, o_v, m_k, m_v, H, K, V)
 
 
-_TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
 def fused_recurrent_delta_rule_fwd(q, k, v, beta, scale, initial_state, output_final_state, offsets, store_u=True):
@@ -252,7 +252,7 @@ def fused_recurrent_delta_rule_fwd(q, k, v, beta, scale, initial_state, output_f
     _fwd_kernel[grid](q, k, v, beta, u, o, initial_state, ht, offsets, scale,
                       H=H, K=K, V=V, BK=BK, BV=BV,
                       USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=ht is not None,
-                      STORE_U=store_u, ACC=_TL_ACC[acc], LOOP_WHILE=interpreting(), num_warps=num_warps)
+                      STORE_U=store_u, ACC=tl_acc(acc), LOOP_WHILE=interpreting(), num_warps=num_warps)
     return o, u, ht
 
 
@@ -279,7 +279,7 @@ def fused_recurrent_delta_rule_bwd(q, k, u, beta, scale, initial_state, do, dht,
     _bwd_kernel[(NV, N * H)](q, k, beta, u, do, dht, initial_state, dh0, du, dq, dk, dbeta, offsets, scale, B * T,
                              H=H, K=K, V=V, BK=BK, BV=BV,
                              USE_INITIAL_STATE=initial_state is not None, USE_DHT=dht is not None,
-                             STORE_DH0=dh0 is not None, ACC=_TL_ACC[acc], LOOP_WHILE=interpreting(),
+                             STORE_DH0=dh0 is not None, ACC=tl_acc(acc), LOOP_WHILE=interpreting(),
                              num_warps=num_warps)
     if NV == 1:
         return dq[0], dk[0], du, dbeta[0], dh0

@@ -12,7 +12,6 @@ in backward a blocked backward substitution for dR = L^-T dUt, then row-block (d
 """
 import torch
 import triton
-import triton.language as tl
 
 from ops.common.utils import (
     acc_dtype,
@@ -25,12 +24,13 @@ from ops.common.utils import (
     default_scale,
     dot_precision,
     new_empty,
+    scale_arg,
     sequence_offsets,
+    tl_acc,
 )
 from ops.delta_rule.parallel_bwd import cols_bwd_kernel, rows_bwd_kernel, solve_bwd_kernel, state_bwd_kernel
 from ops.delta_rule.parallel_fwd import output_fwd_kernel, solve_fwd_kernel
 
-_TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
 NUM_WARPS = 4
 MAX_TILE = 64  # widest K / V column chunk of a tile (tests shrink it to reach the multi-chunk paths)
 
@@ -42,14 +42,10 @@ def default_chunk_size(K: int, V: int) -> int:
 
 def _meta(dtype, K, V, C):
     """Tile sizes: C rows, K and V in chunks of at most MAX_TILE columns."""
-    return dict(C=C, BK=min(MAX_TILE, block_size(K)), BV=min(MAX_TILE, block_size(V)), ACC=_TL_ACC[acc_dtype(dtype)],
+    return dict(C=C, BK=min(MAX_TILE, block_size(K)), BV=min(MAX_TILE, block_size(V)), ACC=tl_acc(dtype),
                 DOT_PREC=dot_precision(dtype), num_warps=NUM_WARPS)
 
 
-def _scale_tensor(scale, q):
-    """scale as a one-element tensor in the accumulation dtype: a Python float argument reaches a GPU kernel as
-    fp32, which would cost float64 inputs their precision."""
-    return torch.full((1,), scale, dtype=acc_dtype(q.dtype), device=q.device)
 
 
 def _forward(q, k, v, beta, scale, s0, offsets, chunks, C, identity=False):
@@ -59,7 +55,7 @@ def _forward(q, k, v, beta, scale, s0, offsets, chunks, C, identity=False):
     V = T if identity else v.shape[-1]
     N, NC = offsets.numel() - 1, chunks.shape[0]
     meta = _meta(q.dtype, K, V, C)
-    scale_t = _scale_tensor(scale, q)
+    scale_t = scale_arg(scale, q.dtype, q.device)
     ut = new_empty((B, T, H, V), acc_dtype(q.dtype), q.device)
     o = new_empty((B, T, H, V), q.dtype, q.device)
     if B * T == 0 or H == 0:
@@ -80,7 +76,7 @@ def _backward(q, k, v, beta, scale, s0, ut, do, offsets, chunks, C, need_ds0):
     N, NC = offsets.numel() - 1, chunks.shape[0]
     meta = _meta(q.dtype, K, V, C)
     acc = acc_dtype(q.dtype)
-    scale_t = _scale_tensor(scale, q)
+    scale_t = scale_arg(scale, q.dtype, q.device)
     NK = triton.cdiv(K, meta["BK"])
     dr = new_empty((B, T, H, V), acc, q.device)
     dv = new_empty(v.shape, v.dtype, q.device)

@@ -29,10 +29,11 @@ from ops.common.utils import (
     default_scale,
     dot_precision,
     new_empty,
+    scale_arg,
     sequence_offsets,
+    tl_acc,
 )
 
-_TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
 NUM_WARPS = 4
 MAX_TILE = 64  # widest K / V column chunk of a tile (tests shrink it to reach the multi-chunk paths)
 
@@ -53,13 +54,9 @@ def check_chunk_size(chunk_size, K: int, V: int) -> int:
 def meta(dtype, K: int, V: int, C: int) -> dict:
     """Compile-time tile parameters shared by every DeltaFormer kernel."""
     return dict(K=K, V=V, C=C, BK=min(MAX_TILE, block_size(K)), BV=min(MAX_TILE, block_size(V)),
-                ACC=_TL_ACC[acc_dtype(dtype)], DOT_PREC=dot_precision(dtype), num_warps=NUM_WARPS)
+                ACC=tl_acc(dtype), DOT_PREC=dot_precision(dtype), num_warps=NUM_WARPS)
 
 
-def scale_arg(scale: float, dtype, device) -> torch.Tensor:
-    """scale as a 1-element tensor of the accumulation dtype: Triton passes Python floats as float32, which
-    would round the float64 path's scale."""
-    return torch.full((1,), scale, dtype=acc_dtype(dtype), device=device)
 
 
 def offsets_and_chunks(cu_seqlens, B: int, T: int, device, C: int):

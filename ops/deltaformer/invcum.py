@@ -26,6 +26,7 @@ from ops.common.utils import (
     check_tensor,
     default_scale,
     new_empty,
+    scale_arg,
 )
 from ops.deltaformer.attention import (
     block_rows,
@@ -36,7 +37,6 @@ from ops.deltaformer.attention import (
     logits,
     meta,
     offsets_and_chunks,
-    scale_arg,
     store_tile,
 )
 
