@@ -1,0 +1,104 @@
+"""Chunkwise (training) form of the DPLR delta rule: a thin autograd Function over the Triton kernels.
+
+    S_t = (diag(exp(gk_t)) + b_t a_t^T) S_{t-1} + k_t v_t^T,    o_t = scale * S_t^T q_t     (state [K, V])
+
+IPLR (gk = None) runs the same kernels with USE_GK=False. Derivation, per chunk with entering state h, G the
+chunk-local cumsum of gk and w_i = a_i^T S_{i-1}:
+    S_i = exp(G_i) h + sum_{j <= i} exp(G_i - G_j) (b_j w_j^T + k_j v_j^T)      (exp acting per key channel)
+so W = A_ab W + A_ak V + (a exp(G^-)) h and O = scale (q exp(G) h + A_qb W + A_qk V), with the intra-chunk
+matrices of chunk_A.py; W = U + Wm h by the WY stage; the state leaving the chunk is
+exp(gamma) h + (b exp(gamma - G))^T W + (k exp(gamma - G))^T V.
+
+Forward:  cumsum (G) -> chunk_A (A_qk, A_qb, A_ak, A_ab) -> wy_fwd (X, Wm, U) -> chunk_h_fwd (h, W, final)
+          -> chunk_o_fwd (o).
+Backward: chunk_o_bwd_local (dA_qk, dA_qb, dW, dV local) -> chunk_h_bwd (dh, dW, dV, dS0)
+          -> chunk_o_bwd_state (dq, dk, db, dWm, dgamma through the states) -> wy_bwd (dv, dA_ak, dA_ab, da)
+          -> chunk_A_bwd (dq, dk, da, db, dgk).
+Supported decays: any gk <= 0 (see chunk_A.py; the tests go down to gk = -20 per step), no exp(+big) is formed.
+"""
+import torch
+
+import ops.common.utils as U
+from ops.generalized_delta_rule.dplr.chunk_A import chunk_A_bwd, chunk_A_fwd
+from ops.generalized_delta_rule.dplr.chunk_h import chunk_h_bwd, chunk_h_fwd
+from ops.generalized_delta_rule.dplr.chunk_o import chunk_o_bwd_local, chunk_o_bwd_state, chunk_o_fwd
+from ops.generalized_delta_rule.dplr.cumsum import chunk_cumsum
+from ops.generalized_delta_rule.dplr.wy_fast import wy_bwd, wy_fwd
+from ops.generalized_delta_rule.utils import check_inputs, offsets_for
+
+CHUNK_SIZES = (16, 32, 64)
+
+
+def chunk_dplr_fwd(q, k, v, a, b, gk, scale_t, initial_state, output_final_state, offsets, cmap, chunk_offsets,
+                   chunk_size):
+    g = None if gk is None else chunk_cumsum(gk, offsets, cmap, chunk_size, q.dtype)
+    Aqk, Aqb, Aak, Aab = chunk_A_fwd(q, k, a, b, g, gk, offsets, cmap, chunk_size)
+    x, wm, u = wy_fwd(a, g, gk, v, Aak, Aab, offsets, cmap, chunk_size)
+    h, w, ht = chunk_h_fwd(k, b, v, g, wm, u, initial_state, output_final_state, offsets, chunk_offsets, chunk_size)
+    o = chunk_o_fwd(q, v, g, h, w, Aqk, Aqb, scale_t, offsets, cmap, chunk_size)
+    return o, ht, (g, Aqk, Aqb, Aak, x, wm, u, h, w)
+
+
+def chunk_dplr_bwd(q, k, v, a, b, gk, scale_t, initial_state, do, dht, saved, offsets, cmap, chunk_offsets,
+                   chunk_size):
+    g, Aqk, Aqb, Aak, x, wm, u, h, w = saved
+    dAqk, dAqb, dw_loc, dv_loc = chunk_o_bwd_local(v, w, do, Aqk, Aqb, scale_t, offsets, cmap, chunk_size)
+    dh, dw, dv_h, ds0 = chunk_h_bwd(q, k, b, g, wm, do, dw_loc, dv_loc, dht, initial_state, scale_t, offsets,
+                                    chunk_offsets, chunk_size)
+    dq_h, dk_h, db_h, dwm, dgam = chunk_o_bwd_state(k, b, v, g, h, w, do, dh, dw, scale_t, offsets, cmap,
+                                                    chunk_size)
+    dv, dAak, dAab, da_w = wy_bwd(g, gk, v, Aak, x, wm, u, dwm, dw, dv_h, offsets, cmap, chunk_size)
+    dq, dk, da, db, dgk = chunk_A_bwd(q, k, a, b, g, gk, (dAqk, dAqb, dAak, dAab), (dq_h, dk_h, da_w, db_h), dgam,
+                                      offsets, cmap, chunk_size)
+    return dq, dk, dv, da, db, dgk, ds0
+
+
+class ChunkDPLRFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, a, b, gk, scale, initial_state, output_final_state, cu_seqlens, chunk_size):
+        B, T = q.shape[:2]
+        q, k, v, a, b = (x.contiguous() for x in (q, k, v, a, b))
+        gk = None if gk is None else gk.contiguous()
+        initial_state = None if initial_state is None else initial_state.contiguous()
+        with U.on_device(q.device):
+            offsets = offsets_for(cu_seqlens, B, T, q.device)
+            cmap, chunk_offsets = U.chunk_map(offsets, chunk_size)
+            scale_t = U.scale_arg(scale, q.dtype, q.device)
+            o, ht, saved = chunk_dplr_fwd(q, k, v, a, b, gk, scale_t, initial_state, output_final_state, offsets,
+                                          cmap, chunk_offsets, chunk_size)
+        ctx.save_for_backward(q, k, v, a, b, gk, initial_state, scale_t, offsets, cmap, chunk_offsets, *saved)
+        ctx.chunk_size = chunk_size
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, a, b, gk, initial_state, scale_t, offsets, cmap, chunk_offsets, *saved = ctx.saved_tensors
+        do = do.contiguous()
+        dht = None if dht is None else dht.contiguous()
+        with U.on_device(q.device):
+            dq, dk, dv, da, db, dgk, ds0 = chunk_dplr_bwd(q, k, v, a, b, gk, scale_t, initial_state, do, dht, saved,
+                                                          offsets, cmap, chunk_offsets, ctx.chunk_size)
+        return dq, dk, dv, da, db, dgk, None, ds0, None, None, None
+
+
+def check_chunk_size(chunk_size):
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size not in CHUNK_SIZES:
+        raise ValueError(f"chunk_size must be one of {CHUNK_SIZES}, got {chunk_size!r}")
+
+
+def chunk_dplr_delta_rule(q, k, v, a, b, gk, scale=None, initial_state=None, output_final_state=False,
+                          cu_seqlens=None, chunk_size=64):
+    """The DPLR delta rule in chunkwise form, fla layout (fla 0.6.0's chunk_dplr_delta_rule).
+
+    S_t = (diag(exp(gk_t)) + b_t a_t^T) S_{t-1} + k_t v_t^T,  o_t = scale S_t^T q_t.
+    q, k, a, b, gk [B, T, H, K], v [B, T, H, V] (one dtype: float16, bfloat16, float32 or float64; gk may also
+    be float32); gk is a log decay (<= 0); scale defaults to K^-0.5; initial_state [N, H, K, V]; cu_seqlens
+    (int [N + 1], B == 1) packs N sequences; chunk_size in (16, 32, 64).
+    Returns (o [B, T, H, V] in q's dtype, final state [N, H, K, V] (float32; float64 for float64 inputs) when
+    output_final_state else None). Differentiable in q, k, v, a, b, gk and initial_state."""
+    if gk is None:
+        raise TypeError("gk must be a torch.Tensor, got NoneType (use chunk_iplr_delta_rule for no decay)")
+    *_, scale = check_inputs(q, k, v, a, b, gk, scale, initial_state, cu_seqlens)
+    check_chunk_size(chunk_size)
+    return ChunkDPLRFunction.apply(q, k, v, a, b, gk, scale, initial_state, bool(output_final_state), cu_seqlens,
+                                   chunk_size)

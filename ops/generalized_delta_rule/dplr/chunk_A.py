@@ -1,0 +1,336 @@
+"""Intra-chunk matrices of the DPLR chunk form, forward and backward (IPLR: USE_GK=False, no decay).
+
+Per chunk (rows i, j = 0..C-1) and head, with G the chunk-local cumulative log decay (G_i inclusive of gk_i)
+and G^-_i = G_i - gk_i:
+    A_qk[i, j] = sum_k q_ik k_jk exp(G_ik - G_jk),     A_qb likewise with b_j      (i >= j)
+    A_ak[i, j] = sum_k a_ik k_jk exp(G^-_ik - G_jk),   A_ab likewise with b_j      (i >  j)
+(IPLR: the exps are 1.) Stored [NC, H, C, C] in the accumulation dtype.
+
+Decays stay finite for any gk <= 0 (any magnitude; gk >= -20 per step is what the tests draw; positive gk is
+supported only while the products of exp(gk) stay finite): no exp of a positive number is formed. The chunk is
+split into 16-row blocks. Within a diagonal block the pair terms exp(G_i - G_j) are formed elementwise over
+[16, 16, BK] tiles, masked (i >= j) before the exp. An off-diagonal block (I > J) is factored around the row r
+that ends block I - 1 (J's rows <= r < I's rows):  exp(G_i - G_j) = exp(G_i - G_r) exp(G_r - G_j), both <= 1
+(also exp(G^-_i - G_r), since i - 1 >= r), so a block row is one tl.dot of rescaled [16, BK] x [BK, C] tiles.
+
+Backward (grid over K blocks, as every term is separable in k): given dA_qk, dA_qb, dA_ak, dA_ab (masked) and
+the gradients the other stages already have for q, k, a, b (dq_in, dk_in, da_in, db_in) and for the chunk's
+total decay gamma = G_last (dgam),
+    dq_i = dq_in + sum_j dA_qk[i,j] k_j e(G_i-G_j) + dA_qb[i,j] b_j e(G_i-G_j)
+    da_i = da_in + sum_j dA_ak[i,j] k_j e(G^-_i-G_j) + dA_ab[i,j] b_j e(G^-_i-G_j)
+    dk_j = dk_in + sum_i dA_qk[i,j] q_i e(G_i-G_j) + dA_ak[i,j] a_i e(G^-_i-G_j)
+    db_j = db_in + sum_i dA_qb[i,j] q_i e(G_i-G_j) + dA_ab[i,j] a_i e(G^-_i-G_j)
+(the row sums factored around the row ending block I - 1, the column sums around the last valid row of block
+J). Every decay of the chunk form is exp(G_hi - G_lo) for a range (lo, hi] of tokens, and its gradient adds to
+dgk on exactly that range, so (with the exponents written as G or G^- = G shifted by one)
+    dG = q*dq - k*dk - b*db,  dG^- = a*da,  dgk_s = sum_{i >= s} dG_i + sum_{i > s} dG^-_i + dgam
+(a reverse cumsum over the chunk, block by block from the last, with a carry). Terms whose range is empty have
+a decay of exactly 1 and O(1) size, and their contributions cancel in exact arithmetic; formed in floating point
+they would leave an O(u) error in a dgk that strong decay makes O(exp(gk)). They are kept out of dG and dG^-
+(still in dq, dk, da, db): the diagonal of A_qk, A_qb (i = j), the first subdiagonal of A_ak, A_ab (j = i - 1,
+handled as a band with decay 1), a exp(G^-) on the chunk's first row and the last row's b, k terms of the state
+pass (left out of dgam too, in chunk_o.py).
+"""
+import triton
+import triton.language as tl
+
+from ops.common.utils import acc_dtype, block_size, dot_precision, new_empty
+from ops.generalized_delta_rule.utils import masked_exp, seq_block, seq_row
+
+BC = 16  # rows per diagonal block
+
+
+@triton.jit
+def _diag_exps(g_I, gm_I, r0, nv, BC: tl.constexpr, STRICT: tl.constexpr):
+    """Pair decays of one diagonal block: e1[i, j, :] = exp(G_i - G_j) (i >= j; i > j when STRICT),
+    e2 = exp(G^-_i - G_j) (i > j), zero outside the masks and on rows past the sequence end (nv valid rows)."""
+    ri = tl.arange(0, BC)[:, None, None]
+    rj = tl.arange(0, BC)[None, :, None]
+    vi = (r0 + ri) < nv
+    gj = g_I[None, :, :]
+    e1 = masked_exp(g_I[:, None, :] - gj, ((ri > rj) if STRICT else (ri >= rj)) & vi)
+    e2 = masked_exp(gm_I[:, None, :] - gj, (ri > rj) & vi)
+    return e1, e2
+
+
+@triton.jit
+def _store(ptr, val, bos, i_h, L, H: tl.constexpr, K: tl.constexpr, r0, c0, BR: tl.constexpr, BK: tl.constexpr):
+    p = seq_block(ptr, bos, i_h, L, H, K, r0, c0, BR, BK)
+    tl.store(p, val.to(p.dtype.element_ty), boundary_check=(0, 1))
+
+
+@triton.jit
+def _rows(ptr, bos, i_h, r, m_r, H: tl.constexpr, K: tl.constexpr, c0, BK: tl.constexpr):
+    """Rows r ([BR] sequence-relative indices, loaded where m_r) and columns c0.. of a [B*T, H, K] tensor."""
+    o = c0 + tl.arange(0, BK)
+    return tl.load(ptr + ((bos + r[:, None]) * H + i_h) * K + o[None, :], mask=m_r[:, None] & (o < K)[None, :],
+                   other=0)
+
+
+@triton.jit
+def chunk_A_fwd_kernel(q, k, a, b, g, gk, Aqk, Aqb, Aak, Aab, offsets, cmap,
+                       H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                       USE_GK: tl.constexpr, DOT_PREC: tl.constexpr):
+    """grid (C // BC, NC, H): block row I of the four matrices, [BC, C] each."""
+    i_b, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, j = tl.load(cmap + i_c * 2), tl.load(cmap + i_c * 2 + 1)
+    bos, eos = tl.load(offsets + i_n).to(tl.int64), tl.load(offsets + i_n + 1).to(tl.int64)
+    L = eos - bos
+    nv = tl.minimum(L - j * C, C)  # valid rows of this chunk
+    ACC = Aqk.dtype.element_ty
+    t0 = j * C
+    r0 = i_b * BC
+    rows = r0 + tl.arange(0, BC)
+    cols = tl.arange(0, C)
+    r = tl.minimum(tl.maximum(r0 - 1, 0), nv - 1)  # reference row of the off-diagonal blocks
+
+    b_qk = tl.zeros([BC, C], dtype=ACC)
+    b_qb = tl.zeros([BC, C], dtype=ACC)
+    b_ak = tl.zeros([BC, C], dtype=ACC)
+    b_ab = tl.zeros([BC, C], dtype=ACC)
+    d_qk = tl.zeros([BC, BC], dtype=ACC)
+    d_qb = tl.zeros([BC, BC], dtype=ACC)
+    d_ak = tl.zeros([BC, BC], dtype=ACC)
+    d_ab = tl.zeros([BC, BC], dtype=ACC)
+    for i_k in range(tl.cdiv(K, BK)):
+        c0 = i_k * BK
+        b_q = tl.load(seq_block(q, bos, i_h, L, H, K, t0 + r0, c0, BC, BK), boundary_check=(0, 1)).to(ACC)
+        b_a = tl.load(seq_block(a, bos, i_h, L, H, K, t0 + r0, c0, BC, BK), boundary_check=(0, 1)).to(ACC)
+        b_k = tl.load(seq_block(k, bos, i_h, L, H, K, t0, c0, C, BK), boundary_check=(0, 1)).to(ACC)
+        b_b = tl.load(seq_block(b, bos, i_h, L, H, K, t0, c0, C, BK), boundary_check=(0, 1)).to(ACC)
+        if USE_GK:
+            g_all = tl.load(seq_block(g, bos, i_h, L, H, K, t0, c0, C, BK), boundary_check=(0, 1))
+            g_I = tl.load(seq_block(g, bos, i_h, L, H, K, t0 + r0, c0, BC, BK), boundary_check=(0, 1))
+            gm_I = g_I - tl.load(seq_block(gk, bos, i_h, L, H, K, t0 + r0, c0, BC, BK),
+                                 boundary_check=(0, 1)).to(ACC)
+            g_r = seq_row(g, bos, i_h, t0 + r, H, K, c0, BK)[None, :]
+            # off-diagonal blocks: rows rescaled by exp(G_i - G_r), columns j <= r by exp(G_r - G_j)
+            vi = (rows < nv)[:, None]
+            mj = ((cols <= r) & (cols < r0))[:, None]
+            f_j = masked_exp(g_r - g_all, mj)
+            b_qt = b_q * masked_exp(g_I - g_r, vi)
+            b_at = b_a * masked_exp(gm_I - g_r, vi)
+            b_kt = b_k * f_j
+            b_bt = b_b * f_j
+            b_qk += tl.dot(b_qt, tl.trans(b_kt), input_precision=DOT_PREC)
+            b_qb += tl.dot(b_qt, tl.trans(b_bt), input_precision=DOT_PREC)
+            b_ak += tl.dot(b_at, tl.trans(b_kt), input_precision=DOT_PREC)
+            b_ab += tl.dot(b_at, tl.trans(b_bt), input_precision=DOT_PREC)
+            # diagonal block, elementwise
+            b_kI = tl.load(seq_block(k, bos, i_h, L, H, K, t0 + r0, c0, BC, BK), boundary_check=(0, 1)).to(ACC)
+            b_bI = tl.load(seq_block(b, bos, i_h, L, H, K, t0 + r0, c0, BC, BK), boundary_check=(0, 1)).to(ACC)
+            e1, e2 = _diag_exps(g_I, gm_I, r0, nv, BC, False)
+            d_qk += tl.sum(b_q[:, None, :] * b_kI[None, :, :] * e1, 2)
+            d_qb += tl.sum(b_q[:, None, :] * b_bI[None, :, :] * e1, 2)
+            d_ak += tl.sum(b_a[:, None, :] * b_kI[None, :, :] * e2, 2)
+            d_ab += tl.sum(b_a[:, None, :] * b_bI[None, :, :] * e2, 2)
+        else:
+            b_qk += tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC)
+            b_qb += tl.dot(b_q, tl.trans(b_b), input_precision=DOT_PREC)
+            b_ak += tl.dot(b_a, tl.trans(b_k), input_precision=DOT_PREC)
+            b_ab += tl.dot(b_a, tl.trans(b_b), input_precision=DOT_PREC)
+
+    base = (i_c * H + i_h).to(tl.int64) * C * C
+    o_s = base + rows[:, None] * C + cols[None, :]
+    if USE_GK:
+        # the strip outside the diagonal block (zero right of it), then the diagonal block: disjoint stores
+        m_s = ((cols < r0) | (cols >= r0 + BC))[None, :]
+        tl.store(Aqk + o_s, b_qk, mask=m_s)
+        tl.store(Aqb + o_s, b_qb, mask=m_s)
+        tl.store(Aak + o_s, b_ak, mask=m_s)
+        tl.store(Aab + o_s, b_ab, mask=m_s)
+        o_d = base + rows[:, None] * C + (r0 + tl.arange(0, BC))[None, :]
+        tl.store(Aqk + o_d, d_qk)
+        tl.store(Aqb + o_d, d_qb)
+        tl.store(Aak + o_d, d_ak)
+        tl.store(Aab + o_d, d_ab)
+    else:
+        incl = rows[:, None] >= cols[None, :]
+        strict = rows[:, None] > cols[None, :]
+        tl.store(Aqk + o_s, tl.where(incl, b_qk, 0.0))
+        tl.store(Aqb + o_s, tl.where(incl, b_qb, 0.0))
+        tl.store(Aak + o_s, tl.where(strict, b_ak, 0.0))
+        tl.store(Aab + o_s, tl.where(strict, b_ab, 0.0))
+
+
+@triton.jit
+def chunk_A_bwd_kernel(q, k, a, b, g, gk, dAqk, dAqb, dAak, dAab, dq_in, dk_in, da_in, db_in, dgam,
+                       dq, dk, da, db, dgk, offsets, cmap,
+                       H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                       USE_GK: tl.constexpr, DOT_PREC: tl.constexpr):
+    """grid (K blocks, NC, H): the gradients of q, k, a, b (and gk) for one [C, BK] tile, block by block from the
+    last block of the chunk to the first (the reverse cumsum of dgk carries across blocks)."""
+    i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, j = tl.load(cmap + i_c * 2), tl.load(cmap + i_c * 2 + 1)
+    bos, eos = tl.load(offsets + i_n).to(tl.int64), tl.load(offsets + i_n + 1).to(tl.int64)
+    L = eos - bos
+    nv = tl.minimum(L - j * C, C)
+    ACC = dq_in.dtype.element_ty
+    t0 = j * C
+    c0 = i_k * BK
+    NB: tl.constexpr = C // BC
+    cols = tl.arange(0, C)
+    base = (i_c * H + i_h).to(tl.int64) * C * C
+
+    b_q = tl.load(seq_block(q, bos, i_h, L, H, K, t0, c0, C, BK), boundary_check=(0, 1)).to(ACC)
+    b_k = tl.load(seq_block(k, bos, i_h, L, H, K, t0, c0, C, BK), boundary_check=(0, 1)).to(ACC)
+    b_a = tl.load(seq_block(a, bos, i_h, L, H, K, t0, c0, C, BK), boundary_check=(0, 1)).to(ACC)
+    b_b = tl.load(seq_block(b, bos, i_h, L, H, K, t0, c0, C, BK), boundary_check=(0, 1)).to(ACC)
+    if USE_GK:
+        g_all = tl.load(seq_block(g, bos, i_h, L, H, K, t0, c0, C, BK), boundary_check=(0, 1))
+        gm_all = g_all - tl.load(seq_block(gk, bos, i_h, L, H, K, t0, c0, C, BK), boundary_check=(0, 1)).to(ACC)
+        o_k = c0 + tl.arange(0, BK)
+        b_dgam = tl.load(dgam + (i_c * H + i_h).to(tl.int64) * K + o_k, mask=o_k < K, other=0)
+    b_carry = tl.zeros([BK], dtype=ACC)
+
+    for s in tl.static_range(NB):
+        r0 = (NB - 1 - s) * BC
+        rows = r0 + tl.arange(0, BC)
+        p_row = base + rows[:, None] * C + cols[None, :]  # [BC, C] block row I
+        p_col = base + cols[:, None] * C + rows[None, :]  # [C, BC] block column I
+        b_qk_r = tl.load(dAqk + p_row)
+        b_qb_r = tl.load(dAqb + p_row)
+        b_ak_r = tl.load(dAak + p_row)
+        b_ab_r = tl.load(dAab + p_row)
+        b_qk_c = tl.trans(tl.load(dAqk + p_col))
+        b_qb_c = tl.trans(tl.load(dAqb + p_col))
+        b_ak_c = tl.trans(tl.load(dAak + p_col))
+        b_ab_c = tl.trans(tl.load(dAab + p_col))
+        b_qI = tl.load(seq_block(q, bos, i_h, L, H, K, t0 + r0, c0, BC, BK), boundary_check=(0, 1)).to(ACC)
+        b_kI = tl.load(seq_block(k, bos, i_h, L, H, K, t0 + r0, c0, BC, BK), boundary_check=(0, 1)).to(ACC)
+        b_aI = tl.load(seq_block(a, bos, i_h, L, H, K, t0 + r0, c0, BC, BK), boundary_check=(0, 1)).to(ACC)
+        b_bI = tl.load(seq_block(b, bos, i_h, L, H, K, t0 + r0, c0, BC, BK), boundary_check=(0, 1)).to(ACC)
+        if USE_GK:
+            g_I = tl.load(seq_block(g, bos, i_h, L, H, K, t0 + r0, c0, BC, BK), boundary_check=(0, 1))
+            gm_I = g_I - tl.load(seq_block(gk, bos, i_h, L, H, K, t0 + r0, c0, BC, BK),
+                                 boundary_check=(0, 1)).to(ACC)
+            vi = (rows < nv)[:, None]
+            # the first subdiagonal of dA_ak, dA_ab is taken out here and handled as a band below
+            b_ak_r = tl.where(rows[:, None] - 1 == cols[None, :], 0.0, b_ak_r)
+            b_ab_r = tl.where(rows[:, None] - 1 == cols[None, :], 0.0, b_ab_r)
+            b_ak_c = tl.where(cols[None, :] - 1 == rows[:, None], 0.0, b_ak_c)
+            b_ab_c = tl.where(cols[None, :] - 1 == rows[:, None], 0.0, b_ab_c)
+            # row sums over earlier blocks, factored around r (the row ending block I - 1)
+            r = tl.minimum(tl.maximum(r0 - 1, 0), nv - 1)
+            g_r = seq_row(g, bos, i_h, t0 + r, H, K, c0, BK)[None, :]
+            f_j = masked_exp(g_r - g_all, ((cols <= r) & (cols < r0))[:, None])
+            b_kt = b_k * f_j
+            b_bt = b_b * f_j
+            b_dq = tl.dot(b_qk_r, b_kt, input_precision=DOT_PREC) + tl.dot(b_qb_r, b_bt, input_precision=DOT_PREC)
+            b_da = tl.dot(b_ak_r, b_kt, input_precision=DOT_PREC) + tl.dot(b_ab_r, b_bt, input_precision=DOT_PREC)
+            b_dq *= masked_exp(g_I - g_r, vi)
+            b_da *= masked_exp(gm_I - g_r, vi)
+            # column sums over later blocks, factored around r2 (the last valid row of block I)
+            r2 = tl.minimum(r0 + BC - 1, nv - 1)
+            g_r2 = seq_row(g, bos, i_h, t0 + r2, H, K, c0, BK)[None, :]
+            mi = ((cols >= r0 + BC) & (cols < nv))[:, None]
+            b_qt = b_q * masked_exp(g_all - g_r2, mi)
+            b_at = b_a * masked_exp(gm_all - g_r2, mi)
+            b_dk = tl.dot(b_qk_c, b_qt, input_precision=DOT_PREC) + tl.dot(b_ak_c, b_at, input_precision=DOT_PREC)
+            b_db = tl.dot(b_qb_c, b_qt, input_precision=DOT_PREC) + tl.dot(b_ab_c, b_at, input_precision=DOT_PREC)
+            f_I = masked_exp(g_r2 - g_I, vi)
+            b_dk *= f_I
+            b_db *= f_I
+            # the diagonal block, elementwise: strictly lower pairs (subdiagonal of dA_ak, dA_ab excluded) ...
+            ri = tl.arange(0, BC)[:, None]
+            rj = tl.arange(0, BC)[None, :]
+            p_d = base + rows[:, None] * C + (r0 + tl.arange(0, BC))[None, :]
+            d_qk = tl.load(dAqk + p_d)
+            d_qb = tl.load(dAqb + p_d)
+            d_ak = tl.where(ri - 1 == rj, 0.0, tl.load(dAak + p_d))[:, :, None]
+            d_ab = tl.where(ri - 1 == rj, 0.0, tl.load(dAab + p_d))[:, :, None]
+            e1, e2 = _diag_exps(g_I, gm_I, r0, nv, BC, True)
+            b_dq += tl.sum((d_qk[:, :, None] * b_kI[None, :, :] + d_qb[:, :, None] * b_bI[None, :, :]) * e1, 1)
+            b_da += tl.sum((d_ak * b_kI[None, :, :] + d_ab * b_bI[None, :, :]) * e2, 1)
+            b_dk += tl.sum(d_qk[:, :, None] * e1 * b_qI[:, None, :] + d_ak * e2 * b_aI[:, None, :], 0)
+            b_db += tl.sum(d_qb[:, :, None] * e1 * b_qI[:, None, :] + d_ab * e2 * b_aI[:, None, :], 0)
+            # ... plus the terms with decay exactly 1, kept out of dG: the diagonal of dA_qk, dA_qb ...
+            s_qk = tl.sum(tl.where(ri == rj, d_qk, 0.0), 1)[:, None]
+            s_qb = tl.sum(tl.where(ri == rj, d_qb, 0.0), 1)[:, None]
+            b_dq_1 = s_qk * b_kI + s_qb * b_bI
+            b_dk_1 = s_qk * b_qI
+            b_db_1 = s_qb * b_qI
+            # ... and the band j = i - 1 of dA_ak, dA_ab (rows i of this block with i - 1, and j with j + 1)
+            m_p = (rows >= 1) & (rows < nv)
+            s_ak = tl.load(dAak + base + rows * C + rows - 1, mask=m_p, other=0)[:, None]
+            s_ab = tl.load(dAab + base + rows * C + rows - 1, mask=m_p, other=0)[:, None]
+            b_kp = _rows(k, bos, i_h, t0 + rows - 1, m_p, H, K, c0, BK).to(ACC)
+            b_bp = _rows(b, bos, i_h, t0 + rows - 1, m_p, H, K, c0, BK).to(ACC)
+            b_da_1 = tl.where(m_p[:, None], s_ak * b_kp + s_ab * b_bp, 0.0)
+            m_n = rows + 1 < nv
+            s_ak = tl.load(dAak + base + (rows + 1) * C + rows, mask=m_n, other=0)[:, None]
+            s_ab = tl.load(dAab + base + (rows + 1) * C + rows, mask=m_n, other=0)[:, None]
+            b_an = _rows(a, bos, i_h, t0 + rows + 1, m_n, H, K, c0, BK).to(ACC)
+            b_dk_1 += tl.where(m_n[:, None], s_ak * b_an, 0.0)
+            b_db_1 += tl.where(m_n[:, None], s_ab * b_an, 0.0)
+        else:
+            b_dq = tl.dot(b_qk_r, b_k, input_precision=DOT_PREC) + tl.dot(b_qb_r, b_b, input_precision=DOT_PREC)
+            b_da = tl.dot(b_ak_r, b_k, input_precision=DOT_PREC) + tl.dot(b_ab_r, b_b, input_precision=DOT_PREC)
+            b_dk = tl.dot(b_qk_c, b_q, input_precision=DOT_PREC) + tl.dot(b_ak_c, b_a, input_precision=DOT_PREC)
+            b_db = tl.dot(b_qb_c, b_q, input_precision=DOT_PREC) + tl.dot(b_ab_c, b_a, input_precision=DOT_PREC)
+
+        b_dq += tl.load(seq_block(dq_in, bos, i_h, L, H, K, t0 + r0, c0, BC, BK), boundary_check=(0, 1))
+        b_da += tl.load(seq_block(da_in, bos, i_h, L, H, K, t0 + r0, c0, BC, BK), boundary_check=(0, 1))
+        b_dk_s = tl.load(seq_block(dk_in, bos, i_h, L, H, K, t0 + r0, c0, BC, BK), boundary_check=(0, 1))
+        b_db_s = tl.load(seq_block(db_in, bos, i_h, L, H, K, t0 + r0, c0, BC, BK), boundary_check=(0, 1))
+        if USE_GK:
+            # the state pass's b, k terms of the last row have decay exactly 1 (kept out of dG)
+            last = (rows == nv - 1)[:, None]
+            b_dk += tl.where(last, 0.0, b_dk_s)
+            b_db += tl.where(last, 0.0, b_db_s)
+            b_dgm = tl.where((rows == 0)[:, None], 0.0, b_aI * b_da)  # G^-_0 = 0 depends on no gk
+            b_x = b_qI * b_dq - b_kI * b_dk - b_bI * b_db + b_dgm
+            b_dg = tl.cumsum(b_x, 0, reverse=True) - b_dgm + (b_carry + b_dgam)[None, :]
+            b_carry += tl.sum(b_x, 0)
+            p_dg = seq_block(dgk, bos, i_h, L, H, K, t0 + r0, c0, BC, BK)
+            tl.store(p_dg, b_dg.to(p_dg.dtype.element_ty), boundary_check=(0, 1))
+            b_dq += b_dq_1
+            b_da += b_da_1
+            b_dk += b_dk_1 + tl.where(last, b_dk_s, 0.0)
+            b_db += b_db_1 + tl.where(last, b_db_s, 0.0)
+        else:
+            b_dk += b_dk_s
+            b_db += b_db_s
+        _store(dq, b_dq, bos, i_h, L, H, K, t0 + r0, c0, BC, BK)
+        _store(dk, b_dk, bos, i_h, L, H, K, t0 + r0, c0, BC, BK)
+        _store(da, b_da, bos, i_h, L, H, K, t0 + r0, c0, BC, BK)
+        _store(db, b_db, bos, i_h, L, H, K, t0 + r0, c0, BC, BK)
+
+
+# Largest K tile (tests lower it to reach the K loops with small head sizes). The diagonal blocks form
+# [16, 16, BK] tiles, so BK stays small, and the decay variants take 8 warps (about 40k live fp32 values at
+# C = 64, BK = 32: over 255 registers a thread with 4 warps). Not tuned on a GPU.
+TILE = 32
+
+
+def _warps(gk):
+    return 8 if gk is not None else 4
+
+
+def chunk_A_fwd(q, k, a, b, g, gk, offsets, cmap, chunk_size):
+    """A_qk, A_qb, A_ak, A_ab [NC, H, C, C] in the accumulation dtype (g: chunk-local cumsum, None for IPLR)."""
+    B, T, H, K = q.shape
+    C, NC = chunk_size, cmap.shape[0]
+    acc = acc_dtype(q.dtype)
+    mats = tuple(new_empty((NC, H, C, C), acc, q.device) for _ in range(4))
+    if NC:
+        chunk_A_fwd_kernel[(C // BC, NC, H)](q, k, a, b, g, gk, *mats, offsets, cmap, H=H, K=K, C=C, BC=BC,
+                                             BK=min(TILE, block_size(K)), USE_GK=g is not None,
+                                             DOT_PREC=dot_precision(q.dtype), num_warps=_warps(gk))
+    return mats
+
+
+def chunk_A_bwd(q, k, a, b, g, gk, dA, d_in, dgam, offsets, cmap, chunk_size):
+    """dA = (dA_qk, dA_qb, dA_ak, dA_ab), d_in = (dq, dk, da, db) partial gradients [B, T, H, K] (accumulation
+    dtype), dgam [NC, H, K] (None for IPLR). Returns dq, dk, da, db in the input dtype and dgk in gk's dtype
+    (None for IPLR)."""
+    B, T, H, K = q.shape
+    C, NC = chunk_size, cmap.shape[0]
+    outs = tuple(new_empty(x.shape, x.dtype, x.device) for x in (q, k, a, b))
+    dgk = None if gk is None else new_empty(gk.shape, gk.dtype, gk.device)
+    if NC:
+        BK = min(TILE, block_size(K))
+        chunk_A_bwd_kernel[(triton.cdiv(K, BK), NC, H)](q, k, a, b, g, gk, *dA, *d_in, dgam, *outs, dgk, offsets,
+                                                        cmap, H=H, K=K, C=C, BC=BC, BK=BK, USE_GK=gk is not None,
+                                                        DOT_PREC=dot_precision(q.dtype), num_warps=_warps(gk))
+    return (*outs, dgk)

@@ -1,0 +1,191 @@
+"""Per-chunk outputs of the DPLR chunk form and the backward pieces that are parallel over chunks
+(IPLR: USE_GK=False, the exps are 1).
+
+With h the state entering the chunk, W = U + Wm h (state pass), Qh = q exp(G), Bt = b exp(gamma - G),
+Kt = k exp(gamma - G), M the inclusive causal mask and dh the gradient of the state leaving the chunk:
+    forward            O = scale (Qh h + A_qb W + A_qk V)
+    local backward     dA_qk = scale (dO V^T) * M,  dA_qb = scale (dO W^T) * M,
+                       dW_loc = scale A_qb^T dO,    dV_loc = scale A_qk^T dO
+    state backward     dq = scale (dO h^T) exp(G),  dWm = dW h^T,  db = (W dh^T) exp(gamma - G),
+                       dk = (V dh^T) exp(gamma - G),
+                       dgamma = exp(gamma) rowsum(dh * h) + sum_{rows j < last}(db * b + dk * k)
+Grids: (V blocks, NC, H) for O, (NC, H) for the local backward (loops over V), (K blocks, NC, H) for the state
+backward (loops over V).
+"""
+import triton
+import triton.language as tl
+
+from ops.common.utils import acc_dtype, block_size, dot_precision, new_empty
+from ops.generalized_delta_rule.utils import masked_exp, mat_block, seq_block, seq_row
+
+
+@triton.jit
+def chunk_o_fwd_kernel(q, v, g, h, w, Aqk, Aqb, o, scale_ptr, offsets, cmap,
+                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                       BK: tl.constexpr, BV: tl.constexpr, USE_GK: tl.constexpr, DOT_PREC: tl.constexpr):
+    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, j = tl.load(cmap + i_c * 2), tl.load(cmap + i_c * 2 + 1)
+    bos, eos = tl.load(offsets + i_n).to(tl.int64), tl.load(offsets + i_n + 1).to(tl.int64)
+    L = eos - bos
+    nv = tl.minimum(L - j * C, C)
+    ACC = h.dtype.element_ty
+    scale = tl.load(scale_ptr)
+    ph = h + (i_c * H + i_h).to(tl.int64) * K * V
+    base = (i_c * H + i_h).to(tl.int64) * C * C
+    vi = (tl.arange(0, C) < nv)[:, None]
+
+    b_o = tl.zeros([C, BV], dtype=ACC)
+    for i_k in range(tl.cdiv(K, BK)):
+        b_q = tl.load(seq_block(q, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), boundary_check=(0, 1)).to(ACC)
+        if USE_GK:
+            b_g = tl.load(seq_block(g, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), boundary_check=(0, 1))
+            b_q *= masked_exp(b_g, vi)
+        b_h = tl.load(mat_block(ph, K, V, i_k * BK, i_v * BV, BK, BV), boundary_check=(0, 1))
+        b_o += tl.dot(b_q, b_h, input_precision=DOT_PREC)
+    b_w = tl.load(seq_block(w, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1))
+    b_v = tl.load(seq_block(v, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1)).to(ACC)
+    b_o += tl.dot(tl.load(mat_block(Aqb + base, C, C, 0, 0, C, C)), b_w, input_precision=DOT_PREC)
+    b_o += tl.dot(tl.load(mat_block(Aqk + base, C, C, 0, 0, C, C)), b_v, input_precision=DOT_PREC)
+    p_o = seq_block(o, bos, i_h, L, H, V, j * C, i_v * BV, C, BV)
+    tl.store(p_o, (b_o * scale).to(p_o.dtype.element_ty), boundary_check=(0, 1))
+
+
+@triton.jit
+def chunk_o_bwd_local_kernel(v, w, do, Aqk, Aqb, dAqk, dAqb, dw, dv, scale_ptr, offsets, cmap,
+                             H: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
+                             DOT_PREC: tl.constexpr):
+    """grid (NC, H): dA_qk, dA_qb (masked, scaled), dW_loc = scale A_qb^T dO, dV_loc = scale A_qk^T dO."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_n, j = tl.load(cmap + i_c * 2), tl.load(cmap + i_c * 2 + 1)
+    bos, eos = tl.load(offsets + i_n).to(tl.int64), tl.load(offsets + i_n + 1).to(tl.int64)
+    L = eos - bos
+    ACC = dAqk.dtype.element_ty
+    scale = tl.load(scale_ptr)
+    base = (i_c * H + i_h).to(tl.int64) * C * C
+
+    b_Aqk_t = tl.trans(tl.load(mat_block(Aqk + base, C, C, 0, 0, C, C))) * scale
+    b_Aqb_t = tl.trans(tl.load(mat_block(Aqb + base, C, C, 0, 0, C, C))) * scale
+    b_dqk = tl.zeros([C, C], dtype=ACC)
+    b_dqb = tl.zeros([C, C], dtype=ACC)
+    for i_v in range(tl.cdiv(V, BV)):
+        b_do = tl.load(seq_block(do, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1)).to(ACC)
+        b_v = tl.load(seq_block(v, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1)).to(ACC)
+        b_w = tl.load(seq_block(w, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1))
+        b_dqk += tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC)
+        b_dqb += tl.dot(b_do, tl.trans(b_w), input_precision=DOT_PREC)
+        tl.store(seq_block(dw, bos, i_h, L, H, V, j * C, i_v * BV, C, BV),
+                 tl.dot(b_Aqb_t, b_do, input_precision=DOT_PREC), boundary_check=(0, 1))
+        tl.store(seq_block(dv, bos, i_h, L, H, V, j * C, i_v * BV, C, BV),
+                 tl.dot(b_Aqk_t, b_do, input_precision=DOT_PREC), boundary_check=(0, 1))
+    incl = tl.arange(0, C)[:, None] >= tl.arange(0, C)[None, :]
+    tl.store(mat_block(dAqk + base, C, C, 0, 0, C, C), tl.where(incl, b_dqk * scale, 0.0))
+    tl.store(mat_block(dAqb + base, C, C, 0, 0, C, C), tl.where(incl, b_dqb * scale, 0.0))
+
+
+@triton.jit
+def chunk_o_bwd_state_kernel(k, b, v, g, h, w, do, dh, dw, dq, dk, db, dwm, dgam, scale_ptr, offsets, cmap,
+                             H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                             BK: tl.constexpr, BV: tl.constexpr, USE_GK: tl.constexpr, DOT_PREC: tl.constexpr):
+    """grid (K blocks, NC, H): the gradients that flow through the states h (entering) and dh (leaving)."""
+    i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, j = tl.load(cmap + i_c * 2), tl.load(cmap + i_c * 2 + 1)
+    bos, eos = tl.load(offsets + i_n).to(tl.int64), tl.load(offsets + i_n + 1).to(tl.int64)
+    L = eos - bos
+    nv = tl.minimum(L - j * C, C)
+    ACC = h.dtype.element_ty
+    scale = tl.load(scale_ptr)
+    ph = h + (i_c * H + i_h).to(tl.int64) * K * V
+    pdh = dh + (i_c * H + i_h).to(tl.int64) * K * V
+
+    b_dq = tl.zeros([C, BK], dtype=ACC)   # dO h^T
+    b_dwm = tl.zeros([C, BK], dtype=ACC)  # dW h^T
+    b_db = tl.zeros([C, BK], dtype=ACC)   # W dh^T
+    b_dk = tl.zeros([C, BK], dtype=ACC)   # V dh^T
+    b_hdh = tl.zeros([BK], dtype=ACC)     # rowsum(dh * h)
+    for i_v in range(tl.cdiv(V, BV)):
+        b_h = tl.load(mat_block(ph, K, V, i_k * BK, i_v * BV, BK, BV), boundary_check=(0, 1))
+        b_dh = tl.load(mat_block(pdh, K, V, i_k * BK, i_v * BV, BK, BV), boundary_check=(0, 1))
+        b_do = tl.load(seq_block(do, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1)).to(ACC)
+        b_dw = tl.load(seq_block(dw, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1))
+        b_w = tl.load(seq_block(w, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1))
+        b_v = tl.load(seq_block(v, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1)).to(ACC)
+        b_dq += tl.dot(b_do, tl.trans(b_h), input_precision=DOT_PREC)
+        b_dwm += tl.dot(b_dw, tl.trans(b_h), input_precision=DOT_PREC)
+        b_db += tl.dot(b_w, tl.trans(b_dh), input_precision=DOT_PREC)
+        b_dk += tl.dot(b_v, tl.trans(b_dh), input_precision=DOT_PREC)
+        if USE_GK:
+            b_hdh += tl.sum(b_h * b_dh, 1)
+    b_dq *= scale
+    if USE_GK:
+        vi = (tl.arange(0, C) < nv)[:, None]
+        b_g = tl.load(seq_block(g, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), boundary_check=(0, 1))
+        b_gam = seq_row(g, bos, i_h, j * C + nv - 1, H, K, i_k * BK, BK)
+        b_dq *= masked_exp(b_g, vi)
+        f = masked_exp(b_gam[None, :] - b_g, vi)
+        b_db *= f
+        b_dk *= f
+        b_k = tl.load(seq_block(k, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), boundary_check=(0, 1)).to(ACC)
+        b_b = tl.load(seq_block(b, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), boundary_check=(0, 1)).to(ACC)
+        # (the last row's terms have exp(gamma - G_last) = 1 exactly: they cancel against its dG terms and are
+        # left out of both, see chunk_A.py)
+        b_dgam = tl.exp(b_gam) * b_hdh + tl.sum(tl.where(tl.arange(0, C)[:, None] < nv - 1,
+                                                         b_db * b_b + b_dk * b_k, 0.0), 0)
+        o_k = i_k * BK + tl.arange(0, BK)
+        tl.store(dgam + (i_c * H + i_h).to(tl.int64) * K + o_k, b_dgam, mask=o_k < K)
+    tl.store(seq_block(dq, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), b_dq, boundary_check=(0, 1))
+    tl.store(seq_block(dwm, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), b_dwm, boundary_check=(0, 1))
+    tl.store(seq_block(db, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), b_db, boundary_check=(0, 1))
+    tl.store(seq_block(dk, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), b_dk, boundary_check=(0, 1))
+
+
+# Largest K / V tile (tests lower it to reach the multi-tile loops with small head sizes).
+TILE = 64
+
+
+def _blocks(K, V):
+    return min(TILE, block_size(K)), min(TILE, block_size(V))
+
+
+def chunk_o_fwd(q, v, g, h, w, Aqk, Aqb, scale_t, offsets, cmap, chunk_size):
+    """o [B, T, H, V] in q's dtype."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    NC = cmap.shape[0]
+    o = new_empty((B, T, H, V), q.dtype, q.device)
+    if NC:
+        BK, BV = _blocks(K, V)
+        chunk_o_fwd_kernel[(triton.cdiv(V, BV), NC, H)](q, v, g, h, w, Aqk, Aqb, o, scale_t, offsets, cmap, H=H,
+                                                        K=K, V=V, C=chunk_size, BK=BK, BV=BV, USE_GK=g is not None,
+                                                        DOT_PREC=dot_precision(q.dtype))
+    return o
+
+
+def chunk_o_bwd_local(v, w, do, Aqk, Aqb, scale_t, offsets, cmap, chunk_size):
+    """Returns dA_qk, dA_qb [NC, H, C, C] and dW_loc, dV_loc [B, T, H, V] (accumulation dtype)."""
+    B, T, H, V = v.shape
+    C, NC, acc = chunk_size, cmap.shape[0], acc_dtype(v.dtype)
+    dAqk = new_empty((NC, H, C, C), acc, v.device)
+    dAqb = new_empty((NC, H, C, C), acc, v.device)
+    dw = new_empty((B, T, H, V), acc, v.device)
+    dv = new_empty((B, T, H, V), acc, v.device)
+    if NC:
+        chunk_o_bwd_local_kernel[(NC, H)](v, w, do, Aqk, Aqb, dAqk, dAqb, dw, dv, scale_t, offsets, cmap, H=H, V=V,
+                                          C=C, BV=_blocks(1, V)[1], DOT_PREC=dot_precision(v.dtype))
+    return dAqk, dAqb, dw, dv
+
+
+def chunk_o_bwd_state(k, b, v, g, h, w, do, dh, dw, scale_t, offsets, cmap, chunk_size):
+    """Returns dq, dk, db, dWm [B, T, H, K] (the parts through the states, accumulation dtype) and dgamma
+    [NC, H, K] (None for IPLR)."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    NC, acc = cmap.shape[0], acc_dtype(k.dtype)
+    dq, dk, db, dwm = (new_empty((B, T, H, K), acc, k.device) for _ in range(4))
+    dgam = None if g is None else new_empty((NC, H, K), acc, k.device)
+    if NC:
+        BK, BV = _blocks(K, V)
+        chunk_o_bwd_state_kernel[(triton.cdiv(K, BK), NC, H)](k, b, v, g, h, w, do, dh, dw, dq, dk, db, dwm, dgam,
+                                                              scale_t, offsets, cmap, H=H, K=K, V=V, C=chunk_size,
+                                                              BK=BK, BV=BV, USE_GK=g is not None,
+                                                              DOT_PREC=dot_precision(k.dtype))
+    return dq, dk, db, dwm, dgam

@@ -1,0 +1,5 @@
+"""IPLR delta rule: S_t = (I + b_t a_t^T) S_{t-1} + k_t v_t^T, o_t = scale S_t^T q_t (chunk and fused recurrent)."""
+from ops.generalized_delta_rule.iplr.chunk import chunk_iplr_delta_rule
+from ops.generalized_delta_rule.iplr.fused_recurrent import fused_recurrent_iplr_delta_rule
+
+__all__ = ["chunk_iplr_delta_rule", "fused_recurrent_iplr_delta_rule"]

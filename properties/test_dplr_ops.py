@@ -1,0 +1,202 @@
+"""Properties of the DPLR delta rule ops (ops.generalized_delta_rule: chunk and fused recurrent) against the float64
+token-by-token reference: S_t = (diag(exp(gk_t)) + b_t a_t^T) S_{t-1} + k_t v_t^T, o_t = scale S_t^T q_t."""
+import math
+
+import pytest
+import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+import ops.common.utils as utils
+import ops.generalized_delta_rule.dplr.fused_recurrent as fused_recurrent
+import reference
+from ops.generalized_delta_rule import chunk_dplr_delta_rule, fused_recurrent_dplr_delta_rule
+from properties.strategies import DEVICE, OP_DTYPES, delta_cases
+from properties.test_iplr_ops import (
+    BAD_INPUTS,
+    CHUNK_SIZES,
+    EDGE_CASES,
+    RAW_MAX_T,
+    bad,
+    case_,
+    check_op,
+    chunk_op,
+    edge_examples,
+    gradcheck_fast,
+    gradcheck_inputs,
+    inputs,
+    nonempty,
+    small_tiles,
+    with_fields,
+)
+from properties.tolerances import assert_close
+
+# decay families: gk = -5 U(0, 1), and strong decay gk = -20 U(0, 1) with 15% of the entries exactly -20 and 15%
+# exactly 0 (non-decaying channels next to ones that forget within a token)
+DECAYS = {"mild": (-5.0, False), "strong": (-20.0, True)}
+OPS = {"chunk": chunk_dplr_delta_rule, "fused_recurrent": fused_recurrent_dplr_delta_rule}
+
+
+def draw_inputs(case, family, decay, gk_f32):
+    if family == "raw" and case.T > RAW_MAX_T:
+        family = "stable"
+    low, ends = DECAYS[decay]
+    gk_dtype = torch.float32 if gk_f32 and case.dtype != torch.float64 else case.dtype
+    return inputs(case, family, decay=low, ends=ends, gk_dtype=gk_dtype), family
+
+
+@given(case=delta_cases(), family=st.sampled_from(["stable", "raw"]), decay=st.sampled_from(list(DECAYS)),
+       gk_f32=st.booleans(), chunk_size=st.sampled_from(CHUNK_SIZES), tiles=st.booleans(),
+       output_final_state=st.booleans())
+@edge_examples(family="stable", decay="strong", gk_f32=False, chunk_size=16, tiles=True, output_final_state=True)
+@example(case=EDGE_CASES[2], family="stable", decay="mild", gk_f32=True, chunk_size=64, tiles=False,
+         output_final_state=True)  # several 16-row blocks in one chunk (the dgk carry across blocks)
+def test_chunk_dplr_matches_reference(case, family, decay, gk_f32, chunk_size, tiles, output_final_state, record):
+    """chunk_dplr_delta_rule's o and final state equal the float64 reference within the forward bound, and its
+    gradients for q, k, v, a, b, gk and initial_state (random upstream gradients) within the gradient bound: stable
+    and raw a, b, mild and strong decay (down to -20 per token), gk in the input dtype or float32, any chunk size
+    and tile split."""
+    case = nonempty(case)
+    x, family = draw_inputs(case, family, decay, gk_f32)
+    with small_tiles(tiles):
+        check_op(chunk_op(chunk_size, chunk_dplr_delta_rule), reference.dplr_recurrent, x, case.dtype,
+                 with_fields(record, chunk_size=chunk_size, family=family, decay=decay), output_final_state)
+
+
+@given(case=delta_cases(), family=st.sampled_from(["stable", "raw"]), decay=st.sampled_from(list(DECAYS)),
+       gk_f32=st.booleans(), tiles=st.booleans(), output_final_state=st.booleans())
+@edge_examples(family="stable", decay="strong", gk_f32=False, tiles=True, output_final_state=True)
+def test_fused_recurrent_dplr_matches_reference(case, family, decay, gk_f32, tiles, output_final_state, record):
+    """fused_recurrent_dplr_delta_rule's o, final state and all input gradients (q, k, v, a, b, gk, initial_state)
+    equal the float64 reference within the forward / gradient bounds, V split over programs or not."""
+    case = nonempty(case)
+    x, family = draw_inputs(case, family, decay, gk_f32)
+    with small_tiles(tiles):
+        check_op(fused_recurrent_dplr_delta_rule, reference.dplr_recurrent, x, case.dtype,
+                 with_fields(record, family=family, decay=decay), output_final_state)
+
+
+@pytest.mark.parametrize("form", list(OPS))
+@pytest.mark.parametrize("dtype", OP_DTYPES)
+def test_dplr_decay_of_minus_20_stays_finite_and_accurate(form, dtype, record):
+    """gk = -20 on every token and channel (exp(-20 * 64) underflows; any exp(+G) would overflow) over several
+    chunks of 32 (two 16-row blocks each): outputs and gradients are finite and within the bounds. dgk is then
+    ~exp(-20) times the other gradients, below float16's smallest subnormal, so half-precision inputs take gk in
+    float32 (as the API allows) and get dgk in float32."""
+    case = case_(T=70, H=2, K=8, V=4, dtype=dtype, seed=21, unit_keys=False)
+    x = inputs(case)
+    x["gk"] = torch.full(x["q"].shape, -20.0, dtype=utils.acc_dtype(dtype), device=DEVICE)
+    op = chunk_op(32, chunk_dplr_delta_rule) if form == "chunk" else fused_recurrent_dplr_delta_rule
+    check_op(op, reference.dplr_recurrent, x, dtype, record)
+
+
+def test_fused_recurrent_dplr_checkpoint_segments(monkeypatch, record):
+    """With a short checkpoint segment (4 tokens) sequences span many segments, segment ends fall inside packed
+    sequences, and the recomputed states still give the reference gradients."""
+    monkeypatch.setattr(fused_recurrent, "CK", 4)
+    case = case_(K=5, V=3, H=2, dtype=torch.float64, seqlens=(9, 0, 1, 4, 13), seed=5)
+    check_op(fused_recurrent_dplr_delta_rule, reference.dplr_recurrent, inputs(case, decay=-5.0), case.dtype,
+             record)
+
+
+@pytest.mark.parametrize("form", ["chunk", "fused_recurrent"])
+@pytest.mark.parametrize("varlen", [False, True])
+def test_dplr_gradcheck(form, varlen):
+    """float64 torch.autograd.gradcheck of the Triton backward (q, k, v, a, b, gk, initial_state through o and the
+    final state) on tiny shapes, packed layout with an empty and a length-1 segment included."""
+    args, cu = gradcheck_inputs(varlen, decay=True)
+    fn = {"chunk": chunk_op(16, chunk_dplr_delta_rule), "fused_recurrent": fused_recurrent_dplr_delta_rule}[form]
+
+    def f(q, k, v, a, b, gk, h0):
+        return fn(q=q, k=k, v=v, a=a, b=b, gk=gk, scale=0.8, initial_state=h0, output_final_state=True,
+                  cu_seqlens=cu)
+
+    assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=gradcheck_fast(form, varlen))
+
+
+@pytest.mark.parametrize("dtype", OP_DTYPES)
+def test_fused_recurrent_dplr_decode_carries_state(dtype, record):
+    """Decoding one token at a time (T = 1, B = 3) and carrying the final state into the next call reproduces
+    the reference on the whole sequence (NaN-poisoned output buffers: every element is written)."""
+    case = case_(B=3, T=4, H=2, K=8, V=5, dtype=dtype, seed=11)
+    x = inputs(case, decay=-5.0)
+    names = ("q", "k", "v", "a", "b", "gk")
+    ro, rht = reference.dplr_recurrent(*(x[n] for n in names), initial_state=x["initial_state"],
+                                       output_final_state=True)
+    state, outs = x["initial_state"], []
+    for t in range(case.T):
+        o, state = fused_recurrent_dplr_delta_rule(*(x[n][:, t:t + 1] for n in names), initial_state=state,
+                                                   output_final_state=True)
+        assert torch.isfinite(o).all() and torch.isfinite(state).all()
+        outs.append(o)
+    assert_close("o", torch.cat(outs, 1), ro, dtype, "forward", record=record)
+    assert_close("final_state", state, rht, dtype, "forward", record=record)
+
+
+@pytest.mark.parametrize("form", list(OPS))
+@pytest.mark.parametrize("where", ["q", "gk"])
+def test_dplr_nan_gives_nan(form, where):
+    """A NaN in q (sequence 1, token 1, head 0) makes that o row NaN; a NaN in gk makes that sequence and head's
+    o NaN from that token on and its final state NaN. Other sequences and heads stay finite, and so do the
+    earlier tokens in the fused recurrent form (the chunk form's matrix products may spread the NaN to earlier
+    rows of the same chunk). No crash either way."""
+    case = case_(B=2, T=3, H=2, K=8, V=4, dtype=torch.float32, seed=3)
+    x = inputs(case, decay=-5.0)
+    x[where][1, 1, 0, 5] = math.nan
+    o, ht = OPS[form](*(x[n] for n in ("q", "k", "v", "a", "b", "gk")), initial_state=x["initial_state"],
+                      output_final_state=True)
+    if where == "q":
+        assert torch.isnan(o[1, 1, 0]).all() and torch.isfinite(ht).all()
+    else:
+        assert torch.isnan(o[1, 1:, 0]).all() and torch.isnan(ht[1, 0]).all()
+        assert torch.isfinite(ht[0]).all() and torch.isfinite(ht[1, 1]).all()
+    assert torch.isfinite(o[0]).all() and torch.isfinite(o[:, :, 1]).all()
+    if form == "fused_recurrent" or where == "q":
+        assert torch.isfinite(o[1, 0, 0]).all() and (where == "gk" or torch.isfinite(o[1, 2, 0]).all())
+
+
+@pytest.mark.parametrize("form", list(OPS))
+@pytest.mark.parametrize("varlen", [False, True])
+def test_dplr_empty_input(form, varlen):
+    """T = 0 (or only empty segments): o is empty, the final state is the initial state (zeros without one),
+    and the initial state's gradient is the final state's upstream gradient."""
+    H, K, V = 2, 3, 5
+    B, N, cu = (1, 3, torch.zeros(4, dtype=torch.long, device=DEVICE)) if varlen else (2, 2, None)
+    q = torch.randn(B, 0, H, K, device=DEVICE, requires_grad=True)
+    v = torch.randn(B, 0, H, V, device=DEVICE, requires_grad=True)
+    gk = torch.randn(B, 0, H, K, device=DEVICE, requires_grad=True)
+    h0 = torch.randn(N, H, K, V, device=DEVICE, requires_grad=True)
+    o, ht = OPS[form](q, q, v, q, q, gk, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+    assert o.shape == (B, 0, H, V)
+    assert torch.equal(ht, h0)
+    dht = torch.randn_like(ht)
+    dq, dgk, dh0 = torch.autograd.grad((o, ht), (q, gk, h0), (torch.zeros_like(o), dht))
+    assert torch.equal(dh0, dht) and dq.shape == q.shape and dgk.shape == gk.shape
+    _, ht = OPS[form](q, q, v, q, q, gk, output_final_state=True, cu_seqlens=cu)
+    assert torch.equal(ht, torch.zeros(N, H, K, V, device=DEVICE))
+
+
+def bad_dplr(**kw):
+    gk = kw.pop("gk", None)
+    args = bad(**kw)
+    args["gk"] = -torch.rand(args["q"].shape, device=DEVICE) if gk is None else gk
+    return args
+
+
+DPLR_BAD_INPUTS = [
+    ({**kwargs, "gk": -torch.rand(kwargs["q"].shape, device=DEVICE)}, match) for kwargs, match in BAD_INPUTS
+] + [
+    (bad_dplr(gk=torch.randn(1, 6, 2, 5)), "gk"),
+    (bad_dplr(gk=torch.randn(1, 6, 2)), "gk"),
+    (bad_dplr(gk=torch.randn(1, 6, 2, 4, dtype=torch.float64)), "gk"),
+    (bad_dplr(gk=torch.ones(1, 6, 2, 4, dtype=torch.long)), "gk"),
+    ({**bad(), "gk": None}, "gk"),
+]
+
+
+@pytest.mark.parametrize("form", list(OPS))
+@pytest.mark.parametrize("kwargs, match", DPLR_BAD_INPUTS)
+def test_dplr_rejects_bad_input(form, kwargs, match):
+    """Malformed input raises a ValueError or TypeError that names the offending argument."""
+    with pytest.raises((ValueError, TypeError), match=match):
+        OPS[form](**kwargs)
