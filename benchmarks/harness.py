@@ -235,9 +235,9 @@ def _available(ctx, form):
 
 
 def _inputs(ctx, form, task, initial_state=False):
-    """One shared set of inputs per shape (every form at a point sees the same values); adapted layouts cached
-    beside it."""
-    key = (task["dtype"], task["B"], task["T"], task["H"], task["K"], task["V"], initial_state)
+    """One shared set of inputs per op and shape (every form of an op at a point sees the same values); adapted
+    layouts cached beside it."""
+    key = (form.family, task["dtype"], task["B"], task["T"], task["H"], task["K"], task["V"], initial_state)
     slot = ctx.cache.get("inputs")
     if slot is None or slot[0] != key:
         ctx.cache.pop("inputs", None)
@@ -306,20 +306,23 @@ def sweep_task(task, ctx):
     cold = not any(r.get("status") == "ok" for r in ctx.find(kind=task["kind"], form=form.name, mode=mode,
                                                                  dtype=task["dtype"]))
     cfg = ctx.config
-    res = measure(step, cfg["point_budget_s"], cfg["rep_ms"], cfg["warmup_ms"])
+    try:
+        res = measure(step, cfg["point_budget_s"], cfg["rep_ms"], cfg["warmup_ms"])
+    except NotImplementedError as e:  # a forward-only peer (fla's IPLR chunk, DPLR fused recurrent): found by trying
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise Skip(f"unsupported: {type(e).__name__}: {first[:240]}") from None
     for t in leaves:
         t.grad = None
     B, T, H, K, V = (task[n] for n in "BTHKV")
     fl = F.flops(form.flops_model, mode, B, T, H, K, V)
     eb = F.DTYPE_BYTES[task["dtype"]]
-    by = (F.attention_bytes(mode, B, T, H, K, V, eb) if R.FAMILIES[form.family].bytes_model == "attention"
-          else F.delta_rule_bytes(mode, B, T, H, K, V, eb))
+    by = F.io_bytes(R.FAMILIES[form.family].bytes_model, mode, B, T, H, K, V, eb)
     s = res["ms"] * 1e-3
     row = dict(status="ok", **res, cold=cold, tokens=B * T, tokens_per_s=B * T / s, flops=fl, bytes=by,
                tflops=fl / s / 1e12, gbps=by / s / 1e9, intensity=F.intensity(fl, by))
     if form.name == "sdpa":
         row["backend"] = R.sdpa_backend(x["q"], x["v"])
-    row["summary"] = (f"{form.name:<20} {mode:<7} {task['dtype']} B={B} T={T}: {res['ms']:.3f} ms, "
+    row["summary"] = (f"{form.name:<26} {mode:<7} {task['dtype']} B={B} T={T}: {res['ms']:.3f} ms, "
                       f"{row['tokens_per_s'] / 1e6:.2f} Mtok/s, {row['tflops']:.1f} TFLOP/s")
     return row
 
@@ -339,7 +342,7 @@ def decode_task(task, ctx):
     # decode calls take microseconds: a shorter do_bench window still averages hundreds of them
     res = measure(step, cfg["point_budget_s"], min(cfg["rep_ms"], 40), min(cfg["warmup_ms"], 10))
     eb = F.DTYPE_BYTES[task["dtype"]]
-    by = F.decode_bytes(N, H, K, V, eb)
+    by = F.decode_bytes(N, H, K, V, eb, model=R.FAMILIES[form.family].bytes_model)
     sb = F.decode_state_bytes(N, H, K, V)
     s = res["ms"] * 1e-3
     return dict(status="ok", **res, bytes=by, state_bytes=sb, gbps=by / s / 1e9, state_gbps=sb / s / 1e9,
@@ -481,40 +484,49 @@ def now_iso():
 
 
 def peer_table(rows) -> str:
-    """Text table: per mode and T, ms of each form and the ratios of peers to ours."""
+    """Text tables, one per op: per mode and T, ms of each of the op's forms and of the baselines (SDPA)."""
     ok = [r for r in rows if r.get("status") == "ok" and r.get("kind") in ("sweep", "point")]
-    forms = [f.name for f in R.FORMS if any(r["form"] == f.name for r in rows)]
+    present = [f.name for f in R.FORMS if any(r["form"] == f.name for r in rows)]
+    base = [f for f in present if R.op_of(f) is None]
     lines = []
-    for mode in MODES:
-        sel = [r for r in rows if r.get("mode") == mode]
-        if not sel:
+    for op in R.OPS:
+        forms = [f for f in present if R.op_of(f) == op]
+        if not forms:
             continue
-        lines.append(f"\n{mode}: ms per call (blank: skipped/error; see bench.json for reasons)")
-        lines.append(f"{'T':>7} {'B':>4} " + " ".join(f"{f:>19}" for f in forms))
-        for T in sorted({r["T"] for r in sel}):
-            cells = []
-            for f in forms:
-                r = next((r for r in ok if r["mode"] == mode and r["T"] == T and r["form"] == f), None)
-                cells.append(f"{r['ms']:>19.3f}" if r else f"{'-':>19}")
-            B = next(r["B"] for r in sel if r["T"] == T)
-            lines.append(f"{T:>7} {B:>4} " + " ".join(cells))
+        forms += base
+        for mode in MODES:
+            sel = [r for r in rows if r.get("mode") == mode and r["form"] in forms]
+            if not sel:
+                continue
+            lines.append(f"\n{R.FAMILIES[op].label}, {mode}: ms per call (-: skipped/error; see bench.json)")
+            lines.append(f"{'T':>7} {'B':>4} " + " ".join(f"{f:>24}" for f in forms))
+            for T in sorted({r["T"] for r in sel}):
+                cells = []
+                for f in forms:
+                    r = next((r for r in ok if r["mode"] == mode and r["T"] == T and r["form"] == f), None)
+                    cells.append(f"{r['ms']:>24.3f}" if r else f"{'-':>24}")
+                B = next(r["B"] for r in sel if r["T"] == T)
+                lines.append(f"{T:>7} {B:>4} " + " ".join(cells))
     return "\n".join(lines)
 
 
 def point_table(rows) -> str:
-    head = (f"{'form':<22}{'mode':<9}{'ms':>10}{'Mtok/s':>10}{'TFLOP/s':>9}{'GB/s':>8}{'%peak':>7}{'%bw':>6}"
+    """Text table of the point rows, grouped by op (each op's forms, then the baselines)."""
+    head = (f"{'form':<26}{'mode':<9}{'ms':>10}{'Mtok/s':>10}{'TFLOP/s':>9}{'GB/s':>8}{'%peak':>7}{'%bw':>6}"
             f"{'mem GiB':>9}{'first s':>9}  note")
     lines = [head, "-" * len(head)]
-    for r in rows:
-        if r.get("kind") != "point":
-            continue
+    pts = [r for r in rows if r.get("kind") == "point"]
+    order = {f.name: i for i, f in enumerate(R.FORMS)}
+    groups = list(R.OPS) + [None]
+    pts.sort(key=lambda r: (groups.index(R.op_of(r["form"])) if R.op_of(r["form"]) in groups else len(groups),
+                            order.get(r["form"], len(order))))
+    for r in pts:
         if r["status"] != "ok":
-            lines.append(f"{r['form']:<22}{r['mode']:<9}{'':>10}{'':>10}{'':>9}{'':>8}{'':>7}{'':>6}{'':>9}{'':>9}"
-                         f"  {r['status']}: {r.get('reason', '')}"[:200])
+            lines.append(f"{r['form']:<26}{r['mode']:<9}  {r['status']}: {r.get('reason', '')}"[:200])
             continue
         pct = lambda v: f"{100 * v:.0f}" if v is not None else "-"  # noqa: E731
         mem = r.get("mem_peak_bytes")
-        lines.append(f"{r['form']:<22}{r['mode']:<9}{r['ms']:>10.3f}{r['tokens_per_s'] / 1e6:>10.2f}"
+        lines.append(f"{r['form']:<26}{r['mode']:<9}{r['ms']:>10.3f}{r['tokens_per_s'] / 1e6:>10.2f}"
                      f"{r['tflops']:>9.1f}{r['gbps']:>8.0f}{pct(r.get('frac_peak_flops')):>7}"
                      f"{pct(r.get('frac_copy_bw')):>6}{(mem or 0) / 2 ** 30:>9.2f}{r['first_call_ms'] / 1e3:>9.2f}"
                      f"  {r.get('backend', '')}")
@@ -576,7 +588,8 @@ def build_parser():
     p.add_argument("--point", metavar="B=8,T=4096,H=16,K=128,V=128,dtype=bf16",
                    help="time exactly one configuration for every form, fwd and fwd+bwd, print a table, and stop")
     p.add_argument("--accuracy", action="store_true",
-                   help="also run the accuracy sweep (benchmarks/accuracy.py) inside the budget")
+                   help="also run the accuracy sweep (benchmarks/accuracy.py) inside the budget; with --point, the "
+                        "error vs float64 of every form at the point (T capped at each reference's limit)")
     p.add_argument("--accuracy-budget-s", type=float, default=110.0,
                    help="time reserved for --accuracy out of --budget-s (default %(default)s)")
     p.add_argument("--plots", action="store_true", help="write PNG plots to OUT/plots (needs matplotlib)")
@@ -619,20 +632,38 @@ def main(argv=None):
             for mode in strs(args.modes):
                 tasks.append(dict(key=point_key("point", f, mode, pt["dtype"], pt["B"], pt["T"], pt["H"], pt["K"],
                                                 pt["V"]), kind="point", form=f, mode=mode, **pt))
-        rows = run_job("point", "benchmarks.harness:execute", tasks, config, work, deadline, env=env,
+        # with --accuracy, part of the budget (--accuracy-budget-s, at most 40 %) is kept for the error at the point
+        acc_reserve = min(args.accuracy_budget_s, 0.4 * args.budget_s) if args.accuracy else 0.0
+        rows = run_job("point", "benchmarks.harness:execute", tasks, config, work, deadline - acc_reserve, env=env,
                        task_limit_s=args.task_limit_s)
         ceil = ceilings_of(rows)
         add_fractions([r for r in rows if r["kind"] == "point"], ceil)
         tag = f"B{pt['B']}-T{pt['T']}-H{pt['H']}-K{pt['K']}-V{pt['V']}-{pt['dtype']}"
         doc = dict(schema=1, kind="point", created=now_iso(), argv=sys.argv[1:], config=config, point=pt,
                    machine=_machine(rows), git=git_info(), source=source_hash(), ceilings=ceil,
-                   rows=[_clean(r) for r in rows if r["kind"] == "point"])
+                   forms=_forms_meta(), rows=[_clean(r) for r in rows if r["kind"] == "point"])
+        acc_rows = []
+        if args.accuracy:  # the error at the point (T capped at each reference's limit), inside the same budget
+            from benchmarks import accuracy
+            acc_forms = [f for f in forms if R.get(f).accuracy]
+            acc_tasks = accuracy.tasks_for(acc_forms, [pt["T"]], [pt["dtype"]], pt["B"], pt["H"], pt["K"], pt["V"],
+                                           clip=True)
+            acc_rows = run_job("point-accuracy", "benchmarks.accuracy:execute", acc_tasks,
+                               dict(config, point_budget_s=max(args.point_budget_s, 60.0)), work, deadline, env=env,
+                               task_limit_s=args.task_limit_s)
+            doc["accuracy"] = [_clean(r) for r in acc_rows]
+            doc["references"] = {f: R.FAMILIES[f].reference_note for f in dict.fromkeys(R.get(n).family
+                                                                                         for n in acc_forms)}
         path = os.path.join(out, f"point-{tag}.json")
         _dump(path, doc)
         shutil.rmtree(work, ignore_errors=True)
         print("\n" + point_table(rows))
         print(f"\nceilings: copy {ceil['copy_gbps'] or float('nan'):.0f} GB/s; matmul "
               + ", ".join(f"{k} {v:.4g} TFLOP/s" for k, v in ceil["matmul_tflops"].items()))
+        if acc_rows:
+            from benchmarks import accuracy
+            print("\nerror vs float64 at the point (rel_err; T and sequences compared as the reference allows):")
+            print(accuracy.point_table(acc_rows))
         print(f"wrote {path}")
         return 0
 
@@ -667,8 +698,7 @@ def main(argv=None):
                            dtypes=dtypes, modes=strs(args.modes), forms=forms,
                            decode_batches=ints(args.decode_batches), decode_dtype=args.decode_dtype),
                machine=_machine(rows), git=git_info(), source=source_hash(), ceilings=ceil,
-               forms={f.name: dict(label=f.label, op=f.family, form=f.form, provider=f.provider,
-                                   flops_model=f.flops_model) for f in R.FORMS},
+               forms=_forms_meta(),
                sweep=[_clean(r) for r in sweep], decode=[_clean(r) for r in decode],
                errors=[_clean(r) for r in rows if r["kind"] in ("machine", "ceiling") and r["status"] != "ok"])
     _dump(os.path.join(out, "bench.json"), doc)
@@ -697,6 +727,11 @@ def main(argv=None):
         print(f"packed {out} into {args.tar}")
     print(f"total {time.time() - t_start:.0f} s")
     return 0
+
+
+def _forms_meta():
+    return {f.name: dict(label=f.label, op=f.family, form=f.form, provider=f.provider, flops_model=f.flops_model)
+            for f in R.FORMS}
 
 
 def _machine(rows):

@@ -2,7 +2,7 @@
 (bench.json / accuracy.json as benchmarks/harness.py and benchmarks/accuracy.py write them) and returns PNG
 bytes, or None when the data has nothing to plot.
 
-    python3 -m benchmarks.plots reports/data/<gpu>      # writes reports/data/<gpu>/plots/*.png
+    python3 -m benchmarks.plots reports/data/<gpu>      # writes reports/data/<gpu>/plots/<plot>-<op>.png
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from benchmarks.registry import BY_NAME, FORMS  # noqa: E402
+from benchmarks.registry import BY_NAME, FORMS, OPS, op_subset  # noqa: E402
 
 MODES = ("fwd", "fwd+bwd")
 _STYLE = {"ours": "-", "fla": "--", "torch": ":"}
@@ -242,23 +242,29 @@ ACCURACY_PLOTS = {"error_vs_T": error_vs_T}
 
 
 def write_all(data_dir: str) -> list:
-    """Write every plot the folder's bench.json / accuracy.json support to data_dir/plots/*.png."""
+    """Write every plot the folder's bench.json / accuracy.json support to data_dir/plots/<plot>-<op>.png, one per
+    op (its forms beside the baselines)."""
     out = os.path.join(data_dir, "plots")
     written = []
-    for fname, table in (("bench.json", PLOTS), ("accuracy.json", ACCURACY_PLOTS)):
+    for fname, table, keys, base in (("bench.json", PLOTS, ("sweep", "decode"), True),
+                                     ("accuracy.json", ACCURACY_PLOTS, ("rows",), False)):
         path = os.path.join(data_dir, fname)
         if not os.path.exists(path):
             continue
         with open(path) as f:
             doc = json.load(f)
-        for name, fn in table.items():
-            png = fn(doc)
-            if png:
-                os.makedirs(out, exist_ok=True)
-                p = os.path.join(out, f"{name}.png")
-                with open(p, "wb") as f:
-                    f.write(png)
-                written.append(p)
+        for op in OPS:
+            sub = op_subset(doc, op, keys, base)
+            if sub is None:
+                continue
+            for name, fn in table.items():
+                png = fn(sub)
+                if png:
+                    os.makedirs(out, exist_ok=True)
+                    p = os.path.join(out, f"{name}-{op}.png")
+                    with open(p, "wb") as f:
+                        f.write(png)
+                    written.append(p)
     return written
 
 

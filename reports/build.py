@@ -12,8 +12,10 @@ yet"):
   verification-gpu.json                    the same as `nox -s gpu` writes it (machine from its meta)
   <gpu>/point-*.json                       single-configuration timings (harness --point)
 
-Plots are PNGs inlined as base64 data URIs (matplotlib; without it the plots are replaced by a note). No
-scripts, no network.
+Every accuracy and speed section has one part per op (the delta rule, DeltaFormer, IPLR, DPLR; the list is
+benchmarks.registry.OPS), each op's forms beside fla's and causal SDPA (the baseline shown with every op); an op
+without data says "not measured yet". Plots are PNGs inlined as base64 data URIs (matplotlib; without it the plots
+are replaced by a note). No scripts, no network.
 """
 from __future__ import annotations
 
@@ -32,6 +34,8 @@ import xml.etree.ElementTree as ET
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+from benchmarks import registry as R  # noqa: E402  (no torch import: the op list and each form's op)
 
 # Section ids and headings, in page order (the report test checks each is present).
 SECTIONS = [
@@ -52,6 +56,20 @@ UNKNOWN_DTYPE = "dtype not recorded"
 DTYPE_ORDER = ["float64", "float32", "float16", "bfloat16", UNKNOWN_DTYPE]
 KNOWN_OPS = ["gated_delta_rule", "delta_rule", "iplr", "dplr", "deltaformer", "l2norm", "solve_tril"]
 KNOWN_FORMS = ["fused_recurrent", "fused_chunk", "recurrent", "chunk", "parallel", "reference"]
+
+
+OPS = list(R.OPS)
+OP_LABELS = {o: R.FAMILIES[o].label or o for o in OPS}
+DECODE_OPS = {f.family for f in R.FORMS if f.decode}
+
+
+def op_doc(doc, op, keys, baselines=True):
+    """`doc` with its rows under `keys` restricted to op's forms (+ baselines), or None (registry.op_subset)."""
+    return R.op_subset(doc, op, keys, baselines)
+
+
+def op_heading(op, extra="") -> str:
+    return el("h4", esc(OP_LABELS.get(op, op) + extra))
 
 
 def esc(x) -> str:
@@ -446,7 +464,7 @@ def peer_html(bench) -> str:
                 row.append(fmt(ms.get(n), ".4g"))
                 row.append(_ratio(ms.get(n), best))
             rows.append(row)
-        out.append(el("h3", esc(f"{mode} ({cfg['dtype']}, H={cfg['H']}, K={cfg['K']}, V={cfg['V']})")) +
+        out.append(el("h5", esc(f"{mode} ({cfg['dtype']}, H={cfg['H']}, K={cfg['K']}, V={cfg['V']})")) +
                    table(head, rows))
     out.append(note("Ratios above 1 mean ours is faster. Blank: the form skipped or failed that point (the full "
                     "table under Throughput gives the reason)."))
@@ -527,6 +545,49 @@ def ceilings_html(bench) -> str:
     if c.get("copy_gbps"):
         rows.append(["device-to-device copy (read + write)", fmt(c["copy_gbps"], ".4g"), "GB/s"])
     return table(["ceiling (measured in the same run)", "value", "unit"], rows) if rows else missing("ceilings")
+
+
+def accuracy_by_op(acc, what) -> str:
+    """Per op: the error-vs-T plot and the table of every point, or "not measured yet"."""
+    refs = (acc.get("config") or {}).get("references") or {}
+    parts = []
+    for op in OPS:
+        sub = op_doc(acc, op, ("rows",), baselines=False)
+        if sub is None:
+            parts.append(op_heading(op) + missing(f"{OP_LABELS[op]}: {what}"))
+            continue
+        parts.append(op_heading(op) + (note(f"Reference: {refs[op]}.") if refs.get(op) else "")
+                     + img("error_vs_T", sub, f"{OP_LABELS[op]}: {what}")
+                     + el("details", el("summary", "every point") + accuracy_table(sub)))
+    return "".join(parts)
+
+
+def point_html(p) -> str:
+    """One point's rows: time, rates, peak memory and (when measured) the error vs float64 of each form."""
+    acc = {r["form"]: r for r in p.get("accuracy") or []}
+    rows = []
+    for r in p.get("rows") or []:
+        a = acc.get(r["form"]) if r.get("mode") == "fwd" else None
+        err = "–"
+        if a and a.get("status") == "ok":
+            e = a["errors"]
+            grads = {k: v for k, v in e.items() if k.startswith("d")}
+            err = f"o {fmt(e.get('o'))}" + (f", {max(grads, key=grads.get)} {fmt(max(grads.values()))}"
+                                             if grads else "")
+            if a.get("T_measured") and a["T_measured"] != a.get("T"):
+                err += f" (T={a['T_measured']})"
+        elif a:
+            err = f"{a.get('status')}: {a.get('reason', '')}"
+        if r.get("status") == "ok":
+            mem = r.get("mem_peak_bytes")
+            rows.append([_label(p, r["form"]), r["mode"], fmt(r["ms"], ".4g"), fmt(r["tokens_per_s"] / 1e6, ".4g"),
+                         fmt(r["tflops"], ".3g"), fmt(r["gbps"], ".4g"), fmt(mem / 2 ** 30, ".3g") if mem else "–",
+                         err])
+        else:
+            rows.append([_label(p, r["form"]), r.get("mode"), "", "", "", "", "",
+                         f"{r.get('status')}: {r.get('reason', '')}" + (f"; {err}" if err != "–" else "")])
+    return table(["form", "mode", "ms", "Mtok/s", "TFLOP/s", "GB/s", "peak GiB", "error vs float64 (worst grad)"],
+                 rows)
 
 
 def accuracy_table(acc) -> str:
@@ -662,17 +723,16 @@ def build(data=None, out=None) -> str:
             cfg = a.get("config", {})
             aparts.append(el("h3", tag_gpu + " " + esc(f"{gname(g)}: B={cfg.get('B')}, H={cfg.get('H')}, "
                                                        f"K={cfg.get('K')}, V={cfg.get('V')}")))
-            aparts.append(img("error_vs_T", a, "error vs T"))
-            aparts.append(el("details", el("summary", "every point") + accuracy_table(a)))
+            aparts.append(accuracy_by_op(a, f"{gname(g)} error vs T"))
     if not any(g.get("accuracy") for g in gpus):
-        aparts.append(el("h3", tag_gpu + " GPU") + missing("GPU error vs T"))
+        aparts.append(el("h3", tag_gpu + " GPU") + missing("GPU error vs T")
+                      + note("Ops to measure: " + ", ".join(OP_LABELS[o] for o in OPS) + "."))
     aparts.append(el("h3", tag_cpu + " " + esc("CPU (tiny shapes, Triton interpreter)")))
     if cpu_acc:
         cfg = cpu_acc.get("config", {})
         aparts.append(note(f"B={cfg.get('B')}, H={cfg.get('H')}, K={cfg.get('K')}, V={cfg.get('V')}; reference "
                            f"{cfg.get('reference')}."))
-        aparts.append(img("error_vs_T", cpu_acc, "CPU error vs T"))
-        aparts.append(el("details", el("summary", "every point") + accuracy_table(cpu_acc)))
+        aparts.append(accuracy_by_op(cpu_acc, "CPU error vs T"))
     else:
         aparts.append(missing("CPU error vs T"))
     body["accuracy"] = "".join(aparts)
@@ -682,33 +742,58 @@ def build(data=None, out=None) -> str:
     for g in benches:
         b = g["bench"]
         h = el("h3", tag_gpu + " " + esc(gname(g)))
-        tp.append(h + img("throughput_vs_T", b, "throughput vs T") + img("tflops_vs_T", b, "TFLOP/s vs T")
-                  + el("details", el("summary", "every point (with skip and error reasons)") + sweep_table(b)))
-        mem.append(h + img("memory_vs_T", b, "memory vs T")
+        tp_, mem_, roof_, peers_ = [h], [h], [h], [h]
+        for op in OPS:
+            sub = op_doc(b, op, ("sweep",))
+            what = f"{OP_LABELS[op]} on {gname(g)}"
+            if sub is None:
+                for part, kind in ((tp_, "throughput"), (mem_, "memory"), (roof_, "roofline"), (peers_, "peers")):
+                    part.append(op_heading(op) + missing(f"{what}: {kind}"))
+                continue
+            tp_.append(op_heading(op) + img("throughput_vs_T", sub, f"{what}: throughput vs T")
+                       + img("tflops_vs_T", sub, f"{what}: TFLOP/s vs T")
+                       + el("details", el("summary", "every point (with skip and error reasons)") + sweep_table(sub)))
+            mem_.append(op_heading(op) + img("memory_vs_T", sub, f"{what}: memory vs T"))
+            roof_.append(op_heading(op) + img("roofline", sub, f"{what}: roofline"))
+            peers_.append(op_heading(op) + peer_html(sub))
+        tp.append("".join(tp_))
+        mem.append("".join(mem_)
                    + note("torch.cuda.max_memory_allocated over one call after a reset, minus what was allocated "
                           "before it: outputs, saved activations and workspace (fwd+bwd: also the gradients); the "
                           "inputs, shared by every form, are not counted. The process-wide peak is in the table "
                           "under Throughput."))
-        roof.append(h + img("roofline", b, "roofline") + ceilings_html(b))
-        peers.append(h + peer_html(b))
+        roof.append("".join(roof_) + ceilings_html(b))
+        peers.append("".join(peers_))
     for g in gpus:
         b = g.get("bench")
         if b and b.get("sweep") or g.get("points"):
             fc.append(el("h3", tag_gpu + " " + esc(gname(g))) + first_call_html(b or {}, g.get("points") or []))
         if b and b.get("decode"):
-            dec.append(el("h3", tag_gpu + " " + esc(gname(g))) + decode_html(b))
+            parts = [el("h3", tag_gpu + " " + esc(gname(g)))]
+            for op in OPS:
+                if op not in DECODE_OPS:
+                    continue
+                sub = op_doc(b, op, ("decode",), baselines=False)
+                parts.append(op_heading(op) + (decode_html(sub) if sub else
+                                               missing(f"{OP_LABELS[op]} decode on {gname(g)}")))
+            dec.append("".join(parts))
     for g in gpus:
         for p in g.get("points") or []:
-            rows = [[_label(p, r["form"]), r["mode"], fmt(r["ms"], ".4g"), fmt(r["tokens_per_s"] / 1e6, ".4g"),
-                     fmt(r["tflops"], ".3g"), fmt(r["gbps"], ".4g")] for r in _ok(p.get("rows"))]
-            if rows:
-                pt = p.get("point", {})
-                peers.append(el("h3", esc(f"{gname(g)}: --point " + ",".join(f"{k}={v}" for k, v in pt.items())))
-                             + table(["form", "mode", "ms", "Mtok/s", "TFLOP/s", "GB/s"], rows))
-    body["throughput"] = "".join(tp) or missing("GPU throughput")
+            pt = p.get("point", {})
+            parts = []
+            for op in OPS:
+                sub = op_doc(p, op, ("rows", "accuracy"))
+                if sub is None:
+                    parts.append(op_heading(op) + missing(f"{OP_LABELS[op]} at this point"))
+                    continue
+                parts.append(op_heading(op) + point_html(sub))
+            peers.append(el("h3", esc(f"{gname(g)}: --point " + ",".join(f"{k}={v}" for k, v in pt.items())))
+                         + "".join(parts))
+    no_gpu = note("Ops to measure: " + ", ".join(OP_LABELS[o] for o in OPS) + ", each beside fla and causal SDPA.")
+    body["throughput"] = "".join(tp) or missing("GPU throughput") + no_gpu
     body["memory"] = "".join(mem) or missing("GPU memory")
     body["roofline"] = "".join(roof) or missing("GPU roofline")
-    body["peers"] = "".join(peers) or missing("peer comparison (ours vs fla vs SDPA)")
+    body["peers"] = "".join(peers) or missing("peer comparison (ours vs fla vs SDPA)") + no_gpu
     body["first-call"] = "".join(fc) or missing("first-call times")
     body["decode"] = "".join(dec) or missing("decode")
 
