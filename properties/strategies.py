@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from hypothesis import strategies as st
 
 ON_GPU = torch.cuda.is_available()
@@ -123,3 +124,29 @@ def with_examples(cases, **extra):
             test = example(case=c, **extra)(test)
         return test
     return add
+
+
+def low_rank(case, family):
+    """a, b per token (float64, CPU): the stable family b = -lambda a with |a| = 1 and lambda in [0, 2]
+    (transitions I - lambda a a^T, norm <= 1), or raw independent a, b with entries N(0, 1/4K)."""
+    g = torch.Generator().manual_seed(case.seed + 2)
+    shape = (case.B, case.T, case.H, case.K)
+    a = torch.randn(shape, generator=g, dtype=torch.float64)
+    if family == "raw":
+        s = 0.5 / case.K ** 0.5
+        return a * s, torch.randn(shape, generator=g, dtype=torch.float64) * s
+    lam = 2 * torch.rand(shape[:-1], generator=g, dtype=torch.float64)[..., None]
+    a = F.normalize(a, dim=-1)
+    return a, -lam * a
+
+
+def log_decay(case, low, ends=False):
+    """gk = low * U(0, 1) per key channel (float64, CPU); with ends, 15% of the entries exactly `low` and 15%
+    exactly 0 (channels that do not decay next to ones that decay hard)."""
+    g = torch.Generator().manual_seed(case.seed + 3)
+    shape = (case.B, case.T, case.H, case.K)
+    gk = low * torch.rand(shape, generator=g, dtype=torch.float64)
+    if ends:
+        r = torch.rand(shape, generator=g, dtype=torch.float64)
+        gk = torch.where(r < 0.15, low, torch.where(r > 0.85, 0.0, gk))
+    return gk

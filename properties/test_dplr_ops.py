@@ -11,14 +11,12 @@ import ops.common.utils as utils
 import ops.generalized_delta_rule.dplr.fused_recurrent as fused_recurrent
 import reference
 from ops.generalized_delta_rule import chunk_dplr_delta_rule, fused_recurrent_dplr_delta_rule
-from properties.strategies import DEVICE, OP_DTYPES, delta_cases
-from properties.test_iplr_ops import (
+from properties.generalized_support import (
     BAD_INPUTS,
     CHUNK_SIZES,
     EDGE_CASES,
     RAW_MAX_T,
     bad,
-    case_,
     check_op,
     chunk_op,
     edge_examples,
@@ -29,6 +27,7 @@ from properties.test_iplr_ops import (
     small_tiles,
     with_fields,
 )
+from properties.strategies import DEVICE, OP_DTYPES, delta_cases, fixed_case
 from properties.tolerances import assert_close
 
 # decay families: gk = -5 U(0, 1), and strong decay gk = -20 U(0, 1) with 15% of the entries exactly -20 and 15%
@@ -83,7 +82,7 @@ def test_dplr_decay_of_minus_20_stays_finite_and_accurate(form, dtype, record):
     chunks of 32 (two 16-row blocks each): outputs and gradients are finite and within the bounds. dgk is then
     ~exp(-20) times the other gradients, below float16's smallest subnormal, so half-precision inputs take gk in
     float32 (as the API allows) and get dgk in float32."""
-    case = case_(T=70, H=2, K=8, V=4, dtype=dtype, seed=21, unit_keys=False)
+    case = fixed_case(T=70, H=2, K=8, V=4, dtype=dtype, seed=21, unit_keys=False)
     x = inputs(case)
     x["gk"] = torch.full(x["q"].shape, -20.0, dtype=utils.acc_dtype(dtype), device=DEVICE)
     op = chunk_op(32, chunk_dplr_delta_rule) if form == "chunk" else fused_recurrent_dplr_delta_rule
@@ -94,7 +93,7 @@ def test_fused_recurrent_dplr_checkpoint_segments(monkeypatch, record):
     """With a short checkpoint segment (4 tokens) sequences span many segments, segment ends fall inside packed
     sequences, and the recomputed states still give the reference gradients."""
     monkeypatch.setattr(fused_recurrent, "CK", 4)
-    case = case_(K=5, V=3, H=2, dtype=torch.float64, seqlens=(9, 0, 1, 4, 13), seed=5)
+    case = fixed_case(K=5, V=3, H=2, dtype=torch.float64, seqlens=(9, 0, 1, 4, 13), seed=5)
     check_op(fused_recurrent_dplr_delta_rule, reference.dplr_recurrent, inputs(case, decay=-5.0), case.dtype,
              record)
 
@@ -118,7 +117,7 @@ def test_dplr_gradcheck(form, varlen):
 def test_fused_recurrent_dplr_decode_carries_state(dtype, record):
     """Decoding one token at a time (T = 1, B = 3) and carrying the final state into the next call reproduces
     the reference on the whole sequence (NaN-poisoned output buffers: every element is written)."""
-    case = case_(B=3, T=4, H=2, K=8, V=5, dtype=dtype, seed=11)
+    case = fixed_case(B=3, T=4, H=2, K=8, V=5, dtype=dtype, seed=11)
     x = inputs(case, decay=-5.0)
     names = ("q", "k", "v", "a", "b", "gk")
     ro, rht = reference.dplr_recurrent(*(x[n] for n in names), initial_state=x["initial_state"],
@@ -140,7 +139,7 @@ def test_dplr_nan_gives_nan(form, where):
     o NaN from that token on and its final state NaN. Other sequences and heads stay finite, and so do the
     earlier tokens in the fused recurrent form (the chunk form's matrix products may spread the NaN to earlier
     rows of the same chunk). No crash either way."""
-    case = case_(B=2, T=3, H=2, K=8, V=4, dtype=torch.float32, seed=3)
+    case = fixed_case(B=2, T=3, H=2, K=8, V=4, dtype=torch.float32, seed=3)
     x = inputs(case, decay=-5.0)
     x[where][1, 1, 0, 5] = math.nan
     o, ht = OPS[form](*(x[n] for n in ("q", "k", "v", "a", "b", "gk")), initial_state=x["initial_state"],

@@ -13,8 +13,8 @@ from ops.generalized_delta_rule import (
     fused_recurrent_dplr_delta_rule,
     fused_recurrent_iplr_delta_rule,
 )
+from properties.generalized_support import CHUNK_SIZES, chunk_op, edge_examples, inputs, leaves, nonempty, upstream
 from properties.strategies import delta_cases
-from properties.test_iplr_ops import CHUNK_SIZES, chunk_op, edge_examples, inputs, leaves, nonempty, upstream
 from properties.tolerances import assert_close
 
 MAX_T = 40

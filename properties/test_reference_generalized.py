@@ -6,26 +6,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import reference as R
-from properties.strategies import delta_cases
+from properties.strategies import delta_cases, log_decay, low_rank
 from properties.tolerances import REFERENCE_AGREEMENT, rel_err
 
 cases = delta_cases(dtypes=[torch.float64], max_T=40, head_sizes=[1, 3, 8])
-
-
-def low_rank(x, seed, raw):
-    """a, b per token: the stable family b = -lambda a with |a| = 1, lambda in [0, 2], or raw small a, b."""
-    g = torch.Generator().manual_seed(seed)
-    shape = x["k"].shape
-    a = torch.randn(shape, generator=g, dtype=torch.float64)
-    if raw:
-        return a / shape[-1], torch.randn(shape, generator=g, dtype=torch.float64) / shape[-1]
-    a = F.normalize(a, dim=-1)
-    return a, -2 * torch.rand(shape[:-1], generator=g, dtype=torch.float64)[..., None] * a
-
-
-def decay(x, seed, low=-5.0):
-    g = torch.Generator().manual_seed(seed + 1)
-    return low * torch.rand(x["k"].shape, generator=g, dtype=torch.float64)
 
 
 def common(x):
@@ -37,7 +21,7 @@ def common(x):
 def test_iplr_recurrence_equals_transition_product(case, raw):
     """IPLR token by token equals S_r = P_r S_0 + H_r from dense products of G_t = I + b_t a_t^T."""
     x = case.make("cpu")
-    a, b = low_rank(x, case.seed, raw)
+    a, b = low_rank(case, "raw" if raw else "stable")
     o1, s1 = R.iplr_recurrent(x["q"], x["k"], x["v"], a, b, **common(x))
     o2, s2 = R.iplr_transition_product(x["q"], x["k"], x["v"], a, b, **common(x))
     assert rel_err(o1, o2) < REFERENCE_AGREEMENT and rel_err(s1, s2) < REFERENCE_AGREEMENT
@@ -47,8 +31,8 @@ def test_iplr_recurrence_equals_transition_product(case, raw):
 def test_dplr_recurrence_equals_transition_product(case, raw):
     """DPLR token by token equals the dense product of G_t = diag(exp(gk_t)) + b_t a_t^T."""
     x = case.make("cpu")
-    a, b = low_rank(x, case.seed, raw)
-    gk = decay(x, case.seed)
+    a, b = low_rank(case, "raw" if raw else "stable")
+    gk = log_decay(case, -5.0)
     o1, s1 = R.dplr_recurrent(x["q"], x["k"], x["v"], a, b, gk, **common(x))
     o2, s2 = R.dplr_transition_product(x["q"], x["k"], x["v"], a, b, gk, **common(x))
     assert rel_err(o1, o2) < REFERENCE_AGREEMENT and rel_err(s1, s2) < REFERENCE_AGREEMENT
@@ -68,7 +52,7 @@ def test_iplr_with_a_minus_beta_k_b_k_is_the_delta_rule(case):
 def test_dplr_with_zero_decay_is_iplr(case, raw):
     """DPLR with gk = 0 (no decay) is IPLR."""
     x = case.make("cpu")
-    a, b = low_rank(x, case.seed, raw)
+    a, b = low_rank(case, "raw" if raw else "stable")
     o1, s1 = R.dplr_recurrent(x["q"], x["k"], x["v"], a, b, torch.zeros_like(a), **common(x))
     o2, s2 = R.iplr_recurrent(x["q"], x["k"], x["v"], a, b, **common(x))
     assert rel_err(o1, o2) < REFERENCE_AGREEMENT and rel_err(s1, s2) < REFERENCE_AGREEMENT
@@ -78,8 +62,8 @@ def test_dplr_with_zero_decay_is_iplr(case, raw):
 def test_dplr_state_splits_at_any_t(case, data):
     """DPLR over [0, t) then [t, T) from the carried state equals one run, strong decay (gk down to -20) included."""
     x = case.make("cpu")
-    a, b = low_rank(x, case.seed, False)
-    gk = decay(x, case.seed, low=-20.0)
+    a, b = low_rank(case, "stable")
+    gk = log_decay(case, -20.0)
     t = data.draw(st.integers(0, case.T))
     o, s = R.dplr_recurrent(x["q"], x["k"], x["v"], a, b, gk, **common(x))
     cut = lambda z, sl: z[:, sl]  # noqa: E731
