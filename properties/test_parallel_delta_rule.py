@@ -191,7 +191,7 @@ def test_parallel_bad_input_raises():
     q, k, v, beta, s0 = (inp[n] for n in GRAD_NAMES)
     cu = torch.tensor([0, 2, 5], device=DEVICE)
     bad = [
-        (TypeError, "q", lambda: parallel_delta_rule(q.numpy() if DEVICE == "cpu" else q.cpu(), k, v, beta)),
+        (TypeError, "q", lambda: parallel_delta_rule(q.detach().cpu().numpy(), k, v, beta)),
         (ValueError, "k", lambda: parallel_delta_rule(q, k[:, :4], v, beta)),
         (TypeError, "v", lambda: parallel_delta_rule(q, k, v.double(), beta)),
         (ValueError, "v", lambda: parallel_delta_rule(q, k, v[:, :, :1], beta)),
@@ -209,6 +209,8 @@ def test_parallel_bad_input_raises():
         (TypeError, "scale", lambda: parallel_delta_rule(q, k, v, beta, scale="0.5")),
         (ValueError, "chunk_size", lambda: parallel_delta_rule(q, k, v, beta, chunk_size=24)),
     ]
+    if DEVICE == "cuda":  # a CPU tensor among CUDA ones (on the CPU everything is on the CPU already)
+        bad.append((ValueError, "q", lambda: parallel_delta_rule(q.cpu(), k, v, beta)))
     for exc, word, call in bad:
         with pytest.raises(exc, match=word):
             call()
