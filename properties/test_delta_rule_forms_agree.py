@@ -1,5 +1,6 @@
 """The three Triton forms of the delta rule hold the rule's algebra on their own: they agree with each other,
 a state carried across a split equals one run, and a packed batch equals its segments run alone."""
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -18,6 +19,11 @@ def agree(name, a, b, dtype, record=None):
     if record is not None:
         record(f"forms.{name}", err, two, dtype=dtype)
     assert err <= two, f"{name}: {err:.3e} > {two:.3e} ({dtype})"
+
+
+def tokens(x, sl):
+    """The inputs with the per-token tensors (q, k, v, beta) cut to the time steps `sl`."""
+    return {n: (x[n][:, sl] if n in ("q", "k", "v", "beta") else x[n]) for n in x}
 
 
 def chunk(x, **kw):
@@ -55,37 +61,24 @@ def test_chunk_state_splits_at_any_t(case, data):
     x = case.make()
     t = data.draw(st.integers(0, case.T))
     o, s = chunk(x, chunk_size=16)
-    cut = lambda sl: {n: (x[n][:, sl] if n in ("q", "k", "v", "beta") else x[n]) for n in x}  # noqa: E731
-    o1, s1 = chunk(cut(slice(0, t)), chunk_size=16)
-    o2, s2 = chunk(dict(cut(slice(t, None)), initial_state=s1), chunk_size=16)
+    o1, s1 = chunk(tokens(x, slice(0, t)), chunk_size=16)
+    o2, s2 = chunk(dict(tokens(x, slice(t, None)), initial_state=s1), chunk_size=16)
     agree("split.o", torch.cat([o1, o2], 1), o, case.dtype)
     agree("split.state", s2, s, case.dtype)
 
 
-@given(delta_cases(varlen=True, **CPU_SMALL))
-def test_recurrent_varlen_equals_each_segment_alone(case):
-    """A packed batch through the fused recurrent form equals each segment run alone (o and final states)."""
+@pytest.mark.parametrize("form", ["chunk", "recurrent"])
+@given(case=delta_cases(varlen=True, **CPU_SMALL))
+def test_varlen_equals_each_segment_alone(form, case):
+    """A packed batch through the chunk or the fused recurrent form equals each segment run alone (o and final
+    states)."""
+    run = {"chunk": lambda x: chunk(x, chunk_size=16), "recurrent": recurrent}[form]
     x = case.make()
-    o, s = recurrent(x)
+    o, s = run(x)
     cu = x["cu_seqlens"].tolist()
     for n, (a, b) in enumerate(zip(cu[:-1], cu[1:])):
-        seg = {m: (x[m][:, a:b] if m in ("q", "k", "v", "beta") else x[m]) for m in x}
-        seg.update(cu_seqlens=None, initial_state=None if x["initial_state"] is None else x["initial_state"][n:n + 1])
-        on, sn = recurrent(seg)
-        agree("varlen.o", o[:, a:b], on, case.dtype)
-        agree("varlen.state", s[n:n + 1], sn, case.dtype)
-
-
-@given(delta_cases(varlen=True, **CPU_SMALL))
-def test_chunk_varlen_equals_each_segment_alone(case):
-    """A packed batch through the chunk form equals each segment run alone (o and final states)."""
-    x = case.make()
-    o, s = chunk(x, chunk_size=16)
-    cu = x["cu_seqlens"].tolist()
-    for n, (a, b) in enumerate(zip(cu[:-1], cu[1:])):
-        seg = {m: (x[m][:, a:b] if m in ("q", "k", "v", "beta") else x[m]) for m in x}
-        seg.update(cu_seqlens=None, initial_state=None if x["initial_state"] is None else x["initial_state"][n:n + 1])
-        on, sn = chunk(seg, chunk_size=16)
+        S0 = None if x["initial_state"] is None else x["initial_state"][n:n + 1]
+        on, sn = run(dict(tokens(x, slice(a, b)), cu_seqlens=None, initial_state=S0))
         agree("varlen.o", o[:, a:b], on, case.dtype)
         agree("varlen.state", s[n:n + 1], sn, case.dtype)
 
