@@ -7,7 +7,8 @@
 #   1. machine: nvidia-smi's query, torch / triton / fla versions, the commit ($DELTACHECK_COMMIT, else git)
 #      -> $OUT/machine.json
 #   2. tests (unless --no-tests): python3 -m pytest properties -n 16 -p no:cacheprovider
-#      --continue-on-collection-errors --junitxml=$OUT/junit.xml with DELTACHECK_PROFILE=ci and
+#      --continue-on-collection-errors --junitxml=$OUT/junit.xml with DELTACHECK_PROFILE=gpu (ci's examples,
+#      no shrinking) and
 #      DELTACHECK_RECORD=$OUT/verification-gpu.json, TRITON_CACHE_DIR=.triton_cache (in the repo), stopped by
 #      SIGINT at --tests-limit seconds (pytest then still writes junit.xml and the records; record parts of
 #      workers that were cut off are merged afterwards) -> $OUT/pytest.log, junit.xml, verification-gpu.json
@@ -17,13 +18,14 @@
 #      reports/data/<gpu slug>/ (the test results copied in as verification-gpu.json / .junit.xml), packed into
 #      $OUT/gpu-data.tgz (unpack at the repo root: tar xzf gpu-data.tgz) -> $OUT/bench.log, gpu-data.tgz
 #   Finally a compact summary of all of it (the last ~100 lines of output) -> $OUT/summary.txt.
-#   $OUT gets at most 7 files, no folders.
+#   The Triton cache, when under 15 MB packed -> $OUT/triton-cache.tgz. $OUT gets at most 8 files, no folders.
 #
 # Options:
 #   --tests-limit S    pytest's time limit in seconds (default 330)
 #   --no-tests         skip step 2
 #   --bench            run step 3
-#   --bench-budget S   seconds for step 3 (default 200); --point-share F of it (default 0.5) goes to the point
+#   --bench-budget S   seconds kept for step 3 (default 200; it gets all the time left when the tests end early);
+#                      --point-share F of it (default 0.5) goes to the point
 #   --total S          end everything within S seconds of the start (default 570; a device command may run 600):
 #                      the tests' limit and the bench budget shrink to fit
 #   --forms LIST       harness forms, comma-separated (default: every registered form)
@@ -144,9 +146,9 @@ if [ "$RUN_TESTS" = 1 ]; then
     say "pytest-xdist missing: the suite runs in one process"
   fi
   rm -f "$OUT/verification-gpu.json" "$OUT"/verification-gpu.json.gw* "$OUT/junit.xml"
-  say "tests: pytest $TESTS ${NFLAG[*]} (profile ci, limit ${limit}s) -> $OUT/pytest.log"
+  say "tests: pytest $TESTS ${NFLAG[*]} (profile ${DELTACHECK_PROFILE:-gpu}, limit ${limit}s) -> $OUT/pytest.log"
   # shellcheck disable=SC2086
-  DELTACHECK_PROFILE=ci DELTACHECK_RECORD="$OUT/verification-gpu.json" \
+  DELTACHECK_PROFILE="${DELTACHECK_PROFILE:-gpu}" DELTACHECK_RECORD="$OUT/verification-gpu.json" \
     timeout -s INT -k 30 "$limit" python3 -m pytest $TESTS "${NFLAG[@]}" -p no:cacheprovider \
     --continue-on-collection-errors --junitxml="$OUT/junit.xml" >"$OUT/pytest.log" 2>&1
   TESTS_RC=$?
@@ -158,8 +160,7 @@ fi
 # --- 3. bench
 SLUG=""
 if [ "$RUN_BENCH" = 1 ]; then
-  budget=$BENCH_BUDGET
-  [ $(( $(left) - 25 )) -lt "$budget" ] && budget=$(( $(left) - 25 ))
+  budget=$(( $(left) - 25 ))  # at least --bench-budget was kept for it; tests that end early leave it more
   if [ "$budget" -lt 40 ]; then
     say "bench skipped: only $(left) s left of --total $TOTAL"
     RUN_BENCH=0
@@ -209,6 +210,11 @@ if [ -n "$DATA" ] && [ -d "$DATA" ]; then
     "$REPO"/*) tar -czf "$OUT/gpu-data.tgz" -C "$REPO" "${DATA#"$REPO"/}" ;;
     *) tar -czf "$OUT/gpu-data.tgz" -C "$(dirname "$DATA")" "$(basename "$DATA")" ;;
   esac
+fi
+# the Triton cache, for a later call to carry back in (tar xzf triton-cache.tgz; carry .triton_cache), when small
+if [ "$DRY" = 0 ] && [ -d "$TRITON_CACHE_DIR" ]; then
+  tar -czf "$OUT/triton-cache.tgz" -C "$(dirname "$TRITON_CACHE_DIR")" "$(basename "$TRITON_CACHE_DIR")"
+  [ "$(stat -c %s "$OUT/triton-cache.tgz")" -gt 15000000 ] && rm -f "$OUT/triton-cache.tgz"
 fi
 for f in pytest.log bench.log; do  # keep what comes back under 16 MiB a file
   if [ -f "$OUT/$f" ] && [ "$(stat -c %s "$OUT/$f")" -gt 12000000 ]; then

@@ -2,6 +2,8 @@
 
 Profiles (one test body for quick and deep runs), chosen by DELTACHECK_PROFILE:
   ci        fast and deterministic (derandomize), what `nox -s tests` runs
+  gpu       ci's examples without shrinking (a failure on a lent GPU is reported as drawn, not minimized:
+            shrinking recompiles kernels for every candidate and can take minutes)
   dev       the default: a few more random examples
   thorough  many examples, for `nox -s properties` and the GPU
 """
@@ -12,7 +14,7 @@ import platform
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 from properties import tolerances
 
@@ -20,6 +22,8 @@ _common = dict(deadline=None, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                       HealthCheck.filter_too_much, HealthCheck.function_scoped_fixture])
 settings.register_profile("ci", max_examples=6, derandomize=True, **_common)
+settings.register_profile("gpu", max_examples=6, derandomize=True,
+                          phases=[Phase.explicit, Phase.reuse, Phase.generate], **_common)
 settings.register_profile("dev", max_examples=20, **_common)
 settings.register_profile("thorough", max_examples=200, **_common)
 settings.load_profile(os.environ.get("DELTACHECK_PROFILE", "dev"))

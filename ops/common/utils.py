@@ -3,6 +3,7 @@ import os
 
 import torch
 import triton
+from triton.runtime.errors import OutOfResources
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_SIZE = 256
@@ -163,3 +164,34 @@ def on_device(device):
     """Launch kernels on `device` (Triton launches on the current CUDA device)."""
     import contextlib
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+# Shared memory that software pipelining may fill with in-flight loads (H100/H200: 227 KiB per block in all;
+# the rest is left for the dot operands' layout conversions).
+PIPELINE_SMEM = 96 * 1024
+
+
+def pipeline_stages(stage_bytes: int) -> int:
+    """num_stages for a loop whose iteration loads stage_bytes: 2 where two copies fit the budget, else 1."""
+    return 2 if 2 * stage_bytes <= PIPELINE_SMEM else 1
+
+
+_FITTING_STAGES = {}  # (kernel, constexprs and argument dtypes) -> num_stages that fit
+
+
+def launch_fitting(kernel, grid, *args, stages=(3, 2, 1), **kwargs):
+    """kernel[grid](*args, **kwargs) with the deepest software pipeline that fits the GPU's shared memory: the
+    first num_stages of `stages` whose compiled kernel fits (Triton refuses a launch that does not, before
+    anything runs, with OutOfResources). The choice is kept per kernel, constexprs and argument dtypes."""
+    key = (kernel, tuple((k, getattr(v, "dtype", v)) for k, v in kwargs.items()),
+           tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))
+    tried = (_FITTING_STAGES[key],) if key in _FITTING_STAGES else stages
+    for i, s in enumerate(tried):
+        try:
+            out = kernel[grid](*args, num_stages=s, **kwargs)
+        except OutOfResources:
+            if i == len(tried) - 1:
+                raise
+            continue
+        _FITTING_STAGES[key] = s
+        return out

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ops.common.utils import acc_dtype, block_size, dot_precision, interpreting, new_empty
+from ops.common.utils import acc_dtype, block_size, dot_precision, interpreting, new_empty, pipeline_stages
 
 
 @triton.jit
@@ -229,16 +229,6 @@ def chunk_h_bwd_kernel(q, k, w, do, dv_local, dh, dv_new, dht, ds0, offsets, chu
             tl.store(_st(p0, i_h, H, K, V, 2 * BK, v0, BK, BV), b_h2.to(DT), boundary_check=(0, 1))
         if NK > 3:
             tl.store(_st(p0, i_h, H, K, V, 3 * BK, v0, BK, BV), b_h3.to(DT), boundary_check=(0, 1))
-
-
-# Shared memory that software pipelining may fill with in-flight loads (H100/H200: 227 KiB per block in all;
-# the rest is left for the dot operands' layout conversions).
-PIPELINE_SMEM = 96 * 1024
-
-
-def pipeline_stages(stage_bytes: int) -> int:
-    """num_stages for a loop whose iteration loads stage_bytes: 2 where two copies fit the budget, else 1."""
-    return 2 if 2 * stage_bytes <= PIPELINE_SMEM else 1
 
 
 # Largest K / V tile (tests lower it to reach the multi-tile paths with small head sizes).

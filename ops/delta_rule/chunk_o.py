@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ops.common.utils import acc_dtype, block_size, dot_precision, new_empty
-from ops.delta_rule.chunk_h import _st, _tok, pipeline_stages
+from ops.common.utils import acc_dtype, block_size, dot_precision, new_empty, pipeline_stages
+from ops.delta_rule.chunk_h import _st, _tok
 
 
 @triton.jit

@@ -9,8 +9,7 @@ import triton
 import triton.language as tl
 
 from ops.common.solve_tril import solve_unit_lower
-from ops.common.utils import acc_dtype, block_size, dot_precision, new_empty
-from ops.delta_rule.chunk_h import pipeline_stages
+from ops.common.utils import acc_dtype, block_size, dot_precision, new_empty, pipeline_stages
 
 
 @triton.jit
@@ -97,8 +96,10 @@ def wy_bwd_kernel(k, v, beta, x, dw, du, dk_in, dk, dv, dbeta, offsets, cmap,
     p_db = tl.make_block_ptr(dbeta + bos * H + i_h, (L,), (H,), (j * C,), (C,), (0,))
     tl.store(p_db, b_db.to(p_db.dtype.element_ty), boundary_check=(0,))
 
+    # diag(beta) dA K + (diag(beta) dA)^T K = M K with the symmetric M = bdA + bdA^T (formed once; a transposed
+    # dot result fed straight into tl.dot miscompiles on Hopper, cf. fla PR 826)
     b_bdA = b_dA * b_b[:, None]
-    b_bdA_t = tl.trans(b_bdA)
+    b_M = b_bdA + tl.trans(b_bdA)
     for i_k in range(tl.cdiv(K, BK)):
         p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (L, K), (H * K, 1), (j * C, i_k * BK), (C, BK), (1, 0))
         p_dw = tl.make_block_ptr(dw + (bos * H + i_h) * K, (L, K), (H * K, 1), (j * C, i_k * BK), (C, BK), (1, 0))
@@ -108,7 +109,7 @@ def wy_bwd_kernel(k, v, beta, x, dw, du, dk_in, dk, dv, dbeta, offsets, cmap,
         b_dw = tl.load(p_dw, boundary_check=(0, 1))
         b_dk = tl.load(p_dki, boundary_check=(0, 1)).to(ACC)
         b_dk += tl.dot(b_Xt, b_dw, input_precision=DOT_PREC) * b_b[:, None]
-        b_dk += tl.dot(b_bdA, b_k, input_precision=DOT_PREC) + tl.dot(b_bdA_t, b_k, input_precision=DOT_PREC)
+        b_dk += tl.dot(b_M, b_k, input_precision=DOT_PREC)
         tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), boundary_check=(0, 1))
 
 

@@ -86,6 +86,13 @@ def check_chunk_size(chunk_size):
         raise ValueError(f"chunk_size must be one of {CHUNK_SIZES}, got {chunk_size!r}")
 
 
+def fitting_chunk_size(chunk_size, dtype, K):
+    """The chunk size the kernels run with: the one asked for, except float64 with K > 128 runs in chunks of at
+    most 32 (the state pass holds [C, K] tiles whole; at C = 64, K = 256 float64 they exceed an H100's shared
+    memory). The result does not depend on the chunk size beyond rounding."""
+    return min(chunk_size, 32) if dtype == torch.float64 and K > 128 else chunk_size
+
+
 def chunk_dplr_delta_rule(q, k, v, a, b, gk, scale=None, initial_state=None, output_final_state=False,
                           cu_seqlens=None, chunk_size=64):
     """The DPLR delta rule in chunkwise form, fla layout (fla 0.6.0's chunk_dplr_delta_rule).
@@ -93,7 +100,7 @@ def chunk_dplr_delta_rule(q, k, v, a, b, gk, scale=None, initial_state=None, out
     S_t = (diag(exp(gk_t)) + b_t a_t^T) S_{t-1} + k_t v_t^T,  o_t = scale S_t^T q_t.
     q, k, a, b, gk [B, T, H, K], v [B, T, H, V] (one dtype: float16, bfloat16, float32 or float64; gk may also
     be float32); gk is a log decay (<= 0); scale defaults to K^-0.5; initial_state [N, H, K, V]; cu_seqlens
-    (int [N + 1], B == 1) packs N sequences; chunk_size in (16, 32, 64).
+    (int [N + 1], B == 1) packs N sequences; chunk_size in (16, 32, 64) (at most 32 for float64 with K > 128).
     Returns (o [B, T, H, V] in q's dtype, final state [N, H, K, V] (float32; float64 for float64 inputs) when
     output_final_state else None). Differentiable in q, k, v, a, b, gk and initial_state."""
     if gk is None:
@@ -101,4 +108,4 @@ def chunk_dplr_delta_rule(q, k, v, a, b, gk, scale=None, initial_state=None, out
     *_, scale = check_inputs(q, k, v, a, b, gk, scale, initial_state, cu_seqlens)
     check_chunk_size(chunk_size)
     return ChunkDPLRFunction.apply(q, k, v, a, b, gk, scale, initial_state, bool(output_final_state), cu_seqlens,
-                                   chunk_size)
+                                   fitting_chunk_size(chunk_size, q.dtype, q.shape[-1]))

@@ -34,7 +34,7 @@ pass (left out of dgam too, in chunk_o.py).
 import triton
 import triton.language as tl
 
-from ops.common.utils import acc_dtype, block_size, dot_precision, new_empty
+from ops.common.utils import acc_dtype, block_size, dot_precision, launch_fitting, new_empty
 from ops.generalized_delta_rule.utils import masked_exp, seq_block, seq_row
 
 BC = 16  # rows per diagonal block
@@ -314,9 +314,9 @@ def chunk_A_fwd(q, k, a, b, g, gk, offsets, cmap, chunk_size):
     acc = acc_dtype(q.dtype)
     mats = tuple(new_empty((NC, H, C, C), acc, q.device) for _ in range(4))
     if NC:
-        chunk_A_fwd_kernel[(C // BC, NC, H)](q, k, a, b, g, gk, *mats, offsets, cmap, H=H, K=K, C=C, BC=BC,
-                                             BK=min(TILE, block_size(K)), USE_GK=g is not None,
-                                             DOT_PREC=dot_precision(q.dtype), num_warps=_warps(gk))
+        launch_fitting(
+            chunk_A_fwd_kernel, (C // BC, NC, H), q, k, a, b, g, gk, *mats, offsets, cmap, H=H, K=K, C=C, BC=BC,
+            BK=min(TILE, block_size(K)), USE_GK=g is not None, DOT_PREC=dot_precision(q.dtype), num_warps=_warps(gk))
     return mats
 
 
@@ -330,7 +330,8 @@ def chunk_A_bwd(q, k, a, b, g, gk, dA, d_in, dgam, offsets, cmap, chunk_size):
     dgk = None if gk is None else new_empty(gk.shape, gk.dtype, gk.device)
     if NC:
         BK = min(TILE, block_size(K))
-        chunk_A_bwd_kernel[(triton.cdiv(K, BK), NC, H)](q, k, a, b, g, gk, *dA, *d_in, dgam, *outs, dgk, offsets,
-                                                        cmap, H=H, K=K, C=C, BC=BC, BK=BK, USE_GK=gk is not None,
-                                                        DOT_PREC=dot_precision(q.dtype), num_warps=_warps(gk))
+        launch_fitting(
+            chunk_A_bwd_kernel, (triton.cdiv(K, BK), NC, H), q, k, a, b, g, gk, *dA, *d_in, dgam, *outs, dgk, offsets,
+            cmap, H=H, K=K, C=C, BC=BC, BK=BK, USE_GK=gk is not None, DOT_PREC=dot_precision(q.dtype),
+            num_warps=_warps(gk))
     return (*outs, dgk)

@@ -15,7 +15,7 @@ accumulation dtype.
 import triton
 import triton.language as tl
 
-from ops.common.utils import acc_dtype, dot_precision, interpreting, new_empty
+from ops.common.utils import acc_dtype, dot_precision, interpreting, launch_fitting, new_empty
 from ops.generalized_delta_rule.utils import masked_exp, mat_block, seq_block, seq_row, state_tile
 
 
@@ -174,10 +174,11 @@ def chunk_h_fwd(k, b, v, g, wm, u, initial_state, output_final_state, offsets, c
     ht = new_empty((N, H, K, V), acc, k.device) if output_final_state else None
     BK, BV = _blocks(K, V, k.dtype)
     if N * H:
-        chunk_h_fwd_kernel[(triton.cdiv(V, BV), N * H)](
-            k, b, v, g, wm, u, h, w, initial_state, ht, offsets, chunk_offsets, H=H, K=K, V=V, C=chunk_size,
-            BK=BK, BV=BV, USE_GK=g is not None, USE_S0=initial_state is not None, STORE_FINAL=ht is not None,
-            DOT_PREC=dot_precision(k.dtype), WHILE_LOOP=interpreting())
+        launch_fitting(
+            chunk_h_fwd_kernel, (triton.cdiv(V, BV), N * H), k, b, v, g, wm, u, h, w, initial_state, ht, offsets,
+            chunk_offsets, H=H, K=K, V=V, C=chunk_size, BK=BK, BV=BV, USE_GK=g is not None,
+            USE_S0=initial_state is not None, STORE_FINAL=ht is not None, DOT_PREC=dot_precision(k.dtype),
+            WHILE_LOOP=interpreting())
     return h, w, ht
 
 
@@ -194,8 +195,9 @@ def chunk_h_bwd(q, k, b, g, wm, do, dw_loc, dv_loc, dht, initial_state, scale_t,
     ds0 = None if initial_state is None else new_empty((N, H, K, V), initial_state.dtype, k.device)
     BK, BV = _blocks(K, V, k.dtype)
     if N * H:
-        chunk_h_bwd_kernel[(triton.cdiv(V, BV), N * H)](
-            q, k, b, g, wm, do, dw_loc, dv_loc, dh, dw, dv, dht, ds0, offsets, chunk_offsets, scale_t, H=H, K=K, V=V,
-            C=chunk_size, BK=BK, BV=BV, USE_GK=g is not None, USE_DHT=dht is not None, STORE_DS0=ds0 is not None,
-            DOT_PREC=dot_precision(k.dtype), WHILE_LOOP=interpreting())
+        launch_fitting(
+            chunk_h_bwd_kernel, (triton.cdiv(V, BV), N * H), q, k, b, g, wm, do, dw_loc, dv_loc, dh, dw, dv, dht, ds0,
+            offsets, chunk_offsets, scale_t, H=H, K=K, V=V, C=chunk_size, BK=BK, BV=BV, USE_GK=g is not None,
+            USE_DHT=dht is not None, STORE_DS0=ds0 is not None, DOT_PREC=dot_precision(k.dtype),
+            WHILE_LOOP=interpreting())
     return dh, dw, dv, ds0

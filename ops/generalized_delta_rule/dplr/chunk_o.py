@@ -15,7 +15,7 @@ backward (loops over V).
 import triton
 import triton.language as tl
 
-from ops.common.utils import acc_dtype, block_size, dot_precision, new_empty
+from ops.common.utils import acc_dtype, block_size, dot_precision, launch_fitting, new_empty
 from ops.generalized_delta_rule.utils import masked_exp, mat_block, seq_block, seq_row
 
 
@@ -154,9 +154,9 @@ def chunk_o_fwd(q, v, g, h, w, Aqk, Aqb, scale_t, offsets, cmap, chunk_size):
     o = new_empty((B, T, H, V), q.dtype, q.device)
     if NC:
         BK, BV = _blocks(K, V)
-        chunk_o_fwd_kernel[(triton.cdiv(V, BV), NC, H)](q, v, g, h, w, Aqk, Aqb, o, scale_t, offsets, cmap, H=H,
-                                                        K=K, V=V, C=chunk_size, BK=BK, BV=BV, USE_GK=g is not None,
-                                                        DOT_PREC=dot_precision(q.dtype))
+        launch_fitting(
+            chunk_o_fwd_kernel, (triton.cdiv(V, BV), NC, H), q, v, g, h, w, Aqk, Aqb, o, scale_t, offsets, cmap, H=H,
+            K=K, V=V, C=chunk_size, BK=BK, BV=BV, USE_GK=g is not None, DOT_PREC=dot_precision(q.dtype))
     return o
 
 
@@ -169,8 +169,9 @@ def chunk_o_bwd_local(v, w, do, Aqk, Aqb, scale_t, offsets, cmap, chunk_size):
     dw = new_empty((B, T, H, V), acc, v.device)
     dv = new_empty((B, T, H, V), acc, v.device)
     if NC:
-        chunk_o_bwd_local_kernel[(NC, H)](v, w, do, Aqk, Aqb, dAqk, dAqb, dw, dv, scale_t, offsets, cmap, H=H, V=V,
-                                          C=C, BV=_blocks(1, V)[1], DOT_PREC=dot_precision(v.dtype))
+        launch_fitting(
+            chunk_o_bwd_local_kernel, (NC, H), v, w, do, Aqk, Aqb, dAqk, dAqb, dw, dv, scale_t, offsets, cmap, H=H, V=V,
+            C=C, BV=_blocks(1, V)[1], DOT_PREC=dot_precision(v.dtype))
     return dAqk, dAqb, dw, dv
 
 
@@ -184,8 +185,8 @@ def chunk_o_bwd_state(k, b, v, g, h, w, do, dh, dw, scale_t, offsets, cmap, chun
     dgam = None if g is None else new_empty((NC, H, K), acc, k.device)
     if NC:
         BK, BV = _blocks(K, V)
-        chunk_o_bwd_state_kernel[(triton.cdiv(K, BK), NC, H)](k, b, v, g, h, w, do, dh, dw, dq, dk, db, dwm, dgam,
-                                                              scale_t, offsets, cmap, H=H, K=K, V=V, C=chunk_size,
-                                                              BK=BK, BV=BV, USE_GK=g is not None,
-                                                              DOT_PREC=dot_precision(k.dtype))
+        launch_fitting(
+            chunk_o_bwd_state_kernel, (triton.cdiv(K, BK), NC, H), k, b, v, g, h, w, do, dh, dw, dq, dk, db, dwm, dgam,
+            scale_t, offsets, cmap, H=H, K=K, V=V, C=chunk_size, BK=BK, BV=BV, USE_GK=g is not None,
+            DOT_PREC=dot_precision(k.dtype))
     return dq, dk, db, dwm, dgam

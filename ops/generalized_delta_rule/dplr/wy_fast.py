@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ops.common.solve_tril import solve_unit_lower
-from ops.common.utils import acc_dtype, block_size, dot_precision, new_empty
+from ops.common.utils import acc_dtype, block_size, dot_precision, launch_fitting, new_empty
 from ops.generalized_delta_rule.utils import masked_exp, mat_block, seq_block
 
 
@@ -111,8 +111,9 @@ def wy_fwd(a, g, gk, v, Aak, Aab, offsets, cmap, chunk_size):
     u = new_empty((B, T, H, V), acc, a.device)
     if NC:
         BK, BV = _blocks(K, V)
-        wy_fwd_kernel[(NC, H)](a, g, gk, v, Aak, Aab, x, wm, u, offsets, cmap, H=H, K=K, V=V, C=C, BK=BK, BV=BV,
-                               USE_GK=g is not None, DOT_PREC=dot_precision(a.dtype))
+        launch_fitting(
+            wy_fwd_kernel, (NC, H), a, g, gk, v, Aak, Aab, x, wm, u, offsets, cmap, H=H, K=K, V=V, C=C, BK=BK, BV=BV,
+            USE_GK=g is not None, DOT_PREC=dot_precision(a.dtype))
     return x, wm, u
 
 
@@ -127,7 +128,7 @@ def wy_bwd(g, gk, v, Aak, x, wm, u, dwm, du, dv_in, offsets, cmap, chunk_size):
     da = new_empty((B, T, H, K), acc, v.device)
     if NC:
         BK, BV = _blocks(K, V)
-        wy_bwd_kernel[(NC, H)](g, gk, v, Aak, x, wm, u, dwm, du, dv_in, dv, dAak, dAab, da, offsets, cmap,
-                               H=H, K=K, V=V, C=C, BK=BK, BV=BV, USE_GK=g is not None,
-                               DOT_PREC=dot_precision(v.dtype))
+        launch_fitting(
+            wy_bwd_kernel, (NC, H), g, gk, v, Aak, x, wm, u, dwm, du, dv_in, dv, dAak, dAab, da, offsets, cmap, H=H,
+            K=K, V=V, C=C, BK=BK, BV=BV, USE_GK=g is not None, DOT_PREC=dot_precision(v.dtype))
     return dv, dAak, dAab, da

@@ -2,7 +2,7 @@
 
     S_t = (I + b_t a_t^T) S_{t-1} + k_t v_t^T,    o_t = scale * S_t^T q_t     (state [K, V])
 """
-from ops.generalized_delta_rule.dplr.chunk import ChunkDPLRFunction, check_chunk_size
+from ops.generalized_delta_rule.dplr.chunk import ChunkDPLRFunction, check_chunk_size, fitting_chunk_size
 from ops.generalized_delta_rule.utils import check_inputs
 
 
@@ -12,9 +12,10 @@ def chunk_iplr_delta_rule(q, k, v, a, b, scale=None, initial_state=None, output_
 
     q, k, a, b [B, T, H, K], v [B, T, H, V] (one dtype: float16, bfloat16, float32 or float64); scale defaults to
     K^-0.5; initial_state [N, H, K, V]; cu_seqlens (int [N + 1], B == 1) packs N sequences; chunk_size in
-    (16, 32, 64). Returns (o [B, T, H, V] in q's dtype, final state [N, H, K, V] (float32; float64 for float64
-    inputs) when output_final_state else None). Differentiable in q, k, v, a, b and initial_state."""
+    (16, 32, 64) (at most 32 for float64 with K > 128). Returns (o [B, T, H, V] in q's dtype, final state
+    [N, H, K, V] (float32; float64 for float64 inputs) when output_final_state else None). Differentiable in q, k,
+    v, a, b and initial_state."""
     *_, scale = check_inputs(q, k, v, a, b, None, scale, initial_state, cu_seqlens)
     check_chunk_size(chunk_size)
     return ChunkDPLRFunction.apply(q, k, v, a, b, None, scale, initial_state, bool(output_final_state), cu_seqlens,
-                                   chunk_size)
+                                   fitting_chunk_size(chunk_size, q.dtype, q.shape[-1]))
