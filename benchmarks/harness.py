@@ -100,7 +100,10 @@ def git_info() -> dict:
             return r.stdout.strip() if r.returncode == 0 else None
         except Exception:
             return None
-    commit = git("rev-parse", "HEAD") or os.environ.get("DELTACHECK_COMMIT")
+    given = os.environ.get("DELTACHECK_COMMIT")
+    if given:  # a copied working tree (the GPU machine's) may carry a stale .git: the sender names the commit
+        return dict(commit=given, dirty=None, source="DELTACHECK_COMMIT")
+    commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no")
     return dict(commit=commit or "unknown", dirty=bool(status) if status is not None else None)
 
