@@ -325,6 +325,8 @@ def sweep_task(task, ctx):
                tflops=fl / s / 1e12, gbps=by / s / 1e9, intensity=F.intensity(fl, by))
     if form.name == "sdpa":
         row["backend"] = R.sdpa_backend(x["q"], x["v"])
+    elif form.name == "sdpa.default":
+        row["backend"] = "default"
     row["summary"] = (f"{form.name:<26} {mode:<7} {task['dtype']} B={B} T={T}: {res['ms']:.3f} ms, "
                       f"{row['tokens_per_s'] / 1e6:.2f} Mtok/s, {row['tflops']:.1f} TFLOP/s")
     return row

@@ -191,6 +191,13 @@ def call_sdpa(fn, x, output_final_state=False, **kwargs):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True), None
 
 
+def call_sdpa_default(fn, x, output_final_state=False, **kwargs):
+    """Causal SDPA on [B, H, T, D] inputs with torch's own backend choice (cuDNN attention on an H100 where torch
+    has it). Returns (o, None)."""
+    import torch.nn.functional as F
+    return F.scaled_dot_product_attention(x["q"], x["k"], x["v"], is_causal=True), None
+
+
 def sdpa_backend(q, v) -> str:
     """Which backend call_sdpa used for inputs like q, v."""
     import torch
@@ -355,6 +362,9 @@ FORMS = [
          decode=True),
     Form("sdpa", "causal SDPA (torch)", "softmax_attention", "sdpa", "torch",
          "benchmarks.registry:sdpa", call_sdpa, "softmax_attention", final_state=False, accuracy=False,
+         adapt_inputs=to_attention_inputs),
+    Form("sdpa.default", "causal SDPA (torch, default backend)", "softmax_attention", "sdpa", "torch",
+         "benchmarks.registry:sdpa", call_sdpa_default, "softmax_attention", final_state=False, accuracy=False,
          adapt_inputs=to_attention_inputs),
 ]
 

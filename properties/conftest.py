@@ -37,6 +37,20 @@ def record():
     return tolerances.keep
 
 
+def _write_part():
+    """Under pytest-xdist, a worker's records so far -> PATH.<worker> (after every test, so a worker stopped by a
+    time limit keeps what it measured)."""
+    path, worker = os.environ.get("DELTACHECK_RECORD"), os.environ.get("PYTEST_XDIST_WORKER")
+    if path and worker and tolerances.RECORDS:
+        with open(f"{path}.{worker}.tmp", "w") as f:
+            json.dump(dict(records=tolerances.RECORDS), f)
+        os.replace(f"{path}.{worker}.tmp", f"{path}.{worker}")
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    _write_part()
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Write the records to $DELTACHECK_RECORD. Under pytest-xdist each worker writes PATH.<worker> and the
     controller, which finishes last, merges them into PATH."""
@@ -48,6 +62,9 @@ def pytest_sessionfinish(session, exitstatus):
         path = f"{path}.{worker}"
     else:
         for part in sorted(glob.glob(glob.escape(path) + ".gw*")):
+            if part.endswith(".tmp"):  # a write cut off mid-way (the complete previous part is beside it)
+                os.remove(part)
+                continue
             with open(part) as f:
                 tolerances.RECORDS.extend(json.load(f)["records"])
             os.remove(part)
