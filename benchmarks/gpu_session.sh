@@ -18,7 +18,7 @@
 #      reports/data/<gpu slug>/ (the test results copied in as verification-gpu.json / .junit.xml), packed into
 #      $OUT/gpu-data.tgz (unpack at the repo root: tar xzf gpu-data.tgz) -> $OUT/bench.log, gpu-data.tgz
 #   Finally a compact summary of all of it (the last ~100 lines of output) -> $OUT/summary.txt.
-#   The Triton cache, when under 15 MB packed -> $OUT/triton-cache.tgz. $OUT gets at most 8 files, no folders.
+#   $OUT gets at most 7 files, no folders.
 #
 # Options:
 #   --tests-limit S    pytest's time limit in seconds (default 330)
@@ -210,11 +210,6 @@ if [ -n "$DATA" ] && [ -d "$DATA" ]; then
     "$REPO"/*) tar -czf "$OUT/gpu-data.tgz" -C "$REPO" "${DATA#"$REPO"/}" ;;
     *) tar -czf "$OUT/gpu-data.tgz" -C "$(dirname "$DATA")" "$(basename "$DATA")" ;;
   esac
-fi
-# the Triton cache, for a later call to carry back in (tar xzf triton-cache.tgz; carry .triton_cache), when small
-if [ "$DRY" = 0 ] && [ -d "$TRITON_CACHE_DIR" ]; then
-  tar -czf "$OUT/triton-cache.tgz" -C "$(dirname "$TRITON_CACHE_DIR")" "$(basename "$TRITON_CACHE_DIR")"
-  [ "$(stat -c %s "$OUT/triton-cache.tgz")" -gt 15000000 ] && rm -f "$OUT/triton-cache.tgz"
 fi
 for f in pytest.log bench.log; do  # keep what comes back under 16 MiB a file
   if [ -f "$OUT/$f" ] && [ "$(stat -c %s "$OUT/$f")" -gt 12000000 ]; then

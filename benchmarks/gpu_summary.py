@@ -138,6 +138,23 @@ def merge_records(path) -> int:
     return len(parts)
 
 
+def junit_cases(root):
+    """(classname, name, outcome, message) of every testcase of a parsed pytest junit XML; outcome is passed,
+    failed, error, skipped or cut_off (a test stopped by a time limit, which pytest-xdist writes nameless: never a
+    pass)."""
+    for tc in root.iter("testcase"):
+        if not tc.get("name"):
+            yield None, None, "cut_off", ""
+            continue
+        outcome, msg = "passed", ""
+        for child in tc:
+            if child.tag in ("failure", "error", "skipped"):
+                outcome = {"failure": "failed"}.get(child.tag, child.tag)
+                msg = child.get("message") or (child.text or "")
+                break
+        yield tc.get("classname", ""), tc.get("name"), outcome, msg
+
+
 def junit_outcomes(path):
     """(totals dict, [(test id, outcome, message)] for failures and errors) from a pytest junit XML, or None."""
     try:
@@ -152,21 +169,11 @@ def junit_outcomes(path):
             time_s += float(suite.get("time", 0))
         except ValueError:
             pass
-    for tc in root.iter("testcase"):
-        if not tc.get("name"):  # what pytest-xdist writes for a test stopped by the time limit: not a pass
-            totals["cut_off"] += 1
-            continue
-        outcome, msg = "passed", ""
-        for child in tc:
-            if child.tag in ("failure", "error", "skipped"):
-                outcome = {"failure": "failed"}.get(child.tag, child.tag)
-                msg = child.get("message") or (child.text or "")
-                break
+    for cls, name, outcome, msg in junit_cases(root):
         totals[outcome] += 1
         if outcome in ("failed", "error"):
-            cls = tc.get("classname", "")
             file = cls.replace(".", "/") + ".py" if cls else "?"
-            bad.append((f"{file}::{tc.get('name', '?')}", outcome, msg))
+            bad.append((f"{file}::{name}", outcome, msg))
     totals["time_s"] = time_s
     return totals, bad
 

@@ -37,13 +37,18 @@ def record():
     return tolerances.keep
 
 
-def _write_part():
+def _meta(exitstatus=None):
+    return dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+                torch=torch.__version__, profile=os.environ.get("DELTACHECK_PROFILE", "dev"), exitstatus=exitstatus)
+
+
+def _write_part(exitstatus=None):
     """Under pytest-xdist, a worker's records so far -> PATH.<worker> (after every test, so a worker stopped by a
-    time limit keeps what it measured)."""
+    time limit keeps what it measured; the controller merges the parts)."""
     path, worker = os.environ.get("DELTACHECK_RECORD"), os.environ.get("PYTEST_XDIST_WORKER")
     if path and worker and tolerances.RECORDS:
         with open(f"{path}.{worker}.tmp", "w") as f:
-            json.dump(dict(records=tolerances.RECORDS), f)
+            json.dump(dict(meta=_meta(exitstatus), records=tolerances.RECORDS), f)
         os.replace(f"{path}.{worker}.tmp", f"{path}.{worker}")
 
 
@@ -57,21 +62,17 @@ def pytest_sessionfinish(session, exitstatus):
     path = os.environ.get("DELTACHECK_RECORD")
     if not path:
         return
-    worker = os.environ.get("PYTEST_XDIST_WORKER")
-    if worker:
-        path = f"{path}.{worker}"
-    else:
-        for part in sorted(glob.glob(glob.escape(path) + ".gw*")):
-            if part.endswith(".tmp"):  # a write cut off mid-way (the complete previous part is beside it)
-                os.remove(part)
-                continue
-            with open(part) as f:
-                tolerances.RECORDS.extend(json.load(f)["records"])
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        _write_part(int(exitstatus))
+        return
+    for part in sorted(glob.glob(glob.escape(path) + ".gw*")):
+        if part.endswith(".tmp"):  # a write cut off mid-way (the complete previous part is beside it)
             os.remove(part)
+            continue
+        with open(part) as f:
+            tolerances.RECORDS.extend(json.load(f)["records"])
+        os.remove(part)
     if not tolerances.RECORDS:
         return
-    meta = dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
-                torch=torch.__version__, profile=os.environ.get("DELTACHECK_PROFILE", "dev"),
-                exitstatus=int(exitstatus))
     with open(path, "w") as f:
-        json.dump(dict(meta=meta, records=tolerances.RECORDS), f, indent=1)
+        json.dump(dict(meta=_meta(int(exitstatus)), records=tolerances.RECORDS), f, indent=1)

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 import ops.delta_rule.parallel as par
 import reference
 from ops.delta_rule.parallel import parallel_delta_rule
-from properties.strategies import DEVICE, Case, delta_cases
+from properties.strategies import DEVICE, delta_cases, fixed_case
 from properties.tolerances import assert_close, bound, rel_err
 
 GRAD_NAMES = ("q", "k", "v", "beta", "initial_state")
@@ -17,23 +17,14 @@ GRAD_NAMES = ("q", "k", "v", "beta", "initial_state")
 CHUNKS = st.sampled_from([16, 32, 64])
 
 
-def _case(**kw):
-    base = dict(B=1, T=1, H=1, K=1, V=1, dtype=torch.float32, seed=0, unit_keys=True, beta_max=2.0,
-                beta_ends=False, initial_state=True, seqlens=None, scale=None)
-    base.update(kw)
-    if base["seqlens"] is not None:
-        base.update(B=1, T=sum(base["seqlens"]))
-    return Case(**base)
-
-
 # Edge cases every run sees: one token and head size 1; packed empty and length-1 segments; an empty input;
 # K != V and odd sizes over several blocks of 16 with sequences ending inside a block; betas on 0 and 2.
 EDGE_CASES = [
-    _case(),
-    _case(K=3, V=1, dtype=torch.float64, seqlens=(0, 1, 5, 0)),
-    _case(seqlens=(0, 0), K=8, V=8),
-    _case(B=2, T=40, H=2, K=24, V=3, dtype=torch.float16, unit_keys=False, beta_max=1.0, initial_state=False),
-    _case(K=5, V=24, seqlens=(17, 0, 1, 33), beta_ends=True, seed=3, scale=0.5),
+    fixed_case(),
+    fixed_case(K=3, V=1, dtype=torch.float64, seqlens=(0, 1, 5, 0)),
+    fixed_case(seqlens=(0, 0), K=8, V=8),
+    fixed_case(B=2, T=40, H=2, K=24, V=3, dtype=torch.float16, unit_keys=False, beta_max=1.0, initial_state=False),
+    fixed_case(K=5, V=24, seqlens=(17, 0, 1, 33), beta_ends=True, seed=3, scale=0.5),
 ]
 
 
@@ -154,7 +145,7 @@ def test_parallel_gradients_match_reference(case, chunk, narrow, record):
 def test_parallel_backward_gradcheck(narrow):
     """float64 torch.autograd.gradcheck of the Triton backward (q, k, v, beta and initial_state) on packed
     sequences of lengths 0, 1, 19 (two blocks of 16) and 3, with an explicit scale."""
-    case = _case(H=2, K=3, V=2, dtype=torch.float64, seqlens=(0, 1, 19, 3), seed=7, scale=0.9)
+    case = fixed_case(H=2, K=3, V=2, dtype=torch.float64, seqlens=(0, 1, 19, 3), seed=7, scale=0.9)
     inp = case.make()
     names = list(GRAD_NAMES)
     leaves = tuple(inp[n].detach().clone().requires_grad_() for n in names)
@@ -171,7 +162,7 @@ def test_parallel_backward_gradcheck(narrow):
 @example(name="initial_state", chunk=16)
 def test_parallel_nan_in_gives_nan_out(name, chunk):
     """A NaN in q, k, v or beta at token t makes o NaN at t; a NaN in the initial state makes o NaN."""
-    case = _case(B=1, T=20, H=2, K=8, V=4, seed=1)
+    case = fixed_case(B=1, T=20, H=2, K=8, V=4, seed=1)
     inp = case.make()
     x = inp[name].clone()
     if name == "initial_state":
@@ -187,7 +178,7 @@ def test_parallel_nan_in_gives_nan_out(name, chunk):
 def test_parallel_bad_input_raises():
     """Wrong shapes, dtypes, devices, head sizes, cu_seqlens, initial state or chunk size raise a TypeError or
     ValueError naming the argument."""
-    inp = _case(B=2, T=5, H=2, K=4, V=3).make()
+    inp = fixed_case(B=2, T=5, H=2, K=4, V=3).make()
     q, k, v, beta, s0 = (inp[n] for n in GRAD_NAMES)
     cu = torch.tensor([0, 2, 5], device=DEVICE)
     bad = [
@@ -218,7 +209,7 @@ def test_parallel_bad_input_raises():
 
 def test_parallel_empty_input():
     """T = 0 gives an empty o (and attn), zero beta-shaped gradients and a zero initial-state gradient."""
-    case = _case(B=2, T=0, H=2, K=4, V=3)
+    case = fixed_case(B=2, T=0, H=2, K=4, V=3)
     inp = case.make()
     leaves = [inp[n].detach().clone().requires_grad_() for n in GRAD_NAMES]
     o, attn = parallel_delta_rule(*leaves[:4], initial_state=leaves[4], output_attentions=True)

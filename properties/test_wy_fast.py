@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import ops.common.utils as utils
 import ops.delta_rule.wy_fast as wf
 from ops.common.solve_tril import solve_tril
-from properties.strategies import DEVICE, Case, delta_cases
+from properties.strategies import DEVICE, delta_cases, fixed_case
 from properties.tolerances import assert_close
 from reference.delta_rule import wy_representation
 
@@ -18,12 +18,8 @@ CHUNK_SIZES = (16, 32, 64)
 
 
 def _case(**kw):
-    base = dict(B=1, T=1, H=1, K=1, V=1, dtype=torch.float32, seed=0, unit_keys=True, beta_max=2.0,
-                beta_ends=False, initial_state=False, seqlens=None, scale=None)
-    base.update(kw)
-    if base["seqlens"] is not None:
-        base.update(B=1, T=sum(base["seqlens"]))
-    return Case(**base)
+    """strategies.fixed_case without an initial state (the WY stage has none)."""
+    return fixed_case(**{"initial_state": False, **kw})
 
 
 @contextlib.contextmanager

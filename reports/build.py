@@ -36,6 +36,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from benchmarks import registry as R  # noqa: E402  (no torch import: the op list and each form's op)
+from benchmarks.gpu_summary import junit_cases  # noqa: E402
 
 # Section ids and headings, in page order (the report test checks each is present).
 SECTIONS = [
@@ -324,20 +325,15 @@ def junit_html(path, label) -> str:
     except ET.ParseError as e:
         return note(f"{label}: unreadable junit file ({e})")
     per_file, bad, cut = {}, [], 0
-    for tc in root.iter("testcase"):
-        if not tc.get("name"):  # a test stopped by a time limit (pytest-xdist writes it nameless): not a pass
+    for cls, name, outcome, msg in junit_cases(root):
+        if outcome == "cut_off":
             cut += 1
             continue
-        f = tc.get("classname", "?").split(".")[-1]
+        f = (cls or "?").split(".")[-1]
         c = per_file.setdefault(f, dict(passed=0, failed=0, error=0, skipped=0))
-        outcome = "passed"
-        for child in tc:
-            if child.tag in ("failure", "error", "skipped"):
-                outcome = {"failure": "failed"}.get(child.tag, child.tag)
-                if child.tag != "skipped":
-                    bad.append((f, tc.get("name", "?"), outcome, (child.get("message") or "").splitlines()[0][:240]
-                                if child.get("message") else ""))
         c[outcome] += 1
+        if outcome in ("failed", "error"):
+            bad.append((f, name, outcome, msg.splitlines()[0][:240] if msg else ""))
     rows = [[f, c["passed"], c["failed"], c["error"], c["skipped"]] for f, c in sorted(per_file.items())]
     tot = [sum(r[i] for r in rows) for i in range(1, 5)]
     rows.append([("html", "<b>total</b>")] + tot)

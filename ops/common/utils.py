@@ -46,6 +46,12 @@ def block_size(n: int, minimum: int = 16) -> int:
     return max(minimum, triton.next_power_of_2(n))
 
 
+def quadratic_block_rows(K: int, V: int) -> int:
+    """Default rows per block C of the quadratic forms (parallel delta rule, DeltaFormer): their [C, C] blocks
+    and [C, <=64] K / V tiles, 64 rows unless a head size needs a tile over 128 columns, then 32."""
+    return 64 if max(block_size(K), block_size(V)) <= 128 else 32
+
+
 def check_device(name: str, x: torch.Tensor) -> None:
     if x.device.type == "cuda":
         return

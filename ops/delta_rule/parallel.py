@@ -24,6 +24,7 @@ from ops.common.utils import (
     default_scale,
     dot_precision,
     new_empty,
+    quadratic_block_rows,
     scale_arg,
     sequence_offsets,
     tl_acc,
@@ -33,11 +34,6 @@ from ops.delta_rule.parallel_fwd import output_fwd_kernel, solve_fwd_kernel
 
 NUM_WARPS = 4
 MAX_TILE = 64  # widest K / V column chunk of a tile (tests shrink it to reach the multi-chunk paths)
-
-
-def default_chunk_size(K: int, V: int) -> int:
-    """Rows per block C of the substitutions and attention tiles."""
-    return 64 if max(block_size(K), block_size(V)) <= 128 else 32
 
 
 def _meta(dtype, K, V, C):
@@ -134,7 +130,7 @@ def parallel_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_at
     check_state(initial_state, N, H, K, V, q.device)
     scale = default_scale(scale, K)
     if chunk_size is None:
-        chunk_size = default_chunk_size(K, V)
+        chunk_size = quadratic_block_rows(K, V)
     elif not isinstance(chunk_size, int) or chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size}")
     q, k, v, beta = (x.contiguous() for x in (q, k, v, beta))

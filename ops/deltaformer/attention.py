@@ -29,6 +29,7 @@ from ops.common.utils import (
     default_scale,
     dot_precision,
     new_empty,
+    quadratic_block_rows,
     scale_arg,
     sequence_offsets,
     tl_acc,
@@ -38,14 +39,9 @@ NUM_WARPS = 4
 MAX_TILE = 64  # widest K / V column chunk of a tile (tests shrink it to reach the multi-chunk paths)
 
 
-def default_chunk_size(K: int, V: int) -> int:
-    """Rows per block C (query and key tiles, and the solve's diagonal blocks)."""
-    return 64 if max(block_size(K), block_size(V)) <= 128 else 32
-
-
 def check_chunk_size(chunk_size, K: int, V: int) -> int:
     if chunk_size is None:
-        return default_chunk_size(K, V)
+        return quadratic_block_rows(K, V)
     if not isinstance(chunk_size, int) or chunk_size not in (16, 32, 64, 128):
         raise ValueError(f"chunk_size must be one of 16, 32, 64, 128, got {chunk_size}")
     return chunk_size
