@@ -37,6 +37,34 @@ def record():
     return tolerances.keep
 
 
+def _gpu_durations():
+    """{(module, test name): seconds} from the GPU runs committed under reports/data/*/ (the longest seen)."""
+    import xml.etree.ElementTree as ET
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    seen = {}
+    for path in glob.glob(os.path.join(root, "reports", "data", "*", "verification-gpu.junit.xml")):
+        try:
+            cases = ET.parse(path).getroot().iter("testcase")
+        except (OSError, ET.ParseError):
+            continue
+        for tc in cases:
+            key = (tc.get("classname"), tc.get("name"))
+            try:
+                seen[key] = max(seen.get(key, 0.0), float(tc.get("time", 0)))
+            except ValueError:
+                pass
+    return seen
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """On a GPU, run the tests that took longest in earlier GPU runs first (stable otherwise): pytest-xdist hands
+    tests out in this order, so a time-limited run ends with short tests, not with one long test started last."""
+    if not torch.cuda.is_available():
+        return
+    seen = _gpu_durations()
+    items.sort(key=lambda it: -seen.get((it.module.__name__ if it.module else "", it.name), 0.0))
+
+
 def _meta(exitstatus=None):
     return dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
                 torch=torch.__version__, profile=os.environ.get("DELTACHECK_PROFILE", "dev"), exitstatus=exitstatus)
