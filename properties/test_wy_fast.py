@@ -114,7 +114,7 @@ def test_wy_backward_matches_reference_gradients(case, chunk_size, small_tiles, 
     assert_close("dbeta", _flat(dbeta), rb, case.dtype, "gradient", record=record)
 
 
-@given(C=st.sampled_from([16, 32, 64, 128]), dtype=st.sampled_from([torch.float32, torch.float64]),
+@given(C=st.sampled_from([16, 32, 64]), dtype=st.sampled_from([torch.float32, torch.float64]),
        kind=st.sampled_from(["delta", "random"]), batch=st.integers(1, 3), seed=st.integers(0, 2 ** 31 - 1))
 @example(C=64, dtype=torch.float64, kind="delta", batch=1, seed=0)
 @example(C=16, dtype=torch.float32, kind="random", batch=2, seed=1)
@@ -141,7 +141,7 @@ def test_solve_tril_matches_torch(C, dtype, kind, batch, seed, record):
 
 
 def test_solve_tril_rejects_bad_shapes():
-    """solve_tril needs [..., C, C] with C in (16, 32, 64, 128)."""
-    for shape in [(3, 48, 48), (16, 32), (16,)]:
+    """solve_tril needs [..., C, C] with C in (16, 32, 64)."""
+    for shape in [(3, 48, 48), (2, 128, 128), (16, 32), (16,)]:
         with pytest.raises(ValueError, match="A must be"):
             solve_tril(torch.zeros(shape, device=DEVICE))

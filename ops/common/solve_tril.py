@@ -1,10 +1,11 @@
-"""Inverse of a unit lower-triangular C x C tile, X = (I + A)^-1 for strictly lower A (C a power of two >= 16).
+"""Inverse of a unit lower-triangular C x C tile, X = (I + A)^-1 for strictly lower A (C in 16, 32, 64: the chunk
+sizes; the tile lives in registers, and at C = 128 Triton's LLVM lowering of it runs for minutes on an H100).
 
 Blocked, all in registers:
   1. the 16 x 16 diagonal blocks of (I + A) are inverted by right-looking forward substitution, all blocks at
      once: for s = 0..14, row s of every block is final and is eliminated from the rows below it in its block,
      X[i, :] -= A[i, j] X[j, :] (j = s-th row of i's block): one masked outer product per step;
-  2. blocks are merged pairwise, 16 -> 32 -> 64 (-> 128): with D the block-diagonal inverse computed so far and
+  2. blocks are merged pairwise, 16 -> 32 -> 64: with D the block-diagonal inverse computed so far and
      N the lower-left off-diagonal blocks of (I + A) at that width,
      [[L11, 0], [N21, L22]]^-1 = [[X11, 0], [-X22 N21 X11, X22]] = D - D N D   (two tl.dot per level).
 """
@@ -41,8 +42,6 @@ def solve_unit_lower(A, C: tl.constexpr, DOT_PREC: tl.constexpr):
         X = _merge(X, A, rows, cols, 32, DOT_PREC)
     if C > 32:
         X = _merge(X, A, rows, cols, 64, DOT_PREC)
-    if C > 64:
-        X = _merge(X, A, rows, cols, 128, DOT_PREC)
     return X
 
 
@@ -55,11 +54,11 @@ def _solve_tril_kernel(a_ptr, x_ptr, C: tl.constexpr, DOT_PREC: tl.constexpr):
 
 
 def solve_tril(A: torch.Tensor) -> torch.Tensor:
-    """(I + tril(A, -1))^-1 for A [..., C, C], C in (16, 32, 64, 128); the diagonal and upper part of A are
+    """(I + tril(A, -1))^-1 for A [..., C, C], C in (16, 32, 64); the diagonal and upper part of A are
     ignored. Result in the accumulation dtype (float32, float64 for float64 A). For testing the building block."""
     check_tensor("A", A)
-    if A.dim() < 2 or A.shape[-1] != A.shape[-2] or A.shape[-1] not in (16, 32, 64, 128):
-        raise ValueError(f"A must be [..., C, C] with C in (16, 32, 64, 128), got shape {tuple(A.shape)}")
+    if A.dim() < 2 or A.shape[-1] != A.shape[-2] or A.shape[-1] not in (16, 32, 64):
+        raise ValueError(f"A must be [..., C, C] with C in (16, 32, 64), got shape {tuple(A.shape)}")
     C = A.shape[-1]
     a = A.reshape(-1, C, C).contiguous()
     x = new_empty(a.shape, acc_dtype(A.dtype), A.device)
