@@ -271,6 +271,11 @@ def verification_html(doc, junit_path=None, label="") -> str:
                   f"{meta.get('device', '?')}, torch {meta.get('torch', '?')}, hypothesis profile "
                   f"{meta.get('profile', '?')}, pytest exit status {meta.get('exitstatus', '?')}. Each cell: the worst "
                   "error / bound over every example and quantity (pass when <= 1); hover for the quantities.")]
+    if meta.get("runs"):  # records merged from several runs: say which run measured what
+        parts.append(note(f"{label}: {meta.get('note', 'merged from several runs')}"))
+        parts.append(table(["call", "commit", "what ran", "outcome"],
+                           [[r.get("call", ""), str(r.get("commit", ""))[:10], r.get("tests", ""), r.get("outcome", "")]
+                            for r in meta["runs"]]))
     dtypes = [d for d in DTYPE_ORDER if any(r["dtype"] == d for r in recs)]
     dtypes += sorted({r["dtype"] for r in recs} - set(dtypes))
     groups = {}
