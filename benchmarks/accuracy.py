@@ -209,13 +209,14 @@ def coarse_to_fine(Ts):
 
 
 def tasks_for(forms, Ts, dtypes, B, H, K, V, clip=False):
-    """Every (T, dtype, form), T coarse to fine; the forms of one op at one (T, dtype) run together and share one
-    reference (ops in registry order)."""
+    """Every (dtype, T, form): dtypes in the order given (the first one's whole T range is measured before the
+    next dtype starts, so a run cut short by its budget still has complete error-vs-T curves), T coarse to fine;
+    the forms of one op at one (dtype, T) run together and share one reference (ops in registry order)."""
     order = {f.name: i for i, f in enumerate(R.FORMS)}
     by_op = sorted(forms, key=lambda f: (list(R.FAMILIES).index(R.get(f).family), order[f]))
     return [dict(key=f"accuracy:{f}:{d}:T{T}", kind="accuracy", form=f, dtype=d, B=B, T=T, H=H, K=K, V=V,
                  **({"clip": True} if clip else {}))
-            for T in coarse_to_fine(Ts) for d in dtypes for f in by_op]
+            for d in dtypes for T in coarse_to_fine(Ts) for f in by_op]
 
 
 def point_table(rows) -> str:

@@ -32,6 +32,7 @@ _TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", tor
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 
 RESULTS = {}  # (kernel, constexprs, options) -> shared bytes
+PTX = {}  # same keys -> the PTX, for register and spill counts (registers())
 
 
 def _specialize(v, specialize=True):
@@ -77,9 +78,30 @@ def _compile_instead_of_launch(self, *args, grid, warmup, **kwargs):
         src = ASTSource(fn=self, signature=signature, constexprs=constexprs, attrs=attrs)
         compiled = triton.compile(src, target=SM90, options=options)
         RESULTS[key] = compiled.metadata.shared
+        PTX[key] = compiled.asm["ptx"]
     if RESULTS[key] > SMEM_LIMIT:  # what the launch on the GPU raises, before anything runs
         raise OutOfResources(RESULTS[key], SMEM_LIMIT, "shared memory")
     return None
+
+
+def registers(key):
+    """(registers per thread, spill store bytes, spill load bytes) of a compiled kernel, from `ptxas -v` on its
+    PTX (the ptxas in Triton's wheel; what a GPU would load). Spills go to local memory: on a GPU they turn a
+    kernel's register tiles into memory traffic."""
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(PTX[key])
+        out = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", src, "-o", os.path.join(d, "k.o")],
+                             capture_output=True, text=True).stderr
+    regs = re.search(r"Used (\d+) registers", out)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
+    return (int(regs.group(1)) if regs else -1, *(tuple(map(int, spill.groups())) if spill else (-1, -1)))
 
 
 def _allow_cpu_tensors():
@@ -180,6 +202,8 @@ def main(argv=None):
     p.add_argument("--dtypes", default="fp16,bf16,fp32,fp64")
     p.add_argument("--shapes", default="256x256,60x100,128x128,1x256,256x1")
     p.add_argument("--chunks", default="16,32,64")
+    p.add_argument("--registers", action="store_true",
+                   help="also list every kernel's registers per thread and spill bytes (ptxas -v)")
     a = p.parse_args(argv)
     shapes = [tuple(int(n) for n in s.split("x")) for s in a.shapes.split(",")]
     over = audit(a.ops.split(","), a.dtypes.split(","), shapes, [int(c) for c in a.chunks.split(",")])
@@ -190,6 +214,14 @@ def main(argv=None):
         print(f"  {s:7d} B  {name}  {dict(cst)}  {dict(opt)}")
     for f in over:
         print("  FAILS", *f)
+    if a.registers:
+        print("registers / thread, spill stores / loads (bytes), per kernel configuration:")
+        for key in sorted(PTX, key=lambda k: k[0]):
+            r, st, ld = registers(key)
+            cst = {n: v for n, v in key[1] if n in ("K", "V", "C", "BK", "BV", "BC", "USE_GK", "NK")}
+            sig = dict(key[2])
+            dt = next((sig[n] for n in ("k", "q", "a", "x") if n in sig), "?").lstrip("*")
+            print(f"  {r:4d} regs  {st:6d} / {ld:6d} B spilled  {key[0]}  {dt}  {cst}  {dict(key[4])}")
     return 1 if over else 0
 
 

@@ -35,8 +35,7 @@ def _chunks(inp, chunk_size):
     """[start, end) of every chunk of every sequence in the flattened B*T token axis, and the kernels'
     offsets and chunk map."""
     B, T = inp["q"].shape[:2]
-    offsets = utils.sequence_offsets(inp["cu_seqlens"], B, T, inp["q"].device)
-    cmap, _ = utils.chunk_map(offsets, chunk_size)
+    offsets, cmap, _, _ = utils.chunk_index(inp["cu_seqlens"], B, T, chunk_size, inp["q"].device)
     off = offsets.tolist()
     spans = [(off[n] + c * chunk_size, min(off[n] + (c + 1) * chunk_size, off[n + 1])) for n, c in cmap.tolist()]
     return spans, offsets, cmap

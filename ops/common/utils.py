@@ -1,5 +1,6 @@
 """Shared host-side helpers for every op: input validation, output allocation, dtype rules, varlen chunk maps."""
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -128,22 +129,43 @@ def check_state(initial_state, N, H, K, V, device):
 
 
 def sequence_offsets(cu_seqlens, B: int, T: int, device) -> torch.Tensor:
-    """int32 [N + 1] start offsets of each sequence in the flattened [B*T] token axis."""
+    """int32 [N + 1] start offsets of each sequence in the flattened [B*T] token axis (no host sync)."""
     if cu_seqlens is None:
         return torch.arange(B + 1, dtype=torch.int32, device=device) * T
     return cu_seqlens.to(device=device, dtype=torch.int32)
 
 
-def chunk_map(offsets: torch.Tensor, chunk_size: int):
-    """Every (sequence, chunk) pair as int32 [NC, 2] rows (n, c), and int32 [N + 1] chunk offsets:
-    sequence n's chunks are rows chunk_offsets[n] .. chunk_offsets[n+1] (empty sequences have none)."""
-    lens = (offsets[1:] - offsets[:-1]).long()
+class ChunkIndex(NamedTuple):
+    """Where every chunk of every sequence lies. Sequence n is tokens offsets[n] .. offsets[n+1] of the flat B*T
+    axis; its chunks are rows chunk_offsets[n] .. chunk_offsets[n+1] of cmap, each row (n, j) its j-th chunk."""
+    offsets: torch.Tensor        # int32 [N + 1]
+    cmap: torch.Tensor           # int32 [NC, 2]
+    chunk_offsets: torch.Tensor  # int32 [N + 1]
+    NC: int
+
+
+_FIXED_INDEX = {}  # (B, T, chunk_size, device) -> ChunkIndex of a fixed-length batch
+
+
+def chunk_index(cu_seqlens, B: int, T: int, chunk_size: int, device) -> ChunkIndex:
+    """The ChunkIndex of a batch, built on the host: a fixed-length batch's is cached per shape (no device work
+    and no sync after the first call); a packed batch reads cu_seqlens once (one sync, as validation does)."""
+    key = (B, T, chunk_size, str(device))
+    if cu_seqlens is None and key in _FIXED_INDEX:
+        return _FIXED_INDEX[key]
+    bounds = [n * T for n in range(B + 1)] if cu_seqlens is None else cu_seqlens.tolist()
+    lens = torch.tensor(bounds[1:]) - torch.tensor(bounds[:-1])
     counts = (lens + chunk_size - 1) // chunk_size
-    chunk_offsets = torch.zeros(len(lens) + 1, dtype=torch.long, device=offsets.device)
-    chunk_offsets[1:] = torch.cumsum(counts, 0)
-    seq = torch.repeat_interleave(torch.arange(len(lens), device=offsets.device), counts)
-    idx = torch.arange(int(chunk_offsets[-1]), device=offsets.device) - chunk_offsets[seq]
-    return torch.stack([seq, idx], 1).to(torch.int32).contiguous(), chunk_offsets.to(torch.int32)
+    chunk_offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts, 0)])
+    seq = torch.repeat_interleave(torch.arange(len(lens)), counts)
+    cmap = torch.stack([seq, torch.arange(len(seq)) - chunk_offsets[seq]], 1)
+    as_dev = lambda x: x.to(torch.int32).contiguous().to(device)  # noqa: E731
+    index = ChunkIndex(as_dev(torch.tensor(bounds)), as_dev(cmap), as_dev(chunk_offsets), len(seq))
+    if cu_seqlens is None:
+        if len(_FIXED_INDEX) > 64:
+            _FIXED_INDEX.clear()
+        _FIXED_INDEX[key] = index
+    return index
 
 
 def default_scale(scale, K: int) -> float:

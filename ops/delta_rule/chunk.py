@@ -17,19 +17,19 @@ CHUNK_SIZES = (16, 32, 64)
 
 
 
-def chunk_delta_rule_fwd(q, k, v, beta, scale_t, initial_state, output_final_state, offsets, cmap, chunk_offsets,
-                         chunk_size):
+def chunk_delta_rule_fwd(q, k, v, beta, scale_t, initial_state, output_final_state, idx, chunk_size):
+    offsets, cmap, chunk_offsets, NC = idx
     w, u, x = wy_fwd(k, v, beta, offsets, cmap, chunk_size)
-    h, v_new, ht = chunk_h_fwd(k, w, u, initial_state, output_final_state, offsets, chunk_offsets, chunk_size)
+    h, v_new, ht = chunk_h_fwd(k, w, u, initial_state, output_final_state, offsets, chunk_offsets, NC, chunk_size)
     o = chunk_o_fwd(q, k, v_new, h, scale_t, offsets, cmap, chunk_size)
     return o, ht, (x, w, h, v_new)
 
 
-def chunk_delta_rule_bwd(q, k, v, beta, scale_t, initial_state, do, dht, saved, offsets, cmap, chunk_offsets,
-                         chunk_size):
+def chunk_delta_rule_bwd(q, k, v, beta, scale_t, initial_state, do, dht, saved, idx, chunk_size):
+    offsets, cmap, chunk_offsets, NC = idx
     x, w, h, v_new = saved
     dv_local = chunk_dv_local(q, k, do, scale_t, offsets, cmap, chunk_size)
-    dh, dv_new, ds0 = chunk_h_bwd(q, k, w, do, dv_local, dht, initial_state, scale_t, offsets, chunk_offsets,
+    dh, dv_new, ds0 = chunk_h_bwd(q, k, w, do, dv_local, dht, initial_state, scale_t, offsets, chunk_offsets, NC,
                                   chunk_size)
     dq, dk_part, dw = chunk_o_bwd(q, k, v_new, h, do, dh, dv_new, scale_t, offsets, cmap, chunk_size)
     dk, dv, dbeta = wy_bwd(k, v, beta, x, dw, dv_new, dk_part, offsets, cmap, chunk_size)
@@ -44,23 +44,23 @@ class ChunkDeltaRuleFunction(torch.autograd.Function):
         if initial_state is not None:
             initial_state = initial_state.contiguous()
         with U.on_device(q.device):
-            offsets = U.sequence_offsets(cu_seqlens, B, T, q.device)
-            cmap, chunk_offsets = U.chunk_map(offsets, chunk_size)
+            idx = U.chunk_index(cu_seqlens, B, T, chunk_size, q.device)
             scale_t = U.scale_arg(scale, q.dtype, q.device)
-            o, ht, saved = chunk_delta_rule_fwd(q, k, v, beta, scale_t, initial_state, output_final_state, offsets,
-                                                cmap, chunk_offsets, chunk_size)
-        ctx.save_for_backward(q, k, v, beta, initial_state, scale_t, offsets, cmap, chunk_offsets, *saved)
-        ctx.chunk_size = chunk_size
+            o, ht, saved = chunk_delta_rule_fwd(q, k, v, beta, scale_t, initial_state, output_final_state, idx,
+                                                chunk_size)
+        ctx.save_for_backward(q, k, v, beta, initial_state, scale_t, *idx[:3], *saved)
+        ctx.chunk_size, ctx.NC = chunk_size, idx.NC
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
         q, k, v, beta, initial_state, scale_t, offsets, cmap, chunk_offsets, *saved = ctx.saved_tensors
+        idx = U.ChunkIndex(offsets, cmap, chunk_offsets, ctx.NC)
         do = do.contiguous()
         dht = None if dht is None else dht.contiguous()
         with U.on_device(q.device):
             dq, dk, dv, dbeta, ds0 = chunk_delta_rule_bwd(q, k, v, beta, scale_t, initial_state, do, dht, saved,
-                                                          offsets, cmap, chunk_offsets, ctx.chunk_size)
+                                                          idx, ctx.chunk_size)
         return dq, dk, dv, dbeta, None, ds0, None, None, None
 
 

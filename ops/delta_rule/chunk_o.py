@@ -13,33 +13,35 @@ import torch
 import triton
 import triton.language as tl
 
-from ops.common.utils import acc_dtype, block_size, dot_precision, new_empty, pipeline_stages
+from ops.common.utils import acc_dtype, block_size, dot_precision, new_empty, pipeline_stages, tl_acc
 from ops.delta_rule.chunk_h import _st, _tok
 
 
 @triton.jit
 def chunk_o_fwd_kernel(q, k, v_new, h, o, scale_ptr, offsets, cmap,
                        H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-                       BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr):
+                       BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr, ACC: tl.constexpr):
+    """O = scale (Q h_n + (Q K^T * M) v_new), products on input-dtype operands (q, k, h, v_new), accumulated
+    in ACC."""
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, j = tl.load(cmap + i_c * 2), tl.load(cmap + i_c * 2 + 1)
     bos, eos = tl.load(offsets + i_n).to(tl.int64), tl.load(offsets + i_n + 1).to(tl.int64)
     L = eos - bos
-    ACC = h.dtype.element_ty
+    DT = q.dtype.element_ty
     scale = tl.load(scale_ptr)
     ph = h + i_c.to(tl.int64) * H * K * V
 
     b_o = tl.zeros([C, BV], dtype=ACC)
     b_A = tl.zeros([C, C], dtype=ACC)
     for i_k in range(tl.cdiv(K, BK)):
-        b_q = tl.load(_tok(q, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), boundary_check=(0, 1)).to(ACC)
-        b_k = tl.load(_tok(k, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), boundary_check=(0, 1)).to(ACC)
+        b_q = tl.load(_tok(q, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), boundary_check=(0, 1))
+        b_k = tl.load(_tok(k, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), boundary_check=(0, 1))
         b_h = tl.load(_st(ph, i_h, H, K, V, i_k * BK, i_v * BV, BK, BV), boundary_check=(0, 1))
         b_o += tl.dot(b_q, b_h, input_precision=DOT_PREC)
         b_A += tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC)
     rows = tl.arange(0, C)[:, None]
     cols = tl.arange(0, C)[None, :]
-    b_A = tl.where(rows >= cols, b_A, 0.0)
+    b_A = tl.where(rows >= cols, b_A, 0.0).to(DT)
     b_v = tl.load(_tok(v_new, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1))
     b_o = (b_o + tl.dot(b_A, b_v, input_precision=DOT_PREC)) * scale
     p_o = _tok(o, bos, i_h, L, H, V, j * C, i_v * BV, C, BV)
@@ -78,7 +80,7 @@ def chunk_o_bwd_kernel(q, k, v_new, h, do, dh, dv_new, dq, dk, dw, scale_ptr, of
     i_n, j = tl.load(cmap + i_c * 2), tl.load(cmap + i_c * 2 + 1)
     bos, eos = tl.load(offsets + i_n).to(tl.int64), tl.load(offsets + i_n + 1).to(tl.int64)
     L = eos - bos
-    ACC = h.dtype.element_ty
+    ACC = dh.dtype.element_ty
     scale = tl.load(scale_ptr)
     ph = h + i_c.to(tl.int64) * H * K * V
     pdh = dh + i_c.to(tl.int64) * H * K * V
@@ -89,9 +91,9 @@ def chunk_o_bwd_kernel(q, k, v_new, h, do, dh, dv_new, dq, dk, dw, scale_ptr, of
     b_dw = tl.zeros([C, BK], dtype=ACC)  # -dv_new h^T
     for i_v in range(tl.cdiv(V, BV)):
         b_do = tl.load(_tok(do, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1)).to(ACC)
-        b_v = tl.load(_tok(v_new, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1))
+        b_v = tl.load(_tok(v_new, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1)).to(ACC)
         b_dv = tl.load(_tok(dv_new, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1))
-        b_ht = tl.trans(tl.load(_st(ph, i_h, H, K, V, i_k * BK, i_v * BV, BK, BV), boundary_check=(0, 1)))
+        b_ht = tl.trans(tl.load(_st(ph, i_h, H, K, V, i_k * BK, i_v * BV, BK, BV), boundary_check=(0, 1)).to(ACC))
         b_dht = tl.trans(tl.load(_st(pdh, i_h, H, K, V, i_k * BK, i_v * BV, BK, BV), boundary_check=(0, 1)))
         b_dS += tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC)
         b_dq += tl.dot(b_do, b_ht, input_precision=DOT_PREC)
@@ -130,10 +132,10 @@ def chunk_o_fwd(q, k, v_new, h, scale_t, offsets, cmap, chunk_size):
     o = new_empty((B, T, H, V), q.dtype, q.device)
     if NC:
         BK, BV = _blocks(K, V)
-        stages = pipeline_stages(2 * chunk_size * BK * q.element_size() + BK * BV * _bytes(h.dtype))  # Q, K, h
+        stages = pipeline_stages((2 * chunk_size * BK + BK * BV) * q.element_size())  # Q, K, h
         chunk_o_fwd_kernel[(triton.cdiv(V, BV), NC, H)](q, k, v_new, h, o, scale_t, offsets, cmap, H=H, K=K, V=V,
                                                         C=chunk_size, BK=BK, BV=BV, DOT_PREC=dot_precision(q.dtype),
-                                                        num_stages=stages)
+                                                        ACC=tl_acc(q.dtype), num_stages=stages)
     return o
 
 

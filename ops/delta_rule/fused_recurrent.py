@@ -328,10 +328,7 @@ def fused_recurrent_delta_rule(q, k, v, beta=None, scale=None, initial_state=Non
     if use_qk_l2norm_in_kernel:
         from ops.common.l2norm import l2norm
         q, k = l2norm(q), l2norm(k)
-    if cu_seqlens is None and T == 0:  # (sequence_offsets cannot step by T = 0)
-        offsets = torch.zeros(B + 1, dtype=torch.int32, device=q.device)
-    else:
-        offsets = sequence_offsets(cu_seqlens, B, T, q.device)
+    offsets = sequence_offsets(cu_seqlens, B, T, q.device)
     q, k, v, beta = q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous()
     if initial_state is not None:
         initial_state = initial_state.contiguous()

@@ -20,13 +20,12 @@ from ops.common.utils import (
     check_qkv,
     check_state,
     check_tensor,
-    chunk_map,
+    chunk_index,
     default_scale,
     dot_precision,
     new_empty,
     quadratic_block_rows,
     scale_arg,
-    sequence_offsets,
     tl_acc,
 )
 from ops.delta_rule.parallel_bwd import cols_bwd_kernel, rows_bwd_kernel, solve_bwd_kernel, state_bwd_kernel
@@ -135,8 +134,7 @@ def parallel_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_at
         raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size}")
     q, k, v, beta = (x.contiguous() for x in (q, k, v, beta))
     s0 = None if initial_state is None else initial_state.contiguous()
-    offsets = sequence_offsets(cu_seqlens, B, T, q.device)
-    chunks, _ = chunk_map(offsets, chunk_size)
+    offsets, chunks, _, _ = chunk_index(cu_seqlens, B, T, chunk_size, q.device)
     o = ParallelDeltaRuleFunction.apply(q, k, v, beta, scale, s0, offsets, chunks, chunk_size)
     attn = None
     if output_attentions:

@@ -25,13 +25,12 @@ from ops.common.utils import (
     block_size,
     check_cu_seqlens,
     check_qkv,
-    chunk_map,
+    chunk_index,
     default_scale,
     dot_precision,
     new_empty,
     quadratic_block_rows,
     scale_arg,
-    sequence_offsets,
     tl_acc,
 )
 
@@ -53,16 +52,6 @@ def meta(dtype, K: int, V: int, C: int) -> dict:
                 ACC=tl_acc(dtype), DOT_PREC=dot_precision(dtype), num_warps=NUM_WARPS)
 
 
-
-
-def offsets_and_chunks(cu_seqlens, B: int, T: int, device, C: int):
-    """(int32 [N + 1] token offsets, int32 [NC, 2] (sequence, block) pairs)."""
-    if T == 0 and cu_seqlens is None:  # sequence_offsets cannot step by T = 0
-        offsets = torch.zeros(B + 1, dtype=torch.int32, device=device)
-    else:
-        offsets = sequence_offsets(cu_seqlens, B, T, device)
-    chunks, _ = chunk_map(offsets, C)
-    return offsets, chunks
 
 
 # ---------------------------------------------------------------- tile helpers (shared with invcum.py)
@@ -375,5 +364,5 @@ def causal_attention(q, k, v, scale=None, cu_seqlens=None, chunk_size=None):
     scale = default_scale(scale, K)
     C = check_chunk_size(chunk_size, K, V)
     q, k, v = (x.contiguous() for x in (q, k, v))
-    offsets, chunks = offsets_and_chunks(cu_seqlens, B, T, q.device, C)
+    offsets, chunks, _, _ = chunk_index(cu_seqlens, B, T, C, q.device)
     return CausalAttentionFunction.apply(q, k, v, scale, offsets, chunks, C)

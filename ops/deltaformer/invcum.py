@@ -24,6 +24,7 @@ from ops.common.utils import (
     check_head_size,
     check_qkv,
     check_tensor,
+    chunk_index,
     default_scale,
     new_empty,
     scale_arg,
@@ -36,7 +37,6 @@ from ops.deltaformer.attention import (
     load_vec,
     logits,
     meta,
-    offsets_and_chunks,
     store_tile,
 )
 
@@ -204,7 +204,7 @@ def _prepare(q, k, beta, scale, cu_seqlens, chunk_size, V):
     scale = default_scale(scale, K)
     C = check_chunk_size(chunk_size, K, V)
     beta = q.new_ones((B, T, H)) if beta is None else beta.contiguous()
-    offsets, chunks = offsets_and_chunks(cu_seqlens, B, T, q.device, C)
+    offsets, chunks, _, _ = chunk_index(cu_seqlens, B, T, C, q.device)
     return q.contiguous(), k.contiguous(), beta, scale, C, offsets, chunks
 
 

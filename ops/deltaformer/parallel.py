@@ -22,13 +22,12 @@ over blocks.
 """
 import torch
 
-from ops.common.utils import acc_dtype, check_cu_seqlens, check_qkv, check_tensor, default_scale
+from ops.common.utils import acc_dtype, check_cu_seqlens, check_qkv, check_tensor, chunk_index, default_scale
 from ops.deltaformer.attention import (
     attention_dqdk,
     attention_dv,
     attention_forward,
     check_chunk_size,
-    offsets_and_chunks,
 )
 from ops.deltaformer.invcum import solve_adjoint_, solve_forward, strict_lse
 
@@ -72,5 +71,5 @@ def deltaformer_attn(q, k, v, beta=None, scale=None, cu_seqlens=None, chunk_size
     C = check_chunk_size(chunk_size, K, V)
     q, k, v = (x.contiguous() for x in (q, k, v))
     beta = q.new_ones((B, T, H)) if beta is None else beta.contiguous()
-    offsets, chunks = offsets_and_chunks(cu_seqlens, B, T, q.device, C)
+    offsets, chunks, _, _ = chunk_index(cu_seqlens, B, T, C, q.device)
     return DeltaFormerFunction.apply(q, k, v, beta, scale, offsets, chunks, C)

@@ -50,13 +50,6 @@ def check_inputs(q, k, v, a, b, gk, scale, initial_state, cu_seqlens):
     return B, T, H, K, V, N, U.default_scale(scale, K)
 
 
-def offsets_for(cu_seqlens, B, T, device):
-    """int32 [N + 1] sequence offsets in the flat token axis (also for T = 0)."""
-    if cu_seqlens is None and T == 0:  # (sequence_offsets cannot step by T = 0)
-        return torch.zeros(B + 1, dtype=torch.int32, device=device)
-    return U.sequence_offsets(cu_seqlens, B, T, device)
-
-
 def state_tile(K, V, budget, dtype, min_v=16):
     """(BK, BV) for a program holding all K rows and BV columns of the state: BK * BV <= budget elements
     (halved for float64), BV at least min_v."""

@@ -24,27 +24,28 @@ from ops.generalized_delta_rule.dplr.chunk_h import chunk_h_bwd, chunk_h_fwd
 from ops.generalized_delta_rule.dplr.chunk_o import chunk_o_bwd_local, chunk_o_bwd_state, chunk_o_fwd
 from ops.generalized_delta_rule.dplr.cumsum import chunk_cumsum
 from ops.generalized_delta_rule.dplr.wy_fast import wy_bwd, wy_fwd
-from ops.generalized_delta_rule.utils import check_inputs, offsets_for
+from ops.generalized_delta_rule.utils import check_inputs
 
 CHUNK_SIZES = (16, 32, 64)
 
 
-def chunk_dplr_fwd(q, k, v, a, b, gk, scale_t, initial_state, output_final_state, offsets, cmap, chunk_offsets,
-                   chunk_size):
+def chunk_dplr_fwd(q, k, v, a, b, gk, scale_t, initial_state, output_final_state, idx, chunk_size):
+    offsets, cmap, chunk_offsets, NC = idx
     g = None if gk is None else chunk_cumsum(gk, offsets, cmap, chunk_size, q.dtype)
     Aqk, Aqb, Aak, Aab = chunk_A_fwd(q, k, a, b, g, gk, offsets, cmap, chunk_size)
     x, wm, u = wy_fwd(a, g, gk, v, Aak, Aab, offsets, cmap, chunk_size)
-    h, w, ht = chunk_h_fwd(k, b, v, g, wm, u, initial_state, output_final_state, offsets, chunk_offsets, chunk_size)
+    h, w, ht = chunk_h_fwd(k, b, v, g, wm, u, initial_state, output_final_state, offsets, chunk_offsets, NC,
+                           chunk_size)
     o = chunk_o_fwd(q, v, g, h, w, Aqk, Aqb, scale_t, offsets, cmap, chunk_size)
     return o, ht, (g, Aqk, Aqb, Aak, x, wm, u, h, w)
 
 
-def chunk_dplr_bwd(q, k, v, a, b, gk, scale_t, initial_state, do, dht, saved, offsets, cmap, chunk_offsets,
-                   chunk_size):
+def chunk_dplr_bwd(q, k, v, a, b, gk, scale_t, initial_state, do, dht, saved, idx, chunk_size):
+    offsets, cmap, chunk_offsets, NC = idx
     g, Aqk, Aqb, Aak, x, wm, u, h, w = saved
     dAqk, dAqb, dw_loc, dv_loc = chunk_o_bwd_local(v, w, do, Aqk, Aqb, scale_t, offsets, cmap, chunk_size)
     dh, dw, dv_h, ds0 = chunk_h_bwd(q, k, b, g, wm, do, dw_loc, dv_loc, dht, initial_state, scale_t, offsets,
-                                    chunk_offsets, chunk_size)
+                                    chunk_offsets, NC, chunk_size)
     dq_h, dk_h, db_h, dwm, dgam = chunk_o_bwd_state(k, b, v, g, h, w, do, dh, dw, scale_t, offsets, cmap,
                                                     chunk_size)
     dv, dAak, dAab, da_w = wy_bwd(g, gk, v, Aak, x, wm, u, dwm, dw, dv_h, offsets, cmap, chunk_size)
@@ -61,23 +62,23 @@ class ChunkDPLRFunction(torch.autograd.Function):
         gk = None if gk is None else gk.contiguous()
         initial_state = None if initial_state is None else initial_state.contiguous()
         with U.on_device(q.device):
-            offsets = offsets_for(cu_seqlens, B, T, q.device)
-            cmap, chunk_offsets = U.chunk_map(offsets, chunk_size)
+            idx = U.chunk_index(cu_seqlens, B, T, chunk_size, q.device)
             scale_t = U.scale_arg(scale, q.dtype, q.device)
-            o, ht, saved = chunk_dplr_fwd(q, k, v, a, b, gk, scale_t, initial_state, output_final_state, offsets,
-                                          cmap, chunk_offsets, chunk_size)
-        ctx.save_for_backward(q, k, v, a, b, gk, initial_state, scale_t, offsets, cmap, chunk_offsets, *saved)
-        ctx.chunk_size = chunk_size
+            o, ht, saved = chunk_dplr_fwd(q, k, v, a, b, gk, scale_t, initial_state, output_final_state, idx,
+                                          chunk_size)
+        ctx.save_for_backward(q, k, v, a, b, gk, initial_state, scale_t, *idx[:3], *saved)
+        ctx.chunk_size, ctx.NC = chunk_size, idx.NC
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
         q, k, v, a, b, gk, initial_state, scale_t, offsets, cmap, chunk_offsets, *saved = ctx.saved_tensors
+        idx = U.ChunkIndex(offsets, cmap, chunk_offsets, ctx.NC)
         do = do.contiguous()
         dht = None if dht is None else dht.contiguous()
         with U.on_device(q.device):
             dq, dk, dv, da, db, dgk, ds0 = chunk_dplr_bwd(q, k, v, a, b, gk, scale_t, initial_state, do, dht, saved,
-                                                          offsets, cmap, chunk_offsets, ctx.chunk_size)
+                                                          idx, ctx.chunk_size)
         return dq, dk, dv, da, db, dgk, None, ds0, None, None, None
 
 

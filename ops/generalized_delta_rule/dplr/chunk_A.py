@@ -298,9 +298,12 @@ def chunk_A_bwd_kernel(q, k, a, b, g, gk, dAqk, dAqb, dAak, dAab, dq_in, dk_in, 
 
 
 # Largest K tile (tests lower it to reach the K loops with small head sizes). The diagonal blocks form
-# [16, 16, BK] tiles, so BK stays small, and the decay variants take 8 warps (about 40k live fp32 values at
-# C = 64, BK = 32: over 255 registers a thread with 4 warps). Not tuned on a GPU.
+# [16, 16, BK] tiles, so BK stays small, and the decay variants take 8 warps. The backward holds more: at
+# BK = 32 ptxas (sm_90, bf16, C = 64) gives it 128 registers and 9 KB of spill stores a thread, which made it
+# 61 of the DPLR backward's 80 ms on the H100; at BK = 16, 255 registers and 1 KB (python3 -m
+# properties.hopper_fit --ops dplr_chunk --registers).
 TILE = 32
+BWD_TILE = 16
 
 
 def _warps(gk):
@@ -329,7 +332,7 @@ def chunk_A_bwd(q, k, a, b, g, gk, dA, d_in, dgam, offsets, cmap, chunk_size):
     outs = tuple(new_empty(x.shape, x.dtype, x.device) for x in (q, k, a, b))
     dgk = None if gk is None else new_empty(gk.shape, gk.dtype, gk.device)
     if NC:
-        BK = min(TILE, block_size(K))
+        BK = min(TILE, BWD_TILE, block_size(K))
         launch_fitting(
             chunk_A_bwd_kernel, (triton.cdiv(K, BK), NC, H), q, k, a, b, g, gk, *dA, *d_in, dgam, *outs, dgk, offsets,
             cmap, H=H, K=K, C=C, BC=BC, BK=BK, USE_GK=gk is not None, DOT_PREC=dot_precision(q.dtype),

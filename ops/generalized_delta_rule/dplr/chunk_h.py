@@ -163,12 +163,12 @@ def _blocks(K, V, dtype):
     return state_tile(K, V, BUDGET, dtype)
 
 
-def chunk_h_fwd(k, b, v, g, wm, u, initial_state, output_final_state, offsets, chunk_offsets, chunk_size):
+def chunk_h_fwd(k, b, v, g, wm, u, initial_state, output_final_state, offsets, chunk_offsets, NC, chunk_size):
     """Returns h [NC, H, K, V] (state entering each chunk), W [B, T, H, V] and the final state [N, H, K, V]
     (or None), all in the accumulation dtype."""
     B, T, H, K = k.shape
     V = v.shape[-1]
-    N, NC, acc = offsets.numel() - 1, int(chunk_offsets[-1]), acc_dtype(k.dtype)
+    N, acc = offsets.numel() - 1, acc_dtype(k.dtype)
     h = new_empty((NC, H, K, V), acc, k.device)
     w = new_empty((B, T, H, V), acc, k.device)
     ht = new_empty((N, H, K, V), acc, k.device) if output_final_state else None
@@ -182,13 +182,13 @@ def chunk_h_fwd(k, b, v, g, wm, u, initial_state, output_final_state, offsets, c
     return h, w, ht
 
 
-def chunk_h_bwd(q, k, b, g, wm, do, dw_loc, dv_loc, dht, initial_state, scale_t, offsets, chunk_offsets,
+def chunk_h_bwd(q, k, b, g, wm, do, dw_loc, dv_loc, dht, initial_state, scale_t, offsets, chunk_offsets, NC,
                 chunk_size):
     """Returns dh [NC, H, K, V] (gradient of the state leaving each chunk), dW, dV [B, T, H, V] (accumulation
     dtype; dV without the WY term) and dS0 in initial_state's dtype (None without initial_state)."""
     B, T, H, K = k.shape
     V = do.shape[-1]
-    N, NC, acc = offsets.numel() - 1, int(chunk_offsets[-1]), acc_dtype(k.dtype)
+    N, acc = offsets.numel() - 1, acc_dtype(k.dtype)
     dh = new_empty((NC, H, K, V), acc, k.device)
     dw = new_empty((B, T, H, V), acc, k.device)
     dv = new_empty((B, T, H, V), acc, k.device)

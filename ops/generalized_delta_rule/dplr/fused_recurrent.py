@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ops.common.utils import acc_dtype, chunk_map, new_empty, on_device, scale_arg
-from ops.generalized_delta_rule.utils import check_inputs, offsets_for, state_tile
+from ops.common.utils import acc_dtype, chunk_index, new_empty, on_device, scale_arg
+from ops.generalized_delta_rule.utils import check_inputs, state_tile
 
 CK = 64  # tokens per checkpointed segment
 
@@ -168,7 +168,7 @@ def _num_warps(BK, BV):
 
 
 def fused_recurrent_dplr_fwd(q, k, v, a, b, gk, scale_t, initial_state, output_final_state, offsets,
-                             chunk_offsets, store_ckpt):
+                             chunk_offsets, NC, store_ckpt):
     """Returns (o, final state or None, checkpoints [NC, H, K, V] or None)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -176,7 +176,7 @@ def fused_recurrent_dplr_fwd(q, k, v, a, b, gk, scale_t, initial_state, output_f
     acc = acc_dtype(q.dtype)
     o = new_empty((B, T, H, V), q.dtype, q.device)
     ht = new_empty((N, H, K, V), acc, q.device) if output_final_state else None
-    ckpt = new_empty((int(chunk_offsets[-1]), H, K, V), acc, q.device) if store_ckpt else None
+    ckpt = new_empty((NC, H, K, V), acc, q.device) if store_ckpt else None
     if N * H == 0:
         return o, ht, ckpt
     BK, BV = state_tile(K, V, FWD_TILE, q.dtype, min_v=8)
@@ -222,12 +222,11 @@ class FusedRecurrentDPLRFunction(torch.autograd.Function):
         gk = None if gk is None else gk.contiguous()
         initial_state = None if initial_state is None else initial_state.contiguous()
         with on_device(q.device):
-            offsets = offsets_for(cu_seqlens, B, T, q.device)
-            _, chunk_offsets = chunk_map(offsets, CK)
+            offsets, _, chunk_offsets, NC = chunk_index(cu_seqlens, B, T, CK, q.device)
             scale_t = scale_arg(scale, q.dtype, q.device)
             store_ckpt = any(ctx.needs_input_grad)
             o, ht, ckpt = fused_recurrent_dplr_fwd(q, k, v, a, b, gk, scale_t, initial_state, output_final_state,
-                                                   offsets, chunk_offsets, store_ckpt)
+                                                   offsets, chunk_offsets, NC, store_ckpt)
         ctx.save_for_backward(q, k, v, a, b, gk, initial_state, scale_t, offsets, chunk_offsets, ckpt)
         return o, ht
 
