@@ -25,7 +25,9 @@
 #   --no-tests         skip step 2
 #   --bench            run step 3
 #   --bench-budget S   seconds kept for step 3 (default 200; it gets all the time left when the tests end early);
-#                      --point-share F of it (default 0.5) goes to the point
+#                      --point-share F of it (default 0.5) goes to the point (0: no point, only the sweep)
+#   --profile          first, benchmarks.profile_ops at --point (per-kernel GPU time, fwd and fwd+bwd) into the
+#                      data folder
 #   --total S          end everything within S seconds of the start (default 570; a device command may run 600):
 #                      the tests' limit and the bench budget shrink to fit
 #   --forms LIST       harness forms, comma-separated (default: every registered form)
@@ -52,6 +54,7 @@ RUN_TESTS=1
 RUN_BENCH=0
 BENCH_BUDGET=200
 POINT_SHARE=0.5
+PROFILE=0
 TOTAL=570
 FORMS=""
 POINT="B=8,T=4096,H=16,K=128,V=128,dtype=bf16"
@@ -69,6 +72,7 @@ while [ $# -gt 0 ]; do
     --bench) RUN_BENCH=1; shift ;;
     --bench-budget) BENCH_BUDGET="$2"; shift 2 ;;
     --point-share) POINT_SHARE="$2"; shift 2 ;;
+    --profile) PROFILE=1; shift ;;
     --total) TOTAL="$2"; shift 2 ;;
     --forms) FORMS="$2"; shift 2 ;;
     --point) POINT="$2"; shift 2 ;;
@@ -178,11 +182,22 @@ FORMS_ARG=()
 [ -n "$FORMS" ] && FORMS_ARG=(--forms "$FORMS")
 if [ "$RUN_BENCH" = 1 ]; then
   bench_start=$SECONDS
-  point_budget=$(python3 -c "print(max(30, int($budget * $POINT_SHARE)))")
-  say "bench: point $POINT (${point_budget}s) -> $DATA, log $OUT/bench.log"
-  timeout -k 10 $(( point_budget + 90 )) python3 -m benchmarks.harness --point "$POINT" --accuracy \
-    --budget-s "$point_budget" --out "$DATA" "${FORMS_ARG[@]}" >"$OUT/bench.log" 2>&1
-  say "point done (exit code $?)"
+  : >"$OUT/bench.log"
+  if [ "$PROFILE" = 1 ]; then
+    say "bench: profile_ops at $POINT (fwd, fwd+bwd) -> $DATA"
+    for mode in fwd fwd+bwd; do
+      timeout -k 10 150 python3 -m benchmarks.profile_ops --point "$POINT" --mode "$mode" --out "$DATA" \
+        >>"$OUT/bench.log" 2>&1
+    done
+    say "profile done"
+  fi
+  if [ "$POINT_SHARE" != 0 ]; then
+    point_budget=$(python3 -c "print(max(30, int(($budget - (SECONDS - bench_start)) * $POINT_SHARE)))")
+    say "bench: point $POINT (${point_budget}s) -> $DATA, log $OUT/bench.log"
+    timeout -k 10 $(( point_budget + 90 )) python3 -m benchmarks.harness --point "$POINT" --accuracy \
+      --budget-s "$point_budget" --out "$DATA" "${FORMS_ARG[@]}" >>"$OUT/bench.log" 2>&1
+    say "point done (exit code $?)"
+  fi
   sweep_budget=$(( budget - (SECONDS - bench_start) ))
   [ $(( $(left) - 25 )) -lt "$sweep_budget" ] && sweep_budget=$(( $(left) - 25 ))
   if [ "$sweep_budget" -ge 30 ]; then

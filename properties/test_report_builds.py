@@ -70,14 +70,15 @@ def check_page(page):
 
 def test_report_builds_from_fixture_data(tmp_path):
     """Every section renders from the fixture data: machines, both verification matrices (a failing and an
-    infinite error included), tolerances, plots or a note, the peer table with its fla/ours ratios, decode."""
+    infinite error included), tolerances, plots or a note, the peer table with its fla/ours ratios, decode, and
+    the performance goals with their ratios and roofline floors."""
     out = tmp_path / "site" / "index.html"
     page = B.build(FIXTURES, str(out))
     assert out.read_text() == page
     check_page(page)
     for text in ("NVIDIA H100 80GB HBM3", "FAIL 1.7", "FAIL inf", "fla / ours", "SDPA / best ours", "1980 MHz",
                  "test_long_sequence_large_heads", "copy ceiling" if "data:image/png" in page else "decode",
-                 "4 u = 0.0156", "CPU · fresh", "GPU · committed"):
+                 "4 u = 0.0156", "CPU · fresh", "GPU · committed", "ours / fla", "roofline floor (ours at)"):
         assert text in page, f"{text!r} not in the page"
     assert page.count(B.NOT_MEASURED) == 0, "fixture data covers every section"
     try:

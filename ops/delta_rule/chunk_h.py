@@ -131,8 +131,9 @@ def chunk_h_fwd_kernel(k, w, u, h, v_new, h0, ht, offsets, chunk_offsets,
 def _bwd_step(t, b_h0, b_h1, b_h2, b_h3, q, k, w, do, dv_local, dh, dv_new, scale, bos, i_h, L, c0, v0,
               H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
               BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Chunk t (reverse order): store dh_{t+1}; dv_new = dv_local + K dh; dh_t = dh + scale Q^T dO - W^T dv_new."""
-    ACC = b_h0.dtype
+    """Chunk t (reverse order): store dh_{t+1}; dv_new = dv_local + K dh; dh_t = dh + scale Q^T dO - W^T dv_new.
+    dh and dv_new stay in the accumulation dtype; products take them in the input dtype (DT)."""
+    DT = k.dtype.element_ty
     ph = dh + (c0 + t) * H * K * V
     tl.store(_st(ph, i_h, H, K, V, 0, v0, BK, BV), b_h0, boundary_check=(0, 1))
     if NK > 1:
@@ -144,39 +145,40 @@ def _bwd_step(t, b_h0, b_h1, b_h2, b_h3, q, k, w, do, dv_local, dh, dv_new, scal
 
     # dv_new = dv_local + K dh
     b_dv = tl.load(_tok(dv_local, bos, i_h, L, H, V, t * C, v0, C, BV), boundary_check=(0, 1))
-    b_k = tl.load(_tok(k, bos, i_h, L, H, K, t * C, 0, C, BK), boundary_check=(0, 1)).to(ACC)
-    b_dv += tl.dot(b_k, b_h0, input_precision=DOT_PREC)
+    b_k = tl.load(_tok(k, bos, i_h, L, H, K, t * C, 0, C, BK), boundary_check=(0, 1))
+    b_dv += tl.dot(b_k, b_h0.to(DT), input_precision=DOT_PREC)
     if NK > 1:
-        b_k = tl.load(_tok(k, bos, i_h, L, H, K, t * C, BK, C, BK), boundary_check=(0, 1)).to(ACC)
-        b_dv += tl.dot(b_k, b_h1, input_precision=DOT_PREC)
+        b_k = tl.load(_tok(k, bos, i_h, L, H, K, t * C, BK, C, BK), boundary_check=(0, 1))
+        b_dv += tl.dot(b_k, b_h1.to(DT), input_precision=DOT_PREC)
     if NK > 2:
-        b_k = tl.load(_tok(k, bos, i_h, L, H, K, t * C, 2 * BK, C, BK), boundary_check=(0, 1)).to(ACC)
-        b_dv += tl.dot(b_k, b_h2, input_precision=DOT_PREC)
+        b_k = tl.load(_tok(k, bos, i_h, L, H, K, t * C, 2 * BK, C, BK), boundary_check=(0, 1))
+        b_dv += tl.dot(b_k, b_h2.to(DT), input_precision=DOT_PREC)
     if NK > 3:
-        b_k = tl.load(_tok(k, bos, i_h, L, H, K, t * C, 3 * BK, C, BK), boundary_check=(0, 1)).to(ACC)
-        b_dv += tl.dot(b_k, b_h3, input_precision=DOT_PREC)
+        b_k = tl.load(_tok(k, bos, i_h, L, H, K, t * C, 3 * BK, C, BK), boundary_check=(0, 1))
+        b_dv += tl.dot(b_k, b_h3.to(DT), input_precision=DOT_PREC)
     tl.store(_tok(dv_new, bos, i_h, L, H, V, t * C, v0, C, BV), b_dv, boundary_check=(0, 1))
 
     # dh += scale Q^T dO - W^T dv_new
-    b_do = tl.load(_tok(do, bos, i_h, L, H, V, t * C, v0, C, BV), boundary_check=(0, 1)).to(ACC) * scale
-    b_q = tl.load(_tok(q, bos, i_h, L, H, K, t * C, 0, C, BK), boundary_check=(0, 1)).to(ACC)
-    b_w = tl.load(_tok(w, bos, i_h, L, H, K, t * C, 0, C, BK), boundary_check=(0, 1)).to(ACC)
-    b_h0 += tl.dot(tl.trans(b_q), b_do, input_precision=DOT_PREC) - \
+    b_do = tl.load(_tok(do, bos, i_h, L, H, V, t * C, v0, C, BV), boundary_check=(0, 1))
+    b_dv = b_dv.to(DT)
+    b_q = tl.load(_tok(q, bos, i_h, L, H, K, t * C, 0, C, BK), boundary_check=(0, 1))
+    b_w = tl.load(_tok(w, bos, i_h, L, H, K, t * C, 0, C, BK), boundary_check=(0, 1))
+    b_h0 += scale * tl.dot(tl.trans(b_q), b_do, input_precision=DOT_PREC) - \
         tl.dot(tl.trans(b_w), b_dv, input_precision=DOT_PREC)
     if NK > 1:
-        b_q = tl.load(_tok(q, bos, i_h, L, H, K, t * C, BK, C, BK), boundary_check=(0, 1)).to(ACC)
-        b_w = tl.load(_tok(w, bos, i_h, L, H, K, t * C, BK, C, BK), boundary_check=(0, 1)).to(ACC)
-        b_h1 += tl.dot(tl.trans(b_q), b_do, input_precision=DOT_PREC) - \
+        b_q = tl.load(_tok(q, bos, i_h, L, H, K, t * C, BK, C, BK), boundary_check=(0, 1))
+        b_w = tl.load(_tok(w, bos, i_h, L, H, K, t * C, BK, C, BK), boundary_check=(0, 1))
+        b_h1 += scale * tl.dot(tl.trans(b_q), b_do, input_precision=DOT_PREC) - \
             tl.dot(tl.trans(b_w), b_dv, input_precision=DOT_PREC)
     if NK > 2:
-        b_q = tl.load(_tok(q, bos, i_h, L, H, K, t * C, 2 * BK, C, BK), boundary_check=(0, 1)).to(ACC)
-        b_w = tl.load(_tok(w, bos, i_h, L, H, K, t * C, 2 * BK, C, BK), boundary_check=(0, 1)).to(ACC)
-        b_h2 += tl.dot(tl.trans(b_q), b_do, input_precision=DOT_PREC) - \
+        b_q = tl.load(_tok(q, bos, i_h, L, H, K, t * C, 2 * BK, C, BK), boundary_check=(0, 1))
+        b_w = tl.load(_tok(w, bos, i_h, L, H, K, t * C, 2 * BK, C, BK), boundary_check=(0, 1))
+        b_h2 += scale * tl.dot(tl.trans(b_q), b_do, input_precision=DOT_PREC) - \
             tl.dot(tl.trans(b_w), b_dv, input_precision=DOT_PREC)
     if NK > 3:
-        b_q = tl.load(_tok(q, bos, i_h, L, H, K, t * C, 3 * BK, C, BK), boundary_check=(0, 1)).to(ACC)
-        b_w = tl.load(_tok(w, bos, i_h, L, H, K, t * C, 3 * BK, C, BK), boundary_check=(0, 1)).to(ACC)
-        b_h3 += tl.dot(tl.trans(b_q), b_do, input_precision=DOT_PREC) - \
+        b_q = tl.load(_tok(q, bos, i_h, L, H, K, t * C, 3 * BK, C, BK), boundary_check=(0, 1))
+        b_w = tl.load(_tok(w, bos, i_h, L, H, K, t * C, 3 * BK, C, BK), boundary_check=(0, 1))
+        b_h3 += scale * tl.dot(tl.trans(b_q), b_do, input_precision=DOT_PREC) - \
             tl.dot(tl.trans(b_w), b_dv, input_precision=DOT_PREC)
     return b_h0, b_h1, b_h2, b_h3
 

@@ -57,17 +57,18 @@ def chunk_dv_local_kernel(q, k, do, dv, scale_ptr, offsets, cmap,
     bos, eos = tl.load(offsets + i_n).to(tl.int64), tl.load(offsets + i_n + 1).to(tl.int64)
     L = eos - bos
     ACC = dv.dtype.element_ty
+    DT = q.dtype.element_ty  # dot operands
     scale = tl.load(scale_ptr)
 
     b_At = tl.zeros([C, C], dtype=ACC)  # (Q K^T)^T = K Q^T
     for i_k in range(tl.cdiv(K, BK)):
-        b_q = tl.load(_tok(q, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), boundary_check=(0, 1)).to(ACC)
-        b_k = tl.load(_tok(k, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), boundary_check=(0, 1)).to(ACC)
+        b_q = tl.load(_tok(q, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), boundary_check=(0, 1))
+        b_k = tl.load(_tok(k, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), boundary_check=(0, 1))
         b_At += tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PREC)
     rows = tl.arange(0, C)[:, None]
     cols = tl.arange(0, C)[None, :]
-    b_At = tl.where(rows <= cols, b_At, 0.0) * scale
-    b_do = tl.load(_tok(do, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1)).to(ACC)
+    b_At = (tl.where(rows <= cols, b_At, 0.0) * scale).to(DT)
+    b_do = tl.load(_tok(do, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1))
     tl.store(_tok(dv, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), tl.dot(b_At, b_do, input_precision=DOT_PREC),
              boundary_check=(0, 1))
 
@@ -81,6 +82,7 @@ def chunk_o_bwd_kernel(q, k, v_new, h, do, dh, dv_new, dq, dk, dw, scale_ptr, of
     bos, eos = tl.load(offsets + i_n).to(tl.int64), tl.load(offsets + i_n + 1).to(tl.int64)
     L = eos - bos
     ACC = dh.dtype.element_ty
+    DT = q.dtype.element_ty  # dot operands
     scale = tl.load(scale_ptr)
     ph = h + i_c.to(tl.int64) * H * K * V
     pdh = dh + i_c.to(tl.int64) * H * K * V
@@ -90,20 +92,20 @@ def chunk_o_bwd_kernel(q, k, v_new, h, do, dh, dv_new, dq, dk, dw, scale_ptr, of
     b_dk = tl.zeros([C, BK], dtype=ACC)  # v_new dh^T
     b_dw = tl.zeros([C, BK], dtype=ACC)  # -dv_new h^T
     for i_v in range(tl.cdiv(V, BV)):
-        b_do = tl.load(_tok(do, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1)).to(ACC)
-        b_v = tl.load(_tok(v_new, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1)).to(ACC)
-        b_dv = tl.load(_tok(dv_new, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1))
-        b_ht = tl.trans(tl.load(_st(ph, i_h, H, K, V, i_k * BK, i_v * BV, BK, BV), boundary_check=(0, 1)).to(ACC))
-        b_dht = tl.trans(tl.load(_st(pdh, i_h, H, K, V, i_k * BK, i_v * BV, BK, BV), boundary_check=(0, 1)))
+        b_do = tl.load(_tok(do, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1))
+        b_v = tl.load(_tok(v_new, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1))
+        b_dv = tl.load(_tok(dv_new, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1)).to(DT)
+        b_ht = tl.trans(tl.load(_st(ph, i_h, H, K, V, i_k * BK, i_v * BV, BK, BV), boundary_check=(0, 1)))
+        b_dht = tl.trans(tl.load(_st(pdh, i_h, H, K, V, i_k * BK, i_v * BV, BK, BV), boundary_check=(0, 1)).to(DT))
         b_dS += tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC)
         b_dq += tl.dot(b_do, b_ht, input_precision=DOT_PREC)
         b_dk += tl.dot(b_v, b_dht, input_precision=DOT_PREC)
         b_dw -= tl.dot(b_dv, b_ht, input_precision=DOT_PREC)
     rows = tl.arange(0, C)[:, None]
     cols = tl.arange(0, C)[None, :]
-    b_dS = tl.where(rows >= cols, b_dS, 0.0) * scale
-    b_q = tl.load(_tok(q, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), boundary_check=(0, 1)).to(ACC)
-    b_k = tl.load(_tok(k, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), boundary_check=(0, 1)).to(ACC)
+    b_dS = (tl.where(rows >= cols, b_dS, 0.0) * scale).to(DT)
+    b_q = tl.load(_tok(q, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), boundary_check=(0, 1))
+    b_k = tl.load(_tok(k, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), boundary_check=(0, 1))
     b_dq = b_dq * scale + tl.dot(b_dS, b_k, input_precision=DOT_PREC)
     b_dk += tl.dot(tl.trans(b_dS), b_q, input_precision=DOT_PREC)
     p_dq = _tok(dq, bos, i_h, L, H, K, j * C, i_k * BK, C, BK)

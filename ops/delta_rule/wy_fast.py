@@ -62,11 +62,13 @@ def wy_bwd_kernel(k, v, beta, x, dw, du, dk_in, dk, dv, dbeta, offsets, cmap,
     bos, eos = tl.load(offsets + i_n).to(tl.int64), tl.load(offsets + i_n + 1).to(tl.int64)
     L = eos - bos
     ACC = x.dtype.element_ty
+    DT = k.dtype.element_ty  # operands of the [C, K] / [C, V] products; the [C, C] ones stay in ACC
 
     p_b = tl.make_block_ptr(beta + bos * H + i_h, (L,), (H,), (j * C,), (C,), (0,))
     b_b = tl.load(p_b, boundary_check=(0,)).to(ACC)
     p_x = tl.make_block_ptr(x + (i_c * H + i_h).to(tl.int64) * C * C, (C, C), (C, 1), (0, 0), (C, C), (1, 0))
     b_Xt = tl.trans(tl.load(p_x))
+    b_Xt_d = b_Xt.to(DT)
 
     b_dX = tl.zeros([C, C], dtype=ACC)
     b_KK = tl.zeros([C, C], dtype=ACC)
@@ -74,21 +76,21 @@ def wy_bwd_kernel(k, v, beta, x, dw, du, dk_in, dk, dv, dbeta, offsets, cmap,
     for i_k in range(tl.cdiv(K, BK)):
         p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (L, K), (H * K, 1), (j * C, i_k * BK), (C, BK), (1, 0))
         p_dw = tl.make_block_ptr(dw + (bos * H + i_h) * K, (L, K), (H * K, 1), (j * C, i_k * BK), (C, BK), (1, 0))
-        b_k = tl.load(p_k, boundary_check=(0, 1)).to(ACC)
-        b_dw = tl.load(p_dw, boundary_check=(0, 1))
-        b_db += tl.sum(tl.dot(b_Xt, b_dw, input_precision=DOT_PREC) * b_k, 1)
-        b_dX += tl.dot(b_dw, tl.trans(b_k * b_b[:, None]), input_precision=DOT_PREC)
+        b_k = tl.load(p_k, boundary_check=(0, 1))
+        b_dw = tl.load(p_dw, boundary_check=(0, 1)).to(DT)
+        b_db += tl.sum(tl.dot(b_Xt_d, b_dw, input_precision=DOT_PREC) * b_k.to(ACC), 1)
+        b_dX += tl.dot(b_dw, tl.trans((b_k * b_b[:, None]).to(DT)), input_precision=DOT_PREC)
         b_KK += tl.dot(b_k, tl.trans(b_k), input_precision=DOT_PREC)
     for i_v in range(tl.cdiv(V, BV)):
         p_v = tl.make_block_ptr(v + (bos * H + i_h) * V, (L, V), (H * V, 1), (j * C, i_v * BV), (C, BV), (1, 0))
         p_du = tl.make_block_ptr(du + (bos * H + i_h) * V, (L, V), (H * V, 1), (j * C, i_v * BV), (C, BV), (1, 0))
         p_dv = tl.make_block_ptr(dv + (bos * H + i_h) * V, (L, V), (H * V, 1), (j * C, i_v * BV), (C, BV), (1, 0))
-        b_v = tl.load(p_v, boundary_check=(0, 1)).to(ACC)
-        b_du = tl.load(p_du, boundary_check=(0, 1))
-        b_XtdU = tl.dot(b_Xt, b_du, input_precision=DOT_PREC)
+        b_v = tl.load(p_v, boundary_check=(0, 1))
+        b_du = tl.load(p_du, boundary_check=(0, 1)).to(DT)
+        b_XtdU = tl.dot(b_Xt_d, b_du, input_precision=DOT_PREC)
         tl.store(p_dv, (b_XtdU * b_b[:, None]).to(p_dv.dtype.element_ty), boundary_check=(0, 1))
-        b_db += tl.sum(b_XtdU * b_v, 1)
-        b_dX += tl.dot(b_du, tl.trans(b_v * b_b[:, None]), input_precision=DOT_PREC)
+        b_db += tl.sum(b_XtdU * b_v.to(ACC), 1)
+        b_dX += tl.dot(b_du, tl.trans((b_v * b_b[:, None]).to(DT)), input_precision=DOT_PREC)
 
     rows = tl.arange(0, C)[:, None]
     cols = tl.arange(0, C)[None, :]
@@ -101,16 +103,16 @@ def wy_bwd_kernel(k, v, beta, x, dw, du, dk_in, dk, dv, dbeta, offsets, cmap,
     # diag(beta) dA K + (diag(beta) dA)^T K = M K with the symmetric M = bdA + bdA^T (formed once; a transposed
     # dot result fed straight into tl.dot miscompiles on Hopper, cf. fla PR 826)
     b_bdA = b_dA * b_b[:, None]
-    b_M = b_bdA + tl.trans(b_bdA)
+    b_M = (b_bdA + tl.trans(b_bdA)).to(DT)
     for i_k in range(tl.cdiv(K, BK)):
         p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (L, K), (H * K, 1), (j * C, i_k * BK), (C, BK), (1, 0))
         p_dw = tl.make_block_ptr(dw + (bos * H + i_h) * K, (L, K), (H * K, 1), (j * C, i_k * BK), (C, BK), (1, 0))
         p_dki = tl.make_block_ptr(dk_in + (bos * H + i_h) * K, (L, K), (H * K, 1), (j * C, i_k * BK), (C, BK), (1, 0))
         p_dk = tl.make_block_ptr(dk + (bos * H + i_h) * K, (L, K), (H * K, 1), (j * C, i_k * BK), (C, BK), (1, 0))
-        b_k = tl.load(p_k, boundary_check=(0, 1)).to(ACC)
-        b_dw = tl.load(p_dw, boundary_check=(0, 1))
+        b_k = tl.load(p_k, boundary_check=(0, 1))
+        b_dw = tl.load(p_dw, boundary_check=(0, 1)).to(DT)
         b_dk = tl.load(p_dki, boundary_check=(0, 1)).to(ACC)
-        b_dk += tl.dot(b_Xt, b_dw, input_precision=DOT_PREC) * b_b[:, None]
+        b_dk += tl.dot(b_Xt_d, b_dw, input_precision=DOT_PREC) * b_b[:, None]
         b_dk += tl.dot(b_M, b_k, input_precision=DOT_PREC)
         tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), boundary_check=(0, 1))
 
