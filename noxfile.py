@@ -1,5 +1,6 @@
 """Sessions: tests (CI: CPU, Triton interpreter, `ci` profile), properties (`thorough`), gpu (whole suite on CUDA),
-bench, report, lint.
+conformance (the conformance properties against named implementations, e.g. `nox -s conformance -- fla`), bench,
+report, lint.
 
 CPU sessions install the CPU build of torch 2.13.0 that this machine carries (never a multi-GB CUDA build); the
 gpu and bench sessions use the interpreter's own CUDA torch and triton (venv_backend='none')."""
@@ -44,6 +45,28 @@ def gpu(session):
     session.run("python3", "-m", "pytest", "properties", "-q", *session.posargs,
                 env={"DELTACHECK_PROFILE": os.environ.get("DELTACHECK_PROFILE", "dev"),
                      "DELTACHECK_RECORD": "reports/data/verification-gpu.json"})
+
+
+@nox.session(venv_backend="none")
+def conformance(session):
+    """The conformance properties (properties/test_conformance.py) against the implementations named after `--`
+    (form names of benchmarks/registry.py, or `ours`, `fla`, `all`; default ours), with this interpreter's torch
+    (and fla, for `fla`: `pip install -e .[peers]`), recording to reports/data/conformance-<names>.json and
+    .junit.xml for the report's conformance table. On a machine with no GPU the run is the interpreter's: peers
+    that cannot run there are reported unsupported."""
+    impls = ",".join(session.posargs) or "ours"
+    tag = impls.replace(",", "+")
+    os.makedirs("reports/data", exist_ok=True)
+    env = {"DELTACHECK_IMPLS": impls, "DELTACHECK_PROFILE": os.environ.get("DELTACHECK_PROFILE", "ci"),
+           "DELTACHECK_RECORD": f"reports/data/conformance-{tag}.json"}
+    try:
+        import torch
+        if not torch.cuda.is_available():
+            env.update(CPU_ENV)
+    except ImportError:
+        session.error("conformance uses this interpreter's torch: install torch (and fla-core for `fla`) first")
+    session.run("python3", "-m", "pytest", "properties/test_conformance.py", "-q", "-p", "no:cacheprovider",
+                f"--junitxml=reports/data/conformance-{tag}.junit.xml", env=env, success_codes=[0, 1])
 
 
 @nox.session

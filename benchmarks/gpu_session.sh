@@ -55,6 +55,7 @@ RUN_BENCH=0
 BENCH_BUDGET=200
 POINT_SHARE=0.5
 PROFILE=0
+PROFILE_ARGS=()
 TOTAL=570
 FORMS=""
 POINT="B=8,T=4096,H=16,K=128,V=128,dtype=bf16"
@@ -101,6 +102,7 @@ if [ "$DRY" = 1 ]; then
   FORMS="${FORMS:-chunk,deltaformer,fla.deltaformer,iplr.chunk,dplr.fused_recurrent,sdpa}"
   SWEEP_ARGS="--T 16 --tokens 16 --H 1 --K 16 --V 16 --dtypes fp32 --decode-batches 1 --decode-dtype fp32"
   DATA="${DATA:-$OUT-data/cpu}"
+  PROFILE_ARGS=(--cpu-check --forms chunk --iters 1)
   TRITON_CACHE_DIR_OVERRIDE="$OUT-triton-cache"
 fi
 
@@ -187,12 +189,13 @@ if [ "$RUN_BENCH" = 1 ]; then
     say "bench: profile_ops at $POINT (fwd, fwd+bwd) -> $DATA"
     for mode in fwd fwd+bwd; do
       timeout -k 10 150 python3 -m benchmarks.profile_ops --point "$POINT" --mode "$mode" --out "$DATA" \
-        >>"$OUT/bench.log" 2>&1
+        "${PROFILE_ARGS[@]}" >>"$OUT/bench.log" 2>&1
     done
     say "profile done"
   fi
   if [ "$POINT_SHARE" != 0 ]; then
-    point_budget=$(python3 -c "print(max(30, int(($budget - (SECONDS - bench_start)) * $POINT_SHARE)))")
+    avail=$(( budget - (SECONDS - bench_start) ))
+    point_budget=$(python3 -c "print(max(30, int($avail * $POINT_SHARE)))")
     say "bench: point $POINT (${point_budget}s) -> $DATA, log $OUT/bench.log"
     timeout -k 10 $(( point_budget + 90 )) python3 -m benchmarks.harness --point "$POINT" --accuracy \
       --budget-s "$point_budget" --out "$DATA" "${FORMS_ARG[@]}" >>"$OUT/bench.log" 2>&1

@@ -263,6 +263,8 @@ class Form:
     adapt_inputs: Callable | None = None  # delta-rule inputs -> this form's inputs (same values)
     kwargs: dict = field(default_factory=dict)
     dtypes: tuple | None = None    # dtypes it supports (None: all four)
+    backward: bool = True          # has a backward (fla 0.6.0's IPLR chunk and DPLR fused recurrent do not)
+    varlen: bool = True            # takes packed sequences (cu_seqlens)
     requires: tuple = ()           # modules the callable needs at call time (availability imports them)
 
     @property
@@ -346,7 +348,7 @@ FORMS = [
          "ops.generalized_delta_rule.iplr.fused_recurrent:fused_recurrent_iplr_delta_rule", call_iplr,
          "generalized_recurrent", decode=True),
     Form("fla.iplr.chunk", "IPLR chunk (fla)", "iplr", "chunk", "fla",
-         "fla.ops.generalized_delta_rule:chunk_iplr_delta_rule", call_iplr, "generalized_chunk"),
+         "fla.ops.generalized_delta_rule:chunk_iplr_delta_rule", call_iplr, "generalized_chunk", backward=False),
     Form("fla.iplr.fused_recurrent", "IPLR fused recurrent (fla)", "iplr", "fused_recurrent", "fla",
          "fla.ops.generalized_delta_rule:fused_recurrent_iplr_delta_rule", call_iplr, "generalized_recurrent",
          decode=True),
@@ -359,7 +361,7 @@ FORMS = [
          "fla.ops.generalized_delta_rule:chunk_dplr_delta_rule", call_dplr, "generalized_chunk"),
     Form("fla.dplr.fused_recurrent", "DPLR fused recurrent (fla)", "dplr", "fused_recurrent", "fla",
          "fla.ops.generalized_delta_rule:fused_recurrent_dplr_delta_rule", call_dplr, "generalized_recurrent",
-         decode=True),
+         decode=True, backward=False),
     Form("sdpa", "causal SDPA (torch)", "softmax_attention", "sdpa", "torch",
          "benchmarks.registry:sdpa", call_sdpa, "softmax_attention", final_state=False, accuracy=False,
          adapt_inputs=to_attention_inputs),

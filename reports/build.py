@@ -52,6 +52,7 @@ SECTIONS = [
     ("first-call", "First-call times"),
     ("decode", "Decode"),
     ("goals", "Performance goals"),
+    ("conformance", "Conformance"),
 ]
 NOT_MEASURED = "not measured yet"
 UNKNOWN_DTYPE = "dtype not recorded"
@@ -266,7 +267,9 @@ def parse_record(rec) -> dict:
 def verification_html(doc, junit_path=None, label="") -> str:
     if not doc or not doc.get("records"):
         return missing(f"{label} verification records")
-    recs = [parse_record(r) for r in doc["records"]]
+    recs = [parse_record(r) for r in doc["records"] if not r.get("impl")]  # conformance records: own table
+    if not recs:
+        return missing(f"{label} verification records")
     meta = doc.get("meta", {})
     parts = [note(f"{label}: {len(recs)} measured errors from {len({r['test'] for r in recs})} tests on "
                   f"{meta.get('device', '?')}, torch {meta.get('torch', '?')}, hypothesis profile "
@@ -320,6 +323,80 @@ def verification_html(doc, junit_path=None, label="") -> str:
                              "error / bound", ""], drows)))
     parts.append(junit_html(junit_path, label))
     return "".join(parts)
+
+
+def _junit_failures(path):
+    """{(test name, parameter id): failure message} of a junit file (hypothesis puts its smallest failing example,
+    "Falsifying example: ...", into the message text)."""
+    out = {}
+    try:
+        root = ET.parse(path).getroot()
+    except (OSError, ET.ParseError):
+        return out
+    for tc in root.iter("testcase"):
+        for child in tc:
+            if child.tag in ("failure", "error"):
+                name = tc.get("name", "")
+                out[name] = (child.get("message") or "") + "\n" + (child.text or "")
+    return out
+
+
+def _falsifying(text):
+    m = re.search(r"Falsifying example: (check\(.*?\n\s*\))", text or "", re.S)
+    return re.sub(r"\s+", " ", m.group(1)) if m else ""
+
+
+def conformance_html(doc, junit_path, label) -> str:
+    """Rows: the conformance properties; columns: implementations; each cell per dtype: pass (worst error /
+    bound), FAIL (worst error / bound and hypothesis's smallest failing example) or unsupported (the reason)."""
+    recs = [r for r in (doc or {}).get("records") or [] if r.get("impl")]
+    if not recs:
+        return missing(f"{label} conformance records")
+    fails = _junit_failures(junit_path) if junit_path else {}
+    impls = list(dict.fromkeys(r["impl"] for r in recs))
+    props = list(dict.fromkeys(r["prop"].split(" (")[0] for r in recs))
+    rows = []
+    for prop in props:
+        row = [prop.replace("_", " ")]
+        for impl in impls:
+            cell = {}
+            for r in recs:
+                if r["impl"] != impl or r["prop"].split(" (")[0] != prop:
+                    continue
+                dt = str(r.get("dtype", "")).replace("torch.", "")
+                d = R.SHORT.get(dt, dt or "any")
+                c = cell.setdefault(d, dict(ratio=0.0, status="pass", reason=""))
+                if r.get("status") == "unsupported":
+                    c["reason"] = r.get("reason", "")
+                    if r["prop"] == prop:
+                        c["status"] = "unsupported"
+                    else:  # a part of the property (e.g. its gradients) unsupported
+                        c["part"] = f"{r['prop'].split(' (')[1].rstrip(')')}: {r.get('reason', '')}"
+                    continue
+                b = float(r["bound"])
+                ratio = float(r["err"]) / b if b > 0 else (0.0 if float(r["err"]) == 0 else math.inf)
+                c["ratio"] = max(c["ratio"], ratio)
+                if r.get("status") == "fail":
+                    c["status"] = "fail"
+            parts, cls = [], "pass"
+            for d, c in cell.items():
+                if c["status"] == "unsupported":
+                    parts.append(f"{d}: unsupported ({c['reason']})")
+                    cls = "fail" if cls == "fail" else "unsupported"
+                elif c["status"] == "fail":
+                    ex = next((_falsifying(t) for n, t in fails.items()
+                               if n.startswith(f"test_{prop}[{impl}-{d}]")), "")
+                    parts.append(f"{d}: FAIL {fmt(c['ratio'], '.2g')}" + (f" at {ex}" if ex else ""))
+                    cls = "fail"
+                else:
+                    parts.append(f"{d}: pass {fmt(c['ratio'], '.2g')}" +
+                                 (f" (unsupported {c['part']})" if c.get("part") else ""))
+            row.append(("html", esc("; ".join(parts)) or "–", dict(class_=cls)) if parts else "–")
+        rows.append(row)
+    return (table(["property"] + impls, rows)
+            + note(f"{label}: properties/test_conformance.py against each implementation (benchmarks/registry.py "
+                   "forms). pass / FAIL: the worst error / bound over the examples; unsupported: what the "
+                   "implementation declares it does not do (or cannot run here), reported rather than skipped."))
 
 
 def junit_html(path, label) -> str:
@@ -892,6 +969,20 @@ def build(data=None, out=None) -> str:
     body["decode"] = "".join(dec) or missing("decode")
     body["goals"] = "".join(el("h3", tag_gpu + " " + esc(gname(g))) + goals_html(g.get("bench"), g.get("points"))
                             for g in gpus if g.get("bench") or g.get("points")) or missing("performance goals")
+
+    # --- conformance: the conformance records of every property run, and conformance-*.json runs (e.g. fla's)
+    cparts = []
+    runs = [(tag_cpu, "CPU (Triton interpreter)", cpu, os.path.join(data, "verification-cpu.junit.xml"))]
+    runs += [(tag_gpu, name, doc, junit) for name, doc, junit in gver]
+    for d in [data] + [g["dir"] for g in gpus]:
+        for f in sorted(glob.glob(os.path.join(d, "conformance-*.json"))):
+            where = "CPU" if d == data else os.path.basename(d)
+            runs.append((tag_cpu if d == data else tag_gpu, f"{os.path.basename(f)} ({where})", load_json(f),
+                         f[:-len(".json")] + ".junit.xml"))
+    for tag, name, doc, junit in runs:
+        if doc and any(r.get("impl") for r in doc.get("records") or []):
+            cparts.append(el("h3", tag + " " + esc(name)) + conformance_html(doc, junit, name))
+    body["conformance"] = "".join(cparts) or missing("conformance records")
 
     nav = el("nav", "".join(el("a", esc(t), href=f"#{s}") for s, t in SECTIONS))
     page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>deltacheck report</title>"
