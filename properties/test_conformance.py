@@ -188,6 +188,36 @@ def test_packed_sequences_equal_each_alone(form, dtype):
 
 
 @pytest.mark.parametrize("form,dtype", _cases())
+def test_state_splits_at_any_t(form, dtype):
+    """Running tokens [0, t) with output_final_state, then [t, T) from that final state, gives the output and
+    final state of one run over [0, T), for any split t, to the dtype's forward bound."""
+    prop = "state_splits_at_any_t"
+    fn = _load(form, prop, dtype)
+    fam = R.FAMILIES[form.family]
+    if not (fam.state and form.final_state):
+        unsupported(form, prop, "no final state to carry (stateless form)")
+
+    @settings(max_examples=EXAMPLES)
+    @given(T=st.integers(2, MAX_T), split=st.floats(0.0, 1.0), H=st.integers(1, 2), K=st.sampled_from(HEAD_SIZES),
+           V=st.sampled_from(HEAD_SIZES), initial_state=st.booleans(), seed=st.integers(0, 2 ** 20))
+    def check(T, split, H, K, V, initial_state, seed):
+        t = min(T - 1, max(1, round(split * T)))
+        x = _inputs(form, 1, T, H, K, V, dtype, seed, initial_state)
+        head = {k: (v if k == "initial_state" else v[:, :t]) for k, v in x.items()}
+        with torch.no_grad():
+            o, ht = form.call(fn, x, True, **form.kwargs)
+            o1, h1 = form.call(fn, head, True, **form.kwargs)
+            tail = {k: v[:, t:] for k, v in x.items() if k != "initial_state"}
+            tail["initial_state"] = h1
+            o2, h2 = form.call(fn, tail, True, **form.kwargs)
+        dt = R.torch_dtype(dtype)
+        assert_close("o over [0, T) vs split", torch.cat([o1, o2], 1), o, dt, record=_keeper(form, prop))
+        assert_close("final state vs split", h2, ht, dt, record=_keeper(form, prop))
+
+    check()
+
+
+@pytest.mark.parametrize("form,dtype", _cases())
 def test_nan_in_gives_nan_out(form, dtype):
     """A NaN in one value row (t = 80 of 100) reaches the output without a crash: o has a NaN from that token on,
     and the tokens of earlier blocks stay finite. (Chunked and blocked forms multiply whole blocks, where
