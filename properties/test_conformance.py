@@ -13,6 +13,7 @@ Errors are held to the float64 reference of the op's family on the same rounded 
 properties/tolerances.py.
 """
 import os
+import re
 
 import pytest
 import torch
@@ -99,14 +100,54 @@ def _record(form, prop, name, x, ref, dtype, kind):
     return err, b
 
 
+def _compare_with_reference(form, fn, x, dtype, prop, seed):
+    """o, the final state and every gradient (random upstream gradients) of `form` on inputs x against the family's
+    float64 reference on the same rounded inputs; records each error; returns why gradients were not compared
+    (the form has no backward) or None. Asserts every error is within its bound."""
+    fam = R.FAMILIES[form.family]
+    names = [n for n in fam.grad_names if n in x]
+    leaves = {n: x[n].detach().clone().requires_grad_() for n in names}
+    o, ht = form.call(fn, dict(x, **leaves), form.final_state and fam.state, **form.kwargs)
+    ref_leaves = {n: x[n].detach().double().requires_grad_() for n in names}
+    with torch.device(DEVICE):
+        ro, rht = fam.call_reference(R.load(fam.reference), dict({k: v.double() for k, v in x.items()},
+                                                                  **ref_leaves))
+    g = torch.Generator(device=DEVICE).manual_seed(seed + 1)
+    do = torch.randn(o.shape, generator=g, device=DEVICE, dtype=torch.float64)
+    outs, gouts, routs, rgouts = [o], [do.to(o.dtype)], [ro], [do]
+    errors = [_record(form, prop, "o", o, ro, dtype, "forward")]
+    if ht is not None and rht is not None:
+        dht = torch.randn(ht.shape, generator=g, device=DEVICE, dtype=torch.float64)
+        outs.append(ht)
+        gouts.append(dht.to(ht.dtype))
+        routs.append(rht)
+        rgouts.append(dht)
+        errors.append(_record(form, prop, "final_state", ht, rht, dtype, "forward"))
+    no_backward = None
+    grads = _grads(outs, gouts, leaves) if form.backward else None
+    if grads is None:
+        no_backward = "no backward (declared)" if not form.backward else "no backward (NotImplementedError)"
+    else:
+        rgrads = torch.autograd.grad(routs, list(ref_leaves.values()), rgouts, allow_unused=True,
+                                     materialize_grads=True)
+        for n, gx, rg in zip(names, grads, rgrads):
+            if gx is None:
+                errors.append((float("inf"), 0.0))
+                keep(f"d{n}", float("inf"), 0.0, impl=form.name, prop=prop, status="fail", dtype=dtype,
+                     kind="gradient", reason="no gradient returned")
+                continue
+            errors.append(_record(form, prop, f"d{n}", gx, rg, dtype, "gradient"))
+    bad = [(e, b) for e, b in errors if not e <= b]
+    assert not bad, f"{form.name}: errors over their bounds: {bad}"
+    return no_backward
+
+
 @pytest.mark.parametrize("form,dtype", _cases())
 def test_matches_float64_reference(form, dtype):
     """o, the final state and the gradient of every differentiable input equal the family's float64 reference on
     the same rounded inputs, within the dtype's forward / gradient bounds (initial state included)."""
     prop = "matches_float64_reference"
     fn = _load(form, prop, dtype)
-    fam = R.FAMILIES[form.family]
-    ref_fn = R.load(fam.reference)
     state = {"no_backward": None}
 
     @settings(max_examples=EXAMPLES)
@@ -115,43 +156,54 @@ def test_matches_float64_reference(form, dtype):
            seed=st.integers(0, 2 ** 20))
     def check(T, H, K, V, B, initial_state, seed):
         x = _inputs(form, B, T, H, K, V, dtype, seed, initial_state)
-        names = [n for n in fam.grad_names if n in x]
-        leaves = {n: x[n].detach().clone().requires_grad_() for n in names}
-        o, ht = form.call(fn, dict(x, **leaves), form.final_state and fam.state, **form.kwargs)
-        ref_leaves = {n: x[n].detach().double().requires_grad_() for n in names}
-        with torch.device(DEVICE):
-            ro, rht = fam.call_reference(ref_fn, dict({k: v.double() for k, v in x.items()}, **ref_leaves))
-        g = torch.Generator(device=DEVICE).manual_seed(seed + 1)
-        do = torch.randn(o.shape, generator=g, device=DEVICE, dtype=torch.float64)
-        outs, gouts, routs, rgouts = [o], [do.to(o.dtype)], [ro], [do]
-        errors = [_record(form, prop, "o", o, ro, dtype, "forward")]
-        if ht is not None and rht is not None:
-            dht = torch.randn(ht.shape, generator=g, device=DEVICE, dtype=torch.float64)
-            outs.append(ht)
-            gouts.append(dht.to(ht.dtype))
-            routs.append(rht)
-            rgouts.append(dht)
-            errors.append(_record(form, prop, "final_state", ht, rht, dtype, "forward"))
-        grads = _grads(outs, gouts, leaves) if form.backward else None
-        if grads is None:
-            state["no_backward"] = ("no backward (declared)" if not form.backward else
-                                    "no backward (NotImplementedError)")
-        else:
-            rgrads = torch.autograd.grad(routs, list(ref_leaves.values()), rgouts, allow_unused=True,
-                                         materialize_grads=True)
-            for n, gx, rg in zip(names, grads, rgrads):
-                if gx is None:
-                    errors.append((float("inf"), 0.0))
-                    keep(f"d{n}", float("inf"), 0.0, impl=form.name, prop=prop, status="fail", dtype=dtype,
-                         kind="gradient", reason="no gradient returned")
-                    continue
-                errors.append(_record(form, prop, f"d{n}", gx, rg, dtype, "gradient"))
-        bad = [(e, b) for e, b in errors if not e <= b]
-        assert not bad, f"{form.name}: errors over their bounds: {bad}"
+        state["no_backward"] = _compare_with_reference(form, fn, x, dtype, prop, seed)
 
     check()
     if state["no_backward"]:
         unsupported(form, prop + " (gradients)", state["no_backward"])
+
+
+@pytest.mark.parametrize("form,dtype", [c for c in _cases() if c.values[0].family == "dplr"])
+def test_strong_decay_stays_finite_and_accurate(form, dtype):
+    """With log decays gk drawn in [-20, 0] per step and channel (a share exactly -20, as strong as the DPLR ops
+    promise), o, the final state and every gradient stay finite and within the bounds of the float64 reference."""
+    prop = "strong_decay_stays_finite_and_accurate"
+    fn = _load(form, prop, dtype)
+    state = {"no_backward": None}
+
+    @settings(max_examples=EXAMPLES)
+    @given(T=st.integers(1, MAX_T), K=st.sampled_from(HEAD_SIZES), V=st.sampled_from(HEAD_SIZES),
+           initial_state=st.booleans(), seed=st.integers(0, 2 ** 20))
+    def check(T, K, V, initial_state, seed):
+        x = _inputs(form, 1, T, 2, K, V, dtype, seed, initial_state)
+        g = torch.Generator(device=DEVICE).manual_seed(seed + 2)
+        u = torch.rand(x["gk"].shape, generator=g, device=DEVICE, dtype=x["gk"].dtype)
+        x["gk"] = torch.where(u > 0.8, -20.0, -20.0 * u / 0.8).to(x["gk"].dtype)
+        state["no_backward"] = _compare_with_reference(form, fn, x, dtype, prop, seed)
+
+    check()
+    if state["no_backward"]:
+        unsupported(form, prop + " (gradients)", state["no_backward"])
+
+
+@pytest.mark.parametrize("form,dtype", _cases())
+def test_bad_input_names_the_argument(form, dtype):
+    """A 3-D q (a missing head axis) is refused before anything runs, with an error that names q."""
+    prop = "bad_input_names_the_argument"
+    fn = _load(form, prop, dtype)
+    fam = R.FAMILIES[form.family]
+    x = _inputs(form, 1, 8, 1, HEAD_SIZES[0], HEAD_SIZES[0], dtype, 3, False)
+    x["q"] = x["q"][:, :, 0]
+    try:
+        form.call(fn, x, form.final_state and fam.state, **form.kwargs)
+        message = None
+    except Exception as e:  # any refusal counts; its message is what the property reads
+        message = f"{type(e).__name__}: {e}"
+    ok = message is not None and re.search(r"\bq\b", message) is not None
+    keep("error names q", 0.0 if ok else 1.0, 0.0, impl=form.name, prop=prop, status="pass" if ok else "fail",
+         dtype=dtype, reason=message or "no error")
+    assert message is not None, f"{form.name} accepted a 3-D q"
+    assert ok, f"{form.name}'s error does not name q: {message[:200]}"
 
 
 @pytest.mark.parametrize("form,dtype", _cases())
