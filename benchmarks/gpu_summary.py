@@ -139,20 +139,25 @@ def merge_records(path) -> int:
 
 
 def junit_cases(root):
-    """(classname, name, outcome, message) of every testcase of a parsed pytest junit XML; outcome is passed,
-    failed, error, skipped or cut_off (a test stopped by a time limit, which pytest-xdist writes nameless: never a
-    pass)."""
+    """(classname, name, outcome, message, text, seconds) of every testcase of a parsed pytest junit XML; outcome
+    is passed, failed, error, skipped or cut_off (a test stopped by a time limit, which pytest-xdist writes
+    nameless: never a pass); text is a failure's full text (traceback, hypothesis's falsifying example)."""
     for tc in root.iter("testcase"):
+        try:
+            seconds = float(tc.get("time", 0))
+        except ValueError:
+            seconds = 0.0
         if not tc.get("name"):
-            yield None, None, "cut_off", ""
+            yield None, None, "cut_off", "", "", seconds
             continue
-        outcome, msg = "passed", ""
+        outcome, msg, text = "passed", "", ""
         for child in tc:
             if child.tag in ("failure", "error", "skipped"):
                 outcome = {"failure": "failed"}.get(child.tag, child.tag)
-                msg = child.get("message") or (child.text or "")
+                text = child.text or ""
+                msg = child.get("message") or text
                 break
-        yield tc.get("classname", ""), tc.get("name"), outcome, msg
+        yield tc.get("classname", ""), tc.get("name"), outcome, msg, text, seconds
 
 
 def junit_outcomes(path):
@@ -169,7 +174,7 @@ def junit_outcomes(path):
             time_s += float(suite.get("time", 0))
         except ValueError:
             pass
-    for cls, name, outcome, msg in junit_cases(root):
+    for cls, name, outcome, msg, _, _ in junit_cases(root):
         totals[outcome] += 1
         if outcome in ("failed", "error"):
             file = cls.replace(".", "/") + ".py" if cls else "?"

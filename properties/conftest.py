@@ -40,19 +40,17 @@ def record():
 def _gpu_durations():
     """{(module, test name): seconds} from the GPU runs committed under reports/data/*/ (the longest seen)."""
     import xml.etree.ElementTree as ET
+
+    from benchmarks.gpu_summary import junit_cases
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     seen = {}
     for path in glob.glob(os.path.join(root, "reports", "data", "*", "verification-gpu.junit.xml")):
         try:
-            cases = ET.parse(path).getroot().iter("testcase")
+            cases = list(junit_cases(ET.parse(path).getroot()))
         except (OSError, ET.ParseError):
             continue
-        for tc in cases:
-            key = (tc.get("classname"), tc.get("name"))
-            try:
-                seen[key] = max(seen.get(key, 0.0), float(tc.get("time", 0)))
-            except ValueError:
-                pass
+        for cls, name, _, _, _, seconds in cases:
+            seen[(cls, name)] = max(seen.get((cls, name), 0.0), seconds)
     return seen
 
 

@@ -328,17 +328,12 @@ def verification_html(doc, junit_path=None, label="") -> str:
 def _junit_failures(path):
     """{(test name, parameter id): failure message} of a junit file (hypothesis puts its smallest failing example,
     "Falsifying example: ...", into the message text)."""
-    out = {}
     try:
         root = ET.parse(path).getroot()
     except (OSError, ET.ParseError):
-        return out
-    for tc in root.iter("testcase"):
-        for child in tc:
-            if child.tag in ("failure", "error"):
-                name = tc.get("name", "")
-                out[name] = (child.get("message") or "") + "\n" + (child.text or "")
-    return out
+        return {}
+    return {name: f"{msg}\n{text}" for _, name, outcome, msg, text, _ in junit_cases(root)
+            if outcome in ("failed", "error")}
 
 
 def _falsifying(text):
@@ -408,7 +403,7 @@ def junit_html(path, label) -> str:
     except ET.ParseError as e:
         return note(f"{label}: unreadable junit file ({e})")
     per_file, bad, cut = {}, [], 0
-    for cls, name, outcome, msg in junit_cases(root):
+    for cls, name, outcome, msg, _, _ in junit_cases(root):
         if outcome == "cut_off":
             cut += 1
             continue
@@ -568,13 +563,10 @@ DECODE_GOAL = ("fused_recurrent", 256, 0.7)  # state read + write at >= 70 % of 
 FIRST_CALL_GOAL_S = 10.0
 
 
-def _floor_ms(r, ceilings):
-    """max(FLOPs / bf16 matmul peak, bytes / copy bandwidth) in ms, from the row's counted FLOPs and bytes."""
-    peak = (ceilings.get("matmul_tflops") or {}).get("bf16")
-    bw = ceilings.get("copy_gbps")
-    if not (peak and bw and r.get("flops") and r.get("bytes")):
-        return None
-    return max(r["flops"] / (peak * 1e12), r["bytes"] / (bw * 1e9)) * 1e3
+def _floor_ms(r):
+    """The roofline time max(FLOPs / matmul peak, bytes / copy bandwidth) in ms: the row's time times the fraction
+    of the roofline it reached (harness.add_fractions, with the ceilings measured in that run)."""
+    return r["ms"] * r["frac_roofline"] if r.get("frac_roofline") else None
 
 
 def goals_html(bench, points) -> str:
@@ -605,7 +597,7 @@ def goals_html(bench, points) -> str:
                         "not measured yet"])
             continue
         d, ours, theirs = best
-        fl = _floor_ms(ours, d.get("ceilings") or {})
+        fl = _floor_ms(ours)
         ratio = ours["ms"] / theirs["ms"] if theirs else None
         verdict = ("html", "met" if ratio <= goal else "missed", dict(class_="pass" if ratio <= goal else "fail")) \
             if ratio is not None else "fla not measured in this run"
