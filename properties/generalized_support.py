@@ -13,7 +13,15 @@ import ops.generalized_delta_rule.dplr.chunk_h as chunk_h
 import ops.generalized_delta_rule.dplr.chunk_o as chunk_o
 import ops.generalized_delta_rule.dplr.fused_recurrent as fused_recurrent
 import ops.generalized_delta_rule.dplr.wy_fast as wy_fast
-from properties.strategies import DEVICE, fixed_case, log_decay, low_rank, with_examples
+from properties.strategies import (
+    DEVICE,
+    bad_input_maker,
+    common_bad_inputs,
+    fixed_case,
+    log_decay,
+    low_rank,
+    with_examples,
+)
 from properties.tolerances import assert_close
 
 GRAD_NAMES = ("q", "k", "v", "a", "b", "gk", "initial_state")
@@ -141,13 +149,7 @@ def gradcheck_fast(form, varlen):
     return form == "chunk" or not varlen
 
 
-def bad(**kw):
-    B, T, H, K, V = kw.pop("shape", (1, 6, 2, 4, 3))
-    args = dict(q=torch.randn(B, T, H, K), k=torch.randn(B, T, H, K), v=torch.randn(B, T, H, V),
-                a=torch.randn(B, T, H, K), b=torch.randn(B, T, H, K))
-    args.update(kw)
-    return {n: (x.to(DEVICE) if isinstance(x, torch.Tensor) else x) for n, x in args.items()}
-
+bad = bad_input_maker(a=lambda B, T, H, K: torch.randn(B, T, H, K), b=lambda B, T, H, K: torch.randn(B, T, H, K))
 
 BAD_INPUTS = [
     (bad(a=torch.randn(1, 6, 2)), "a"),
@@ -156,15 +158,7 @@ BAD_INPUTS = [
     (bad(b=torch.randn(1, 6, 2, 3)), "b"),
     (bad(b=[1.0]), "b"),
     (bad(b=torch.ones(1, 6, 2, 4, dtype=torch.long)), "b"),
-    (bad(cu_seqlens=torch.tensor([1, 6])), "cu_seqlens"),
-    (bad(cu_seqlens=torch.tensor([0, 4, 2, 6])), "cu_seqlens"),
-    (bad(shape=(2, 6, 2, 4, 3), cu_seqlens=torch.tensor([0, 3, 6])), "cu_seqlens"),
-    (bad(initial_state=torch.randn(1, 2, 3, 4)), "initial_state"),
-    (bad(cu_seqlens=torch.tensor([0, 3, 6]), initial_state=torch.randn(1, 2, 4, 3)), "initial_state"),
-    (bad(shape=(1, 6, 2, 300, 3)), "head size"),
-    (bad(shape=(1, 6, 2, 4, 300)), "head size"),
-    (bad(k=torch.randn(1, 6, 2, 4, dtype=torch.float64)), "k"),
-    (bad(v=torch.randn(1, 6, 2, 3, dtype=torch.float16)), "v"),
+    *common_bad_inputs(bad),
     (bad(scale="1"), "scale"),
 ]
 

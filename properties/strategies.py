@@ -150,3 +150,33 @@ def log_decay(case, low, ends=False):
         r = torch.rand(shape, generator=g, dtype=torch.float64)
         gk = torch.where(r < 0.15, low, torch.where(r > 0.85, 0.0, gk))
     return gk
+
+
+def bad_input_maker(**extra):
+    """make(shape=(B, T, H, K, V), **changes): an op's keyword inputs q, k, v ~ N(0, 1) (and each of `extra`'s
+    names, drawn by its function of (B, T, H, K)) at (1, 6, 2, 4, 3) or `shape`, with `changes` applied, on
+    DEVICE: the base that the bad-input tests break one argument of."""
+    def make(**kw):
+        B, T, H, K, V = kw.pop("shape", (1, 6, 2, 4, 3))
+        args = dict(q=torch.randn(B, T, H, K), k=torch.randn(B, T, H, K), v=torch.randn(B, T, H, V))
+        args.update({n: draw(B, T, H, K) for n, draw in extra.items()})
+        args.update(kw)
+        return {n: (x.to(DEVICE) if isinstance(x, torch.Tensor) else x) for n, x in args.items()}
+    return make
+
+
+def common_bad_inputs(make):
+    """(inputs, the argument its error must name) every op with q, k, v, cu_seqlens and initial_state refuses:
+    cu_seqlens not starting at 0, decreasing, or with B > 1; an initial state of the wrong shape (also for the
+    packed sequences); head sizes over 256; k and v in another dtype than q."""
+    return [
+        (make(cu_seqlens=torch.tensor([1, 6])), "cu_seqlens"),
+        (make(cu_seqlens=torch.tensor([0, 4, 2, 6])), "cu_seqlens"),
+        (make(shape=(2, 6, 2, 4, 3), cu_seqlens=torch.tensor([0, 3, 6])), "cu_seqlens"),
+        (make(initial_state=torch.randn(1, 2, 3, 4)), "initial_state"),
+        (make(cu_seqlens=torch.tensor([0, 3, 6]), initial_state=torch.randn(1, 2, 4, 3)), "initial_state"),
+        (make(shape=(1, 6, 2, 300, 3)), "head size"),
+        (make(shape=(1, 6, 2, 4, 300)), "head size"),
+        (make(k=torch.randn(1, 6, 2, 4, dtype=torch.float64)), "k"),
+        (make(v=torch.randn(1, 6, 2, 3, dtype=torch.float16)), "v"),
+    ]
