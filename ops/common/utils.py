@@ -206,20 +206,52 @@ def pipeline_stages(stage_bytes: int) -> int:
 
 _FITTING_STAGES = {}  # (kernel, constexprs and argument dtypes) -> num_stages that fit
 
+# Launch settings measured per kernel on a Hopper GPU (benchmarks/tune_launch.py; half-precision inputs, the
+# point B=8, T=4096, H=16, K=V=128): kernel name -> dict(num_warps=, num_stages=). They apply to float16 and
+# bfloat16 inputs; float32 and float64 tiles are twice and four times the bytes and keep each op's defaults.
+# The stages are a ceiling: launch_fitting still steps down where a shape's pipeline does not fit.
+TUNED = {}
 
-def launch_fitting(kernel, grid, *args, stages=(3, 2, 1), **kwargs):
+# Tuning only: settings every launch_fitting launch takes instead (benchmarks/tune_launch.py sets it), and the
+# settings each kernel last ran with.
+OVERRIDE = {}
+LAST_LAUNCH = {}
+
+
+def _kernel_name(kernel) -> str:
+    return getattr(getattr(kernel, "fn", kernel), "__name__", str(kernel))
+
+
+def _half(args) -> bool:
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            return a.dtype in (torch.float16, torch.bfloat16)
+    return False
+
+
+def launch_fitting(kernel, grid, *args, stages=(3, 2, 1), num_warps=None, **kwargs):
     """kernel[grid](*args, **kwargs) with the deepest software pipeline that fits the GPU's shared memory: the
     first num_stages of `stages` whose compiled kernel fits (Triton refuses a launch that does not, before
-    anything runs, with OutOfResources). The choice is kept per kernel, constexprs and argument dtypes."""
-    key = (kernel, tuple((k, getattr(v, "dtype", v)) for k, v in kwargs.items()),
+    anything runs, with OutOfResources). The choice is kept per kernel, constexprs and argument dtypes.
+    A TUNED entry (half-precision inputs) sets num_warps and caps the stages; OVERRIDE replaces both."""
+    name = _kernel_name(kernel)
+    cfg = OVERRIDE or (TUNED.get(name) if _half(args) else None)
+    if cfg:
+        num_warps = cfg.get("num_warps", num_warps)
+        if "num_stages" in cfg:
+            stages = tuple(range(cfg["num_stages"], 0, -1))
+    warps = {} if num_warps is None else dict(num_warps=num_warps)
+    key = (kernel, num_warps, stages, tuple((k, getattr(v, "dtype", v)) for k, v in kwargs.items()),
            tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))
     tried = (_FITTING_STAGES[key],) if key in _FITTING_STAGES else stages
     for i, s in enumerate(tried):
         try:
-            out = kernel[grid](*args, num_stages=s, **kwargs)
+            out = kernel[grid](*args, num_stages=s, **warps, **kwargs)
         except OutOfResources:
             if i == len(tried) - 1:
                 raise
             continue
         _FITTING_STAGES[key] = s
+        if OVERRIDE:
+            LAST_LAUNCH[name] = dict(num_warps=num_warps, num_stages=s)
         return out

@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ops.common.utils import acc_dtype, block_size, dot_precision, interpreting, new_empty, pipeline_stages, tl_acc
+from ops.common.utils import (acc_dtype, block_size, dot_precision, interpreting, launch_fitting, new_empty,
+                              pipeline_stages, tl_acc)
 
 
 @triton.jit
@@ -263,10 +264,11 @@ def chunk_h_fwd(k, w, u, initial_state, output_final_state, offsets, chunk_offse
     BK, NK, BV = _blocks(K, V)
     e = k.element_size()
     stages = pipeline_stages(chunk_size * (2 * NK * BK + BV) * e)  # W, K, U tiles of one chunk
-    chunk_h_fwd_kernel[(triton.cdiv(V, BV), N * H)](
-        k, w, u, h, v_new, initial_state, ht, offsets, chunk_offsets, H=H, K=K, V=V, C=chunk_size,
-        BK=BK, BV=BV, NK=NK, USE_S0=initial_state is not None, STORE_FINAL=output_final_state,
-        DOT_PREC=dot_precision(k.dtype), ACC=tl_acc(k.dtype), WHILE_LOOP=interpreting(), num_stages=stages)
+    launch_fitting(
+        chunk_h_fwd_kernel, (triton.cdiv(V, BV), N * H), k, w, u, h, v_new, initial_state, ht, offsets, chunk_offsets,
+        H=H, K=K, V=V, C=chunk_size, BK=BK, BV=BV, NK=NK, USE_S0=initial_state is not None,
+        STORE_FINAL=output_final_state, DOT_PREC=dot_precision(k.dtype), ACC=tl_acc(k.dtype),
+        WHILE_LOOP=interpreting(), stages=(stages,))
     return h, v_new, ht
 
 
@@ -282,8 +284,8 @@ def chunk_h_bwd(q, k, w, do, dv_local, dht, initial_state, scale_t, offsets, chu
     BK, NK, BV = _blocks(K, V)
     a, e = torch.finfo(acc).bits // 8, k.element_size()
     stages = pipeline_stages(chunk_size * (NK * BK * (2 * e + a) + BV * (a + e)))  # K, Q, W, dv_local, dO tiles
-    chunk_h_bwd_kernel[(triton.cdiv(V, BV), N * H)](
-        q, k, w, do, dv_local, dh, dv_new, dht, ds0, offsets, chunk_offsets, scale_t, H=H, K=K, V=V, C=chunk_size,
-        BK=BK, BV=BV, NK=NK, USE_DHT=dht is not None, STORE_DS0=ds0 is not None,
-        DOT_PREC=dot_precision(k.dtype), WHILE_LOOP=interpreting(), num_stages=stages)
+    launch_fitting(
+        chunk_h_bwd_kernel, (triton.cdiv(V, BV), N * H), q, k, w, do, dv_local, dh, dv_new, dht, ds0, offsets,
+        chunk_offsets, scale_t, H=H, K=K, V=V, C=chunk_size, BK=BK, BV=BV, NK=NK, USE_DHT=dht is not None,
+        STORE_DS0=ds0 is not None, DOT_PREC=dot_precision(k.dtype), WHILE_LOOP=interpreting(), stages=(stages,))
     return dh, dv_new, ds0

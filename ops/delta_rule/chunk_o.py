@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ops.common.utils import acc_dtype, block_size, dot_precision, new_empty, pipeline_stages, tl_acc
+from ops.common.utils import acc_dtype, block_size, dot_precision, launch_fitting, new_empty, pipeline_stages, tl_acc
 from ops.delta_rule.chunk_h import _st, _tok
 
 
@@ -135,9 +135,9 @@ def chunk_o_fwd(q, k, v_new, h, scale_t, offsets, cmap, chunk_size):
     if NC:
         BK, BV = _blocks(K, V)
         stages = pipeline_stages((2 * chunk_size * BK + BK * BV) * q.element_size())  # Q, K, h
-        chunk_o_fwd_kernel[(triton.cdiv(V, BV), NC, H)](q, k, v_new, h, o, scale_t, offsets, cmap, H=H, K=K, V=V,
-                                                        C=chunk_size, BK=BK, BV=BV, DOT_PREC=dot_precision(q.dtype),
-                                                        ACC=tl_acc(q.dtype), num_stages=stages)
+        launch_fitting(chunk_o_fwd_kernel, (triton.cdiv(V, BV), NC, H), q, k, v_new, h, o, scale_t, offsets, cmap,
+                       H=H, K=K, V=V, C=chunk_size, BK=BK, BV=BV, DOT_PREC=dot_precision(q.dtype),
+                       ACC=tl_acc(q.dtype), stages=(stages,))
     return o
 
 
@@ -150,9 +150,8 @@ def chunk_dv_local(q, k, do, scale_t, offsets, cmap, chunk_size):
     if NC:
         BK, BV = _blocks(K, V)
         stages = pipeline_stages(2 * chunk_size * BK * q.element_size())  # Q, K
-        chunk_dv_local_kernel[(triton.cdiv(V, BV), NC, H)](q, k, do, dv, scale_t, offsets, cmap, H=H, K=K, V=V,
-                                                           C=chunk_size, BK=BK, BV=BV,
-                                                           DOT_PREC=dot_precision(q.dtype), num_stages=stages)
+        launch_fitting(chunk_dv_local_kernel, (triton.cdiv(V, BV), NC, H), q, k, do, dv, scale_t, offsets, cmap,
+                       H=H, K=K, V=V, C=chunk_size, BK=BK, BV=BV, DOT_PREC=dot_precision(q.dtype), stages=(stages,))
     return dv
 
 
@@ -169,8 +168,8 @@ def chunk_o_bwd(q, k, v_new, h, do, dh, dv_new, scale_t, offsets, cmap, chunk_si
         a = _bytes(acc)
         BV = min(BV, 32) if acc == torch.float64 else BV
         stages = pipeline_stages(chunk_size * BV * (do.element_size() + 2 * a) + 2 * BK * BV * a)  # dO v v' h dh
-        chunk_o_bwd_kernel[(triton.cdiv(K, BK), NC, H)](q, k, v_new, h, do, dh, dv_new, dq, dk, dw, scale_t, offsets,
-                                                        cmap, H=H, K=K, V=V, C=chunk_size, BK=BK, BV=BV,
-                                                        DOT_PREC=dot_precision(q.dtype), num_stages=stages)
+        launch_fitting(chunk_o_bwd_kernel, (triton.cdiv(K, BK), NC, H), q, k, v_new, h, do, dh, dv_new, dq, dk, dw,
+                       scale_t, offsets, cmap, H=H, K=K, V=V, C=chunk_size, BK=BK, BV=BV,
+                       DOT_PREC=dot_precision(q.dtype), stages=(stages,))
     return dq, dk, dw
 

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from ops.common.solve_tril import solve_unit_lower
-from ops.common.utils import acc_dtype, block_size, dot_precision, new_empty, pipeline_stages
+from ops.common.utils import acc_dtype, block_size, dot_precision, launch_fitting, new_empty, pipeline_stages
 
 
 @triton.jit
@@ -138,8 +138,8 @@ def wy_fwd(k, v, beta, offsets, cmap, chunk_size):
     if NC:
         BK, BV = _blocks(K, V)
         stages = pipeline_stages(C * max(BK, BV) * 2 * k.element_size())  # a K (or V) tile in, a W (or U) out
-        wy_fwd_kernel[(NC, H)](k, v, beta, w, u, x, offsets, cmap, H=H, K=K, V=V, C=C, BK=BK, BV=BV,
-                               DOT_PREC=dot_precision(k.dtype), num_stages=stages)
+        launch_fitting(wy_fwd_kernel, (NC, H), k, v, beta, w, u, x, offsets, cmap, H=H, K=K, V=V, C=C, BK=BK, BV=BV,
+                       DOT_PREC=dot_precision(k.dtype), stages=(stages,))
     return w, u, x
 
 
@@ -156,6 +156,6 @@ def wy_bwd(k, v, beta, x, dw, du, dk_in, offsets, cmap, chunk_size):
         BK, BV = _blocks(K, V)
         a, e = x.element_size(), k.element_size()
         stages = pipeline_stages(C * max(BK, BV) * (2 * a + 2 * e))  # K, dW, dk_in in; dK out (or V, dU; dV)
-        wy_bwd_kernel[(NC, H)](k, v, beta, x, dw, du, dk_in, dk, dv, dbeta, offsets, cmap, H=H, K=K, V=V, C=C,
-                               BK=BK, BV=BV, DOT_PREC=dot_precision(k.dtype), num_stages=stages)
+        launch_fitting(wy_bwd_kernel, (NC, H), k, v, beta, x, dw, du, dk_in, dk, dv, dbeta, offsets, cmap, H=H, K=K,
+                       V=V, C=C, BK=BK, BV=BV, DOT_PREC=dot_precision(k.dtype), stages=(stages,))
     return dk, dv, dbeta

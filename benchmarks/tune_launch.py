@@ -1,0 +1,212 @@
+"""Launch settings per kernel, measured: a form's kernels under every (num_warps, num_stages, tile) variant at one
+point, each kernel's GPU time from torch.profiler, and the fastest variant per kernel.
+
+    python3 -m benchmarks.tune_launch --forms chunk,dplr.chunk [--point B=8,T=4096,H=16,K=128,V=128,dtype=bf16]
+        [--warps 2,4,8] [--stages 1,2,3] [--tiles 32,64] [--jobs 14] [--iters 5] [--out reports/data/<gpu>]
+
+A variant applies to every kernel the form launches through ops.common.utils.launch_fitting at once (OVERRIDE);
+the kernels run one after another, so each kernel's time depends on its own settings only, and one profiled
+call per variant times all of them. Tiles set the form's modules' TILE constants (the largest K / V tile).
+Phase 1 compiles the variants in parallel (--jobs processes sharing TRITON_CACHE_DIR, each one fwd+bwd call at
+T = 256); phase 2 times them one after another in this process, from the cache. Stages are a ceiling (a
+pipeline that does not fit steps down; the stages each kernel ran with are recorded). Writes
+tune-<point>.json: per kernel, ms under every variant, and the best. ops.common.utils.TUNED holds the choices.
+"""
+import argparse
+import importlib
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+
+import torch
+
+from benchmarks import harness
+from benchmarks import registry as R
+
+# The modules whose TILE constant a form's tile variants set.
+TILE_MODULES = {
+    "chunk": ("ops.delta_rule.wy_fast", "ops.delta_rule.chunk_h", "ops.delta_rule.chunk_o"),
+    "iplr.chunk": ("ops.generalized_delta_rule.dplr.wy_fast", "ops.generalized_delta_rule.dplr.chunk_o"),
+    "dplr.chunk": ("ops.generalized_delta_rule.dplr.wy_fast", "ops.generalized_delta_rule.dplr.chunk_o"),
+}
+
+
+def variants(warps, stages, tiles):
+    return [dict(num_warps=w, num_stages=s, tile=t) for w, s, t in itertools.product(warps, stages, tiles)]
+
+
+def label(v):
+    return "default" if v is None else f"w{v['num_warps']}s{v['num_stages']}" + (f"t{v['tile']}" if v["tile"] else "")
+
+
+def apply(form_name, v):
+    """Set OVERRIDE and the tiles for variant v (None: the ops' own settings)."""
+    import ops.common.utils as U
+    U.OVERRIDE.clear()
+    U.LAST_LAUNCH.clear()
+    for m in TILE_MODULES.get(form_name, ()):
+        mod = importlib.import_module(m)
+        if not hasattr(mod, "_TILE0"):
+            mod._TILE0 = mod.TILE
+        mod.TILE = mod._TILE0 if v is None or not v["tile"] else v["tile"]
+    if v is not None:
+        U.OVERRIDE.update(num_warps=v["num_warps"], num_stages=v["num_stages"])
+
+
+def make(form_name, pt, mode="fwd+bwd"):
+    form = R.get(form_name)
+    ok, why = R.availability(form)
+    if not ok:
+        raise RuntimeError(why)
+    fn = form.load()
+    x = R.FAMILIES[form.family].make_inputs(pt["B"], pt["T"], pt["H"], pt["K"], pt["V"], R.DTYPES[pt["dtype"]],
+                                            "cuda", seed=0, initial_state=False)
+    if form.adapt_inputs is not None:
+        x = form.adapt_inputs(x)
+    step, _ = harness.make_step(form, fn, x, mode)
+    return step
+
+
+def kernel_times(step, iters):
+    """{kernel name: ms per call} of `iters` profiled calls, and the wall ms per call."""
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) * 1e3 / iters
+    per = defaultdict(float)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per[e.name] += e.device_time / 1e3 / iters
+    return dict(per), wall
+
+
+def compile_all(forms, pt, vs, jobs, timeout_s):
+    """Phase 1: one process per (form, variant), --jobs at a time, each compiling with one small call."""
+    small = dict(pt, T=min(pt["T"], 256))
+    spec = ",".join(f"{k}={v}" for k, v in small.items())
+    todo = [(f, v) for f in forms for v in vs]
+    running, failed = [], []
+    t0 = time.time()
+    while todo or running:
+        while todo and len(running) < jobs:
+            f, v = todo.pop(0)
+            cmd = [sys.executable, "-m", "benchmarks.tune_launch", "--compile-one", json.dumps(v), "--forms", f,
+                   "--point", spec]
+            log = tempfile.TemporaryFile()
+            running.append((f, v, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log), log, time.time()))
+        for item in list(running):
+            f, v, p, log, start = item
+            if p.poll() is None and time.time() - start > timeout_s:
+                p.kill()
+            if p.poll() is not None:
+                running.remove(item)
+                if p.returncode:
+                    log.seek(0)
+                    failed.append((f, label(v), p.returncode, log.read().decode(errors="replace").strip()[-300:]))
+                log.close()
+        time.sleep(0.2)
+    print(f"[tune] compiled {len(forms) * len(vs)} variants in {time.time() - t0:.0f} s; failed: {failed}", flush=True)
+    return failed
+
+
+def tune_form(form_name, pt, vs, iters, budget_end):
+    step = make(form_name, pt)
+    rows = {}
+    for v in [None] + vs:
+        if time.time() > budget_end:
+            rows[label(v)] = dict(status="skipped", reason="time budget")
+            continue
+        apply(form_name, v)
+        try:
+            per, wall = kernel_times(step, iters)
+            import ops.common.utils as U
+            rows[label(v)] = dict(status="ok", variant=v, kernels=per, wall_ms=wall, ran=dict(U.LAST_LAUNCH))
+        except Exception as e:  # a variant that does not launch is recorded, not fatal
+            rows[label(v)] = dict(status="error", variant=v, reason=f"{type(e).__name__}: {str(e)[:300]}")
+        print(f"[tune] {form_name} {label(v)}: {rows[label(v)].get('wall_ms', rows[label(v)].get('reason'))}",
+              flush=True)
+    apply(form_name, None)
+    kernels = sorted({k for r in rows.values() if r["status"] == "ok" for k in r["kernels"]})
+    best = {}
+    for k in kernels:
+        cand = [(r["kernels"][k], lab) for lab, r in rows.items() if r["status"] == "ok" and k in r["kernels"]]
+        ms, lab = min(cand)
+        dflt = rows.get("default", {}).get("kernels", {}).get(k)
+        best[k] = dict(best=lab, ms=ms, default_ms=dflt, ran=rows[lab].get("ran", {}).get(k))
+    return dict(form=form_name, variants=rows, best=best)
+
+
+def table(res) -> str:
+    lines = [f"{res['form']}: kernel, default ms, best ms (variant, stages ran)"]
+    tot_d = tot_b = 0.0
+    for k, b in sorted(res["best"].items(), key=lambda kv: -(kv[1]["default_ms"] or 0)):
+        d = b["default_ms"] or float("nan")
+        tot_d += b["default_ms"] or 0
+        tot_b += b["ms"]
+        lines.append(f"  {k[:48]:48s} {d:8.3f} {b['ms']:8.3f}  {b['best']} {b['ran']}")
+    lines.append(f"  {'sum':48s} {tot_d:8.3f} {tot_b:8.3f}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--forms", default="chunk")
+    p.add_argument("--point", default="B=8,T=4096,H=16,K=128,V=128,dtype=bf16")
+    p.add_argument("--warps", default="2,4,8")
+    p.add_argument("--stages", default="1,2,3")
+    p.add_argument("--tiles", default="0", help="TILE values (0: the modules' own)")
+    p.add_argument("--jobs", type=int, default=14)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--budget-s", type=float, default=400)
+    p.add_argument("--compile-timeout-s", type=float, default=240)
+    p.add_argument("--out", default=None)
+    p.add_argument("--compile-one", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("tune_launch needs a CUDA GPU (it times kernels)", file=sys.stderr)
+        return 2
+    pt = harness.parse_point(a.point)
+    forms = a.forms.split(",")
+    if a.compile_one is not None:  # phase 1 worker: compile this variant with one call
+        v = json.loads(a.compile_one)
+        apply(forms[0], v)
+        make(forms[0], pt)()
+        torch.cuda.synchronize()
+        return 0
+    end = time.time() + a.budget_s
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    vs = variants(ints(a.warps), ints(a.stages), ints(a.tiles))
+    if a.jobs > 1:
+        compile_all(forms, pt, vs, a.jobs, a.compile_timeout_s)
+    results = []
+    for f in forms:
+        try:
+            res = tune_form(f, pt, vs, a.iters, end)
+            print(table(res), flush=True)
+        except Exception as e:
+            res = dict(form=f, status="error", reason=f"{type(e).__name__}: {e}")
+            print(res, flush=True)
+        results.append(res)
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        tag = f"B{pt['B']}-T{pt['T']}-H{pt['H']}-K{pt['K']}-V{pt['V']}-{pt['dtype']}"
+        path = os.path.join(a.out, f"tune-{tag}.json")
+        with open(path, "w") as fh:
+            json.dump(dict(kind="tune", created=harness.now_iso(), point=pt, git=harness.git_info(),
+                           machine=dict(gpu=torch.cuda.get_device_name()), results=results), fh, indent=1)
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
