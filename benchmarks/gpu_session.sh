@@ -36,6 +36,11 @@
 #   --tests "PATHS"    what pytest runs (default properties)
 #   --workers N        pytest-xdist workers (default 16; without xdist the suite runs in one process)
 #   --data DIR         bench output folder (default reports/data/<gpu slug>)
+#   --beside-conformance IMPLS  beside the tests (they time nothing): the conformance properties against IMPLS
+#                      (e.g. fla) with --beside-workers xdist workers -> <data>/conformance-IMPLS.{json,junit.xml}
+#   --beside-accuracy "ARGS"  beside the tests: benchmarks.accuracy ARGS --out <data> (error vs T)
+#   --beside-workers N pytest-xdist workers of the conformance run (default 3; the tests get --workers)
+#   --no-sweep-accuracy  the sweep without its accuracy part (e.g. when --beside-accuracy measured it already)
 #   --dry-run          check this script on a CPU: Triton interpreter, a few test files with a 60 s limit (long
 #                      enough to stop one mid-way), a tiny point and sweep, 2 workers; OUT, the data folder and
 #                      the Triton cache in /tmp (nothing written to the repo)
@@ -65,6 +70,10 @@ WORKERS=16
 DATA=""
 DRY=0
 SITE=/tmp/site
+BESIDE_CONF=""
+BESIDE_ACC=""
+BESIDE_WORKERS=3
+SWEEP_ACC=(--accuracy)
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -81,6 +90,10 @@ while [ $# -gt 0 ]; do
     --tests) TESTS="$2"; shift 2 ;;
     --workers) WORKERS="$2"; shift 2 ;;
     --data) DATA="$2"; shift 2 ;;
+    --beside-conformance) BESIDE_CONF="$2"; shift 2 ;;
+    --beside-accuracy) BESIDE_ACC="$2"; shift 2 ;;
+    --beside-workers) BESIDE_WORKERS="$2"; shift 2 ;;
+    --no-sweep-accuracy) SWEEP_ACC=(); shift ;;
     --dry-run) DRY=1; shift ;;
     -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_session.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
@@ -136,6 +149,33 @@ say "machine"
 MACHINE="$(python3 -m benchmarks.gpu_summary machine --out "$OUT" 2>&1)"
 echo "$MACHINE"
 
+if [ -z "$DATA" ]; then
+  SLUG="$(python3 -c 'from benchmarks.harness import device_name, slug; print(slug(device_name()))' 2>/dev/null \
+          | tail -n 1)"
+  DATA="$REPO/reports/data/${SLUG:-unknown-gpu}"
+fi
+mkdir -p "$DATA"
+
+# --- beside the tests (nothing timed runs while they do): conformance against peers, the accuracy sweep
+BESIDE_PIDS=()
+if [ -n "$BESIDE_CONF" ]; then
+  tag="${BESIDE_CONF//,/+}"
+  say "beside: conformance against $BESIDE_CONF -> $DATA/conformance-$tag.{json,junit.xml}, log $OUT/conformance.log"
+  DELTACHECK_IMPLS="$BESIDE_CONF" DELTACHECK_PROFILE="${DELTACHECK_PROFILE:-gpu}" \
+    DELTACHECK_RECORD="$DATA/conformance-$tag.json" \
+    timeout -s INT -k 30 $(( TESTS_LIMIT - 10 )) python3 -m pytest properties/test_conformance.py \
+    -n "$BESIDE_WORKERS" -p no:cacheprovider --junitxml="$DATA/conformance-$tag.junit.xml" \
+    >"$OUT/conformance.log" 2>&1 &
+  BESIDE_PIDS+=($!)
+fi
+if [ -n "$BESIDE_ACC" ]; then
+  say "beside: benchmarks.accuracy $BESIDE_ACC -> $DATA, log $OUT/accuracy.log"
+  # shellcheck disable=SC2086
+  timeout -k 10 $(( TESTS_LIMIT - 10 )) python3 -m benchmarks.accuracy $BESIDE_ACC --out "$DATA" \
+    >"$OUT/accuracy.log" 2>&1 &
+  BESIDE_PIDS+=($!)
+fi
+
 # --- 2. tests
 TESTS_RC=""
 TIMED_OUT=""
@@ -163,22 +203,17 @@ if [ "$RUN_TESTS" = 1 ]; then
     "$(grep -E '^=+ .*(passed|failed|error|no tests ran).* in [0-9.]+s' "$OUT/pytest.log" | tail -n 1)"
 fi
 
+for pid in "${BESIDE_PIDS[@]}"; do wait "$pid"; done
+[ ${#BESIDE_PIDS[@]} -gt 0 ] && say "beside jobs done: $(grep -hE '^=+ .*(passed|failed|error).* in ' \
+  "$OUT/conformance.log" 2>/dev/null | tail -n 1) $(tail -n 1 "$OUT/accuracy.log" 2>/dev/null)"
+
 # --- 3. bench
-SLUG=""
 if [ "$RUN_BENCH" = 1 ]; then
   budget=$(( $(left) - 25 ))  # at least --bench-budget was kept for it; tests that end early leave it more
   if [ "$budget" -lt 40 ]; then
     say "bench skipped: only $(left) s left of --total $TOTAL"
     RUN_BENCH=0
   fi
-fi
-if [ "$RUN_BENCH" = 1 ] || { [ "$RUN_TESTS" = 1 ] && [ -s "$OUT/junit.xml" ]; }; then
-  if [ -z "$DATA" ]; then
-    SLUG="$(python3 -c 'from benchmarks.harness import device_name, slug; print(slug(device_name()))' 2>/dev/null \
-            | tail -n 1)"
-    DATA="$REPO/reports/data/${SLUG:-unknown-gpu}"
-  fi
-  mkdir -p "$DATA"
 fi
 FORMS_ARG=()
 [ -n "$FORMS" ] && FORMS_ARG=(--forms "$FORMS")
@@ -207,7 +242,7 @@ if [ "$RUN_BENCH" = 1 ]; then
     acc_budget=$(( sweep_budget * 45 / 100 ))
     say "bench: sweep + decode + accuracy (${sweep_budget}s, accuracy ${acc_budget}s)"
     # shellcheck disable=SC2086
-    timeout -k 10 $(( sweep_budget + 90 )) python3 -m benchmarks.harness --accuracy --plots \
+    timeout -k 10 $(( sweep_budget + 90 )) python3 -m benchmarks.harness "${SWEEP_ACC[@]}" --plots \
       --budget-s "$sweep_budget" --accuracy-budget-s "$acc_budget" --out "$DATA" "${FORMS_ARG[@]}" $SWEEP_ARGS \
       >>"$OUT/bench.log" 2>&1
     say "sweep done (exit code $?)"

@@ -119,12 +119,18 @@ def compile_all(forms, pt, vs, jobs, timeout_s):
     return failed
 
 
-def tune_form(form_name, pt, vs, iters, budget_end):
+def tune_form(form_name, pt, vs, iters, budget_end, failed=()):
+    """Time every variant; one that failed to compile or run in phase 1 is not run again (a kernel fault, such
+    as an illegal address, leaves the CUDA context unusable for every variant after it)."""
     step = make(form_name, pt)
     rows = {}
+    bad = {lab: why for f, lab, _, why in failed if f == form_name}
     for v in [None] + vs:
         if time.time() > budget_end:
             rows[label(v)] = dict(status="skipped", reason="time budget")
+            continue
+        if label(v) in bad:
+            rows[label(v)] = dict(status="error", variant=v, reason=f"failed in the compile phase: {bad[label(v)]}")
             continue
         apply(form_name, v)
         try:
@@ -186,12 +192,11 @@ def main(argv=None):
     end = time.time() + a.budget_s
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     vs = variants(ints(a.warps), ints(a.stages), ints(a.tiles))
-    if a.jobs > 1:
-        compile_all(forms, pt, vs, a.jobs, a.compile_timeout_s)
+    failed = compile_all(forms, pt, vs, a.jobs, a.compile_timeout_s) if a.jobs > 1 else []
     results = []
     for f in forms:
         try:
-            res = tune_form(f, pt, vs, a.iters, end)
+            res = tune_form(f, pt, vs, a.iters, end, failed)
             print(table(res), flush=True)
         except Exception as e:
             res = dict(form=f, status="error", reason=f"{type(e).__name__}: {e}")

@@ -13,8 +13,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ops.common.utils import (acc_dtype, block_size, dot_precision, interpreting, launch_fitting, new_empty,
-                              pipeline_stages, tl_acc)
+from ops.common.utils import (
+    acc_dtype,
+    block_size,
+    dot_precision,
+    interpreting,
+    launch_fitting,
+    new_empty,
+    pipeline_stages,
+    tl_acc,
+)
 
 
 @triton.jit
