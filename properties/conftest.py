@@ -78,8 +78,34 @@ def _write_part(exitstatus=None):
         os.replace(f"{path}.{worker}.tmp", f"{path}.{worker}")
 
 
+_FAULT_MARKS = ("illegal memory access", "unspecified launch failure", "misaligned address", "illegal instruction",
+                "CUDA error: an illegal", "device-side assert")
+_FAULTED = []
+
+
+def _device_fault(exc) -> bool:
+    """A CUDA fault (illegal address, launch failure): the process's CUDA context is lost with it."""
+    if isinstance(getattr(exc, "exceptions", None), (list, tuple)):  # an exception group (hypothesis, 3.11+)
+        return any(_device_fault(e) for e in exc.exceptions)
+    return any(m in str(exc) for m in _FAULT_MARKS) or (exc.__cause__ is not None and _device_fault(exc.__cause__))
+
+
+def pytest_runtest_makereport(item, call):
+    if call.excinfo is not None and _device_fault(call.excinfo.value):
+        _FAULTED.append(item.nodeid)
+
+
 def pytest_runtest_logfinish(nodeid, location):
+    """After a test that faulted the GPU, a pytest-xdist worker exits: every later CUDA call in it would fail
+    whatever it runs, so the controller starts a fresh worker and the fault stays with the test that caused it
+    (xdist reports that test as the one the worker crashed in)."""
     _write_part()
+    if _FAULTED and os.environ.get("PYTEST_XDIST_WORKER"):
+        import sys
+        sys.stderr.write(f"deltacheck: CUDA fault in {_FAULTED[-1]}; this worker exits so the next tests get a "
+                         "fresh CUDA context\n")
+        sys.stderr.flush()
+        os._exit(70)
 
 
 def pytest_sessionfinish(session, exitstatus):
