@@ -155,6 +155,7 @@ if [ -z "$DATA" ]; then
   DATA="$REPO/reports/data/${SLUG:-unknown-gpu}"
 fi
 mkdir -p "$DATA"
+[ -s "$OUT/machine.json" ] && cp "$OUT/machine.json" "$DATA/machine.json"  # the report's machine record
 
 # --- beside the tests (nothing timed runs while they do): conformance against peers, the accuracy sweep
 BESIDE_PIDS=()

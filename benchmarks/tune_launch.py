@@ -8,9 +8,11 @@ A variant applies to every kernel the form launches through ops.common.utils.lau
 the kernels run one after another, so each kernel's time depends on its own settings only, and one profiled
 call per variant times all of them. Tiles set the form's modules' TILE constants (the largest K / V tile).
 Phase 1 compiles the variants in parallel (--jobs processes sharing TRITON_CACHE_DIR, each one fwd+bwd call at
-T = 256); phase 2 times them one after another in this process, from the cache. Stages are a ceiling (a
-pipeline that does not fit steps down; the stages each kernel ran with are recorded). Writes
-tune-<point>.json: per kernel, ms under every variant, and the best. ops.common.utils.TUNED holds the choices.
+T = 256); phase 2 times them one after another in this process, from the cache, and checks each variant's
+gradients against the default variant's (a variant off by more than the dtype's gradient bound is marked wrong
+and never chosen). Stages are a ceiling (a pipeline that does not fit steps down; the stages each kernel ran
+with are recorded). Writes tune-<point>.json: per kernel, ms under every variant, and the best.
+ops.common.utils.TUNED holds the choices that the GPU property suite has passed.
 """
 import argparse
 import importlib
@@ -34,6 +36,9 @@ TILE_MODULES = {
     "iplr.chunk": ("ops.generalized_delta_rule.dplr.wy_fast", "ops.generalized_delta_rule.dplr.chunk_o"),
     "dplr.chunk": ("ops.generalized_delta_rule.dplr.wy_fast", "ops.generalized_delta_rule.dplr.chunk_o"),
 }
+
+
+DEVICE = "cuda"  # where inputs are made (a CPU check of the logic sets "cpu")
 
 
 def variants(warps, stages, tiles):
@@ -65,11 +70,11 @@ def make(form_name, pt, mode="fwd+bwd"):
         raise RuntimeError(why)
     fn = form.load()
     x = R.FAMILIES[form.family].make_inputs(pt["B"], pt["T"], pt["H"], pt["K"], pt["V"], R.DTYPES[pt["dtype"]],
-                                            "cuda", seed=0, initial_state=False)
+                                            DEVICE, seed=0, initial_state=False)
     if form.adapt_inputs is not None:
         x = form.adapt_inputs(x)
-    step, _ = harness.make_step(form, fn, x, mode)
-    return step
+    step, leaves = harness.make_step(form, fn, x, mode)
+    return step, leaves, R.torch_dtype(R.DTYPES[pt["dtype"]])
 
 
 def kernel_times(step, iters):
@@ -122,8 +127,9 @@ def compile_all(forms, pt, vs, jobs, timeout_s):
 def tune_form(form_name, pt, vs, iters, budget_end, failed=()):
     """Time every variant; one that failed to compile or run in phase 1 is not run again (a kernel fault, such
     as an illegal address, leaves the CUDA context unusable for every variant after it)."""
-    step = make(form_name, pt)
-    rows = {}
+    step, leaves, dtype = make(form_name, pt)
+    from properties.tolerances import bound, rel_err
+    rows, ref = {}, None
     bad = {lab: why for f, lab, _, why in failed if f == form_name}
     for v in [None] + vs:
         if time.time() > budget_end:
@@ -136,7 +142,12 @@ def tune_form(form_name, pt, vs, iters, budget_end, failed=()):
         try:
             per, wall = kernel_times(step, iters)
             import ops.common.utils as U
-            rows[label(v)] = dict(status="ok", variant=v, kernels=per, wall_ms=wall, ran=dict(U.LAST_LAUNCH))
+            grads = [t.grad.detach().clone() for t in leaves]  # of the last timed call: o enters them through dO
+            if ref is None:
+                ref = grads
+            diff = max((rel_err(g, r) for g, r in zip(grads, ref)), default=0.0)
+            rows[label(v)] = dict(status="ok", variant=v, kernels=per, wall_ms=wall, ran=dict(U.LAST_LAUNCH),
+                                  grad_diff=diff, wrong=not diff <= bound(dtype, "gradient"))
         except Exception as e:  # a variant that does not launch is recorded, not fatal
             rows[label(v)] = dict(status="error", variant=v, reason=f"{type(e).__name__}: {str(e)[:300]}")
         print(f"[tune] {form_name} {label(v)}: {rows[label(v)].get('wall_ms', rows[label(v)].get('reason'))}",
@@ -145,7 +156,10 @@ def tune_form(form_name, pt, vs, iters, budget_end, failed=()):
     kernels = sorted({k for r in rows.values() if r["status"] == "ok" for k in r["kernels"]})
     best = {}
     for k in kernels:
-        cand = [(r["kernels"][k], lab) for lab, r in rows.items() if r["status"] == "ok" and k in r["kernels"]]
+        cand = [(r["kernels"][k], lab) for lab, r in rows.items()
+                if r["status"] == "ok" and not r["wrong"] and k in r["kernels"]]
+        if not cand:
+            continue
         ms, lab = min(cand)
         dflt = rows.get("default", {}).get("kernels", {}).get(k)
         best[k] = dict(best=lab, ms=ms, default_ms=dflt, ran=rows[lab].get("ran", {}).get(k))
@@ -186,7 +200,7 @@ def main(argv=None):
     if a.compile_one is not None:  # phase 1 worker: compile this variant with one call
         v = json.loads(a.compile_one)
         apply(forms[0], v)
-        make(forms[0], pt)()
+        make(forms[0], pt)[0]()
         torch.cuda.synchronize()
         return 0
     end = time.time() + a.budget_s

@@ -458,6 +458,18 @@ def provenance(path, doc=None) -> str:
     return ", ".join(bits)
 
 
+def machine_from_record(rec):
+    """gpu_summary's machine.json (a GPU visit with no benchmark) in the harness's machine layout, or None."""
+    if not rec:
+        return None
+    smi = rec.get("nvidia_smi")
+    m = dict(rec, nvidia_smi=smi[0] if isinstance(smi, list) and smi else (smi if isinstance(smi, dict) else {}),
+             fla=rec.get("fla-core") or rec.get("flash-linear-attention"))
+    if rec.get("total_memory_gib"):
+        m["total_memory"] = rec["total_memory_gib"] * 2 ** 30
+    return m
+
+
 def machine_rows(m):
     if not m:
         return []
@@ -809,6 +821,7 @@ def build(data=None, out=None) -> str:
             g[key] = load_json(p)
             g[key + "_path"] = p
         g["points"] = [p for p in (load_json(f) for f in sorted(glob.glob(os.path.join(d, "point-*.json")))) if p]
+        g["machine"] = machine_from_record(load_json(os.path.join(d, "machine.json")))
         gpus.append(g)
     loose_gpu_path = os.path.join(data, "verification-gpu.json")
     loose_gpu = load_json(loose_gpu_path)
@@ -847,7 +860,7 @@ def build(data=None, out=None) -> str:
                                ["platform", platform.platform()], ["python", platform.python_version()],
                                ["torch (property run)", (cpu or {}).get("meta", {}).get("torch", NOT_MEASURED)]])]
     for g in gpus:
-        m = (g.get("bench") or {}).get("machine")
+        m = (g.get("bench") or {}).get("machine") or g.get("machine")
         mparts.append(el("h3", tag_gpu + " " + esc(gname(g))))
         mparts.append(table(None, machine_rows(m)) if m else missing(f"{gname(g)} machine record"))
     if not gpus:

@@ -209,15 +209,10 @@ _FITTING_STAGES = {}  # (kernel, constexprs and argument dtypes) -> num_stages t
 # Launch settings measured per kernel on a Hopper GPU (benchmarks/tune_launch.py; half-precision inputs, the
 # point B=8, T=4096, H=16, K=V=128): kernel name -> dict(num_warps=, num_stages=). They apply to float16 and
 # bfloat16 inputs; float32 and float64 tiles are twice and four times the bytes and keep each op's defaults.
-# The stages are a ceiling: launch_fitting still steps down where a shape's pipeline does not fit. Measured on an
-# H200 at cf258a2 (reports/data/h200/tune-*.json; ms at the point, default 4 warps -> chosen): wy_fwd 0.665
-# -> 0.415 (2 warps), chunk_dv_local 0.216 -> 0.187. Kernels not listed were fastest at the defaults among the
-# variants measured, or faulted: wy_bwd was 0.628 at 1 stage, but (4 warps, 1 stage) with small tiles hit illegal
-# addresses on the H200 (the tuning run at tile 32, and the GPU suite's small-tile cases), so it keeps 2 stages.
-TUNED = {
-    "wy_fwd_kernel": dict(num_warps=2, num_stages=2),
-    "chunk_dv_local_kernel": dict(num_warps=2, num_stages=3),
-}
+# The stages are a ceiling: launch_fitting still steps down where a shape's pipeline does not fit. Empty: the
+# H200 measurement (reports/data/h200/tune-*.json) was of the half-operand delta chunk kernels that the GPU suite
+# then failed (benchmarks/NOTES.md, v1 outcome); nothing is applied that the GPU suite has not passed.
+TUNED = {}
 
 # Tuning only: settings every launch_fitting launch takes instead (benchmarks/tune_launch.py sets it), and the
 # settings each kernel last ran with.

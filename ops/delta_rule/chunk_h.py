@@ -5,9 +5,8 @@ Forward, with h_0 = S0 (or 0) and per chunk n (W_n, U_n from the WY stage):
 Backward, reverse over chunks, with dh_N = dht (or 0) and dv_local = scale (Q K^T * M)^T dO from chunk_o:
     store dh_{n+1};   dv_new_n = dv_local_n + K_n dh_{n+1} (store);
     dh_n = dh_{n+1} + scale Q_n^T dO_n - W_n^T dv_new_n;   dS0 = dh_0.
-Grid (V blocks, N * H). The [K, BV] state lives in registers as up to four [64, BV] tiles (K <= 256), in the
-accumulation dtype; the forward's per-chunk states h ([NC, H, K, V]) and v_new are stored in the input dtype (what
-chunk_o multiplies with), the backward's dh and dv_new in the accumulation dtype.
+Grid (V blocks, N * H). The [K, BV] state lives in registers as up to four [64, BV] tiles (K <= 256); states are
+stored per chunk ([NC, H, K, V]) in the accumulation dtype.
 """
 import torch
 import triton
@@ -21,7 +20,6 @@ from ops.common.utils import (
     launch_fitting,
     new_empty,
     pipeline_stages,
-    tl_acc,
 )
 
 
@@ -42,46 +40,43 @@ def _st(ptr, i_h, H, K: tl.constexpr, V: tl.constexpr, r0, c0, BR: tl.constexpr,
 def _fwd_step(t, b_h0, b_h1, b_h2, b_h3, k, w, u, h, v_new, bos, i_h, L, c0, v0,
               H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
               BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Chunk t: store h_t; v_new = U - W h_t; h_{t+1} = h_t + K^T v_new. The state stays in the accumulation
-    dtype; products take it, like W, U, K, in the input dtype (DT)."""
+    """Chunk t: store h_t; v_new = U - W h_t; h_{t+1} = h_t + K^T v_new."""
     ACC = b_h0.dtype
-    DT = k.dtype.element_ty
     ph = h + (c0 + t) * H * K * V
-    tl.store(_st(ph, i_h, H, K, V, 0, v0, BK, BV), b_h0.to(DT), boundary_check=(0, 1))
+    tl.store(_st(ph, i_h, H, K, V, 0, v0, BK, BV), b_h0, boundary_check=(0, 1))
     if NK > 1:
-        tl.store(_st(ph, i_h, H, K, V, BK, v0, BK, BV), b_h1.to(DT), boundary_check=(0, 1))
+        tl.store(_st(ph, i_h, H, K, V, BK, v0, BK, BV), b_h1, boundary_check=(0, 1))
     if NK > 2:
-        tl.store(_st(ph, i_h, H, K, V, 2 * BK, v0, BK, BV), b_h2.to(DT), boundary_check=(0, 1))
+        tl.store(_st(ph, i_h, H, K, V, 2 * BK, v0, BK, BV), b_h2, boundary_check=(0, 1))
     if NK > 3:
-        tl.store(_st(ph, i_h, H, K, V, 3 * BK, v0, BK, BV), b_h3.to(DT), boundary_check=(0, 1))
+        tl.store(_st(ph, i_h, H, K, V, 3 * BK, v0, BK, BV), b_h3, boundary_check=(0, 1))
 
     # v_new = U - W h
-    b_v = tl.load(_tok(u, bos, i_h, L, H, V, t * C, v0, C, BV), boundary_check=(0, 1)).to(ACC)
+    b_v = tl.load(_tok(u, bos, i_h, L, H, V, t * C, v0, C, BV), boundary_check=(0, 1))
     b_w = tl.load(_tok(w, bos, i_h, L, H, K, t * C, 0, C, BK), boundary_check=(0, 1))
-    b_v -= tl.dot(b_w, b_h0.to(DT), input_precision=DOT_PREC)
+    b_v -= tl.dot(b_w, b_h0, input_precision=DOT_PREC)
     if NK > 1:
         b_w = tl.load(_tok(w, bos, i_h, L, H, K, t * C, BK, C, BK), boundary_check=(0, 1))
-        b_v -= tl.dot(b_w, b_h1.to(DT), input_precision=DOT_PREC)
+        b_v -= tl.dot(b_w, b_h1, input_precision=DOT_PREC)
     if NK > 2:
         b_w = tl.load(_tok(w, bos, i_h, L, H, K, t * C, 2 * BK, C, BK), boundary_check=(0, 1))
-        b_v -= tl.dot(b_w, b_h2.to(DT), input_precision=DOT_PREC)
+        b_v -= tl.dot(b_w, b_h2, input_precision=DOT_PREC)
     if NK > 3:
         b_w = tl.load(_tok(w, bos, i_h, L, H, K, t * C, 3 * BK, C, BK), boundary_check=(0, 1))
-        b_v -= tl.dot(b_w, b_h3.to(DT), input_precision=DOT_PREC)
-    b_v = b_v.to(DT)
+        b_v -= tl.dot(b_w, b_h3, input_precision=DOT_PREC)
     tl.store(_tok(v_new, bos, i_h, L, H, V, t * C, v0, C, BV), b_v, boundary_check=(0, 1))
 
     # h += K^T v_new
-    b_k = tl.load(_tok(k, bos, i_h, L, H, K, t * C, 0, C, BK), boundary_check=(0, 1))
+    b_k = tl.load(_tok(k, bos, i_h, L, H, K, t * C, 0, C, BK), boundary_check=(0, 1)).to(ACC)
     b_h0 += tl.dot(tl.trans(b_k), b_v, input_precision=DOT_PREC)
     if NK > 1:
-        b_k = tl.load(_tok(k, bos, i_h, L, H, K, t * C, BK, C, BK), boundary_check=(0, 1))
+        b_k = tl.load(_tok(k, bos, i_h, L, H, K, t * C, BK, C, BK), boundary_check=(0, 1)).to(ACC)
         b_h1 += tl.dot(tl.trans(b_k), b_v, input_precision=DOT_PREC)
     if NK > 2:
-        b_k = tl.load(_tok(k, bos, i_h, L, H, K, t * C, 2 * BK, C, BK), boundary_check=(0, 1))
+        b_k = tl.load(_tok(k, bos, i_h, L, H, K, t * C, 2 * BK, C, BK), boundary_check=(0, 1)).to(ACC)
         b_h2 += tl.dot(tl.trans(b_k), b_v, input_precision=DOT_PREC)
     if NK > 3:
-        b_k = tl.load(_tok(k, bos, i_h, L, H, K, t * C, 3 * BK, C, BK), boundary_check=(0, 1))
+        b_k = tl.load(_tok(k, bos, i_h, L, H, K, t * C, 3 * BK, C, BK), boundary_check=(0, 1)).to(ACC)
         b_h3 += tl.dot(tl.trans(b_k), b_v, input_precision=DOT_PREC)
     return b_h0, b_h1, b_h2, b_h3
 
@@ -91,12 +86,13 @@ def chunk_h_fwd_kernel(k, w, u, h, v_new, h0, ht, offsets, chunk_offsets,
                        H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                        BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr,
                        USE_S0: tl.constexpr, STORE_FINAL: tl.constexpr, DOT_PREC: tl.constexpr,
-                       ACC: tl.constexpr, WHILE_LOOP: tl.constexpr):
+                       WHILE_LOOP: tl.constexpr):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos = tl.load(offsets + i_n).to(tl.int64), tl.load(offsets + i_n + 1).to(tl.int64)
     L = eos - bos
     c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
+    ACC = h.dtype.element_ty
     v0 = i_v * BV
 
     b_h0 = tl.zeros([BK, BV], dtype=ACC)
@@ -140,9 +136,8 @@ def chunk_h_fwd_kernel(k, w, u, h, v_new, h0, ht, offsets, chunk_offsets,
 def _bwd_step(t, b_h0, b_h1, b_h2, b_h3, q, k, w, do, dv_local, dh, dv_new, scale, bos, i_h, L, c0, v0,
               H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
               BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Chunk t (reverse order): store dh_{t+1}; dv_new = dv_local + K dh; dh_t = dh + scale Q^T dO - W^T dv_new.
-    dh and dv_new stay in the accumulation dtype; products take them in the input dtype (DT)."""
-    DT = k.dtype.element_ty
+    """Chunk t (reverse order): store dh_{t+1}; dv_new = dv_local + K dh; dh_t = dh + scale Q^T dO - W^T dv_new."""
+    ACC = b_h0.dtype
     ph = dh + (c0 + t) * H * K * V
     tl.store(_st(ph, i_h, H, K, V, 0, v0, BK, BV), b_h0, boundary_check=(0, 1))
     if NK > 1:
@@ -154,40 +149,39 @@ def _bwd_step(t, b_h0, b_h1, b_h2, b_h3, q, k, w, do, dv_local, dh, dv_new, scal
 
     # dv_new = dv_local + K dh
     b_dv = tl.load(_tok(dv_local, bos, i_h, L, H, V, t * C, v0, C, BV), boundary_check=(0, 1))
-    b_k = tl.load(_tok(k, bos, i_h, L, H, K, t * C, 0, C, BK), boundary_check=(0, 1))
-    b_dv += tl.dot(b_k, b_h0.to(DT), input_precision=DOT_PREC)
+    b_k = tl.load(_tok(k, bos, i_h, L, H, K, t * C, 0, C, BK), boundary_check=(0, 1)).to(ACC)
+    b_dv += tl.dot(b_k, b_h0, input_precision=DOT_PREC)
     if NK > 1:
-        b_k = tl.load(_tok(k, bos, i_h, L, H, K, t * C, BK, C, BK), boundary_check=(0, 1))
-        b_dv += tl.dot(b_k, b_h1.to(DT), input_precision=DOT_PREC)
+        b_k = tl.load(_tok(k, bos, i_h, L, H, K, t * C, BK, C, BK), boundary_check=(0, 1)).to(ACC)
+        b_dv += tl.dot(b_k, b_h1, input_precision=DOT_PREC)
     if NK > 2:
-        b_k = tl.load(_tok(k, bos, i_h, L, H, K, t * C, 2 * BK, C, BK), boundary_check=(0, 1))
-        b_dv += tl.dot(b_k, b_h2.to(DT), input_precision=DOT_PREC)
+        b_k = tl.load(_tok(k, bos, i_h, L, H, K, t * C, 2 * BK, C, BK), boundary_check=(0, 1)).to(ACC)
+        b_dv += tl.dot(b_k, b_h2, input_precision=DOT_PREC)
     if NK > 3:
-        b_k = tl.load(_tok(k, bos, i_h, L, H, K, t * C, 3 * BK, C, BK), boundary_check=(0, 1))
-        b_dv += tl.dot(b_k, b_h3.to(DT), input_precision=DOT_PREC)
+        b_k = tl.load(_tok(k, bos, i_h, L, H, K, t * C, 3 * BK, C, BK), boundary_check=(0, 1)).to(ACC)
+        b_dv += tl.dot(b_k, b_h3, input_precision=DOT_PREC)
     tl.store(_tok(dv_new, bos, i_h, L, H, V, t * C, v0, C, BV), b_dv, boundary_check=(0, 1))
 
     # dh += scale Q^T dO - W^T dv_new
-    b_do = tl.load(_tok(do, bos, i_h, L, H, V, t * C, v0, C, BV), boundary_check=(0, 1))
-    b_dv = b_dv.to(DT)
-    b_q = tl.load(_tok(q, bos, i_h, L, H, K, t * C, 0, C, BK), boundary_check=(0, 1))
+    b_do = tl.load(_tok(do, bos, i_h, L, H, V, t * C, v0, C, BV), boundary_check=(0, 1)).to(ACC) * scale
+    b_q = tl.load(_tok(q, bos, i_h, L, H, K, t * C, 0, C, BK), boundary_check=(0, 1)).to(ACC)
     b_w = tl.load(_tok(w, bos, i_h, L, H, K, t * C, 0, C, BK), boundary_check=(0, 1))
-    b_h0 += scale * tl.dot(tl.trans(b_q), b_do, input_precision=DOT_PREC) - \
+    b_h0 += tl.dot(tl.trans(b_q), b_do, input_precision=DOT_PREC) - \
         tl.dot(tl.trans(b_w), b_dv, input_precision=DOT_PREC)
     if NK > 1:
-        b_q = tl.load(_tok(q, bos, i_h, L, H, K, t * C, BK, C, BK), boundary_check=(0, 1))
+        b_q = tl.load(_tok(q, bos, i_h, L, H, K, t * C, BK, C, BK), boundary_check=(0, 1)).to(ACC)
         b_w = tl.load(_tok(w, bos, i_h, L, H, K, t * C, BK, C, BK), boundary_check=(0, 1))
-        b_h1 += scale * tl.dot(tl.trans(b_q), b_do, input_precision=DOT_PREC) - \
+        b_h1 += tl.dot(tl.trans(b_q), b_do, input_precision=DOT_PREC) - \
             tl.dot(tl.trans(b_w), b_dv, input_precision=DOT_PREC)
     if NK > 2:
-        b_q = tl.load(_tok(q, bos, i_h, L, H, K, t * C, 2 * BK, C, BK), boundary_check=(0, 1))
+        b_q = tl.load(_tok(q, bos, i_h, L, H, K, t * C, 2 * BK, C, BK), boundary_check=(0, 1)).to(ACC)
         b_w = tl.load(_tok(w, bos, i_h, L, H, K, t * C, 2 * BK, C, BK), boundary_check=(0, 1))
-        b_h2 += scale * tl.dot(tl.trans(b_q), b_do, input_precision=DOT_PREC) - \
+        b_h2 += tl.dot(tl.trans(b_q), b_do, input_precision=DOT_PREC) - \
             tl.dot(tl.trans(b_w), b_dv, input_precision=DOT_PREC)
     if NK > 3:
-        b_q = tl.load(_tok(q, bos, i_h, L, H, K, t * C, 3 * BK, C, BK), boundary_check=(0, 1))
+        b_q = tl.load(_tok(q, bos, i_h, L, H, K, t * C, 3 * BK, C, BK), boundary_check=(0, 1)).to(ACC)
         b_w = tl.load(_tok(w, bos, i_h, L, H, K, t * C, 3 * BK, C, BK), boundary_check=(0, 1))
-        b_h3 += scale * tl.dot(tl.trans(b_q), b_do, input_precision=DOT_PREC) - \
+        b_h3 += tl.dot(tl.trans(b_q), b_do, input_precision=DOT_PREC) - \
             tl.dot(tl.trans(b_w), b_dv, input_precision=DOT_PREC)
     return b_h0, b_h1, b_h2, b_h3
 
@@ -261,22 +255,21 @@ def _blocks(K, V):
 
 
 def chunk_h_fwd(k, w, u, initial_state, output_final_state, offsets, chunk_offsets, NC, chunk_size):
-    """Returns h [NC, H, K, V] (state entering each chunk), v_new [B, T, H, V] (both in the input dtype) and
+    """Returns h [NC, H, K, V] (state entering each chunk), v_new [B, T, H, V] (both accumulation dtype) and
     the final state [N, H, K, V] (accumulation dtype) or None."""
     B, T, H, K = k.shape
     V = u.shape[-1]
     N, acc = offsets.numel() - 1, acc_dtype(k.dtype)
-    h = new_empty((NC, H, K, V), k.dtype, k.device)
-    v_new = new_empty((B, T, H, V), k.dtype, k.device)
+    h = new_empty((NC, H, K, V), acc, k.device)
+    v_new = new_empty((B, T, H, V), acc, k.device)
     ht = new_empty((N, H, K, V), acc, k.device) if output_final_state else None
     BK, NK, BV = _blocks(K, V)
-    e = k.element_size()
-    stages = pipeline_stages(chunk_size * (2 * NK * BK + BV) * e)  # W, K, U tiles of one chunk
+    a, e = torch.finfo(acc).bits // 8, k.element_size()
+    stages = pipeline_stages(chunk_size * (NK * BK * (a + e) + BV * a))  # W, K, U tiles of one chunk
     launch_fitting(
         chunk_h_fwd_kernel, (triton.cdiv(V, BV), N * H), k, w, u, h, v_new, initial_state, ht, offsets, chunk_offsets,
         H=H, K=K, V=V, C=chunk_size, BK=BK, BV=BV, NK=NK, USE_S0=initial_state is not None,
-        STORE_FINAL=output_final_state, DOT_PREC=dot_precision(k.dtype), ACC=tl_acc(k.dtype),
-        WHILE_LOOP=interpreting(), stages=(stages,))
+        STORE_FINAL=output_final_state, DOT_PREC=dot_precision(k.dtype), WHILE_LOOP=interpreting(), stages=(stages,))
     return h, v_new, ht
 
 
@@ -294,6 +287,6 @@ def chunk_h_bwd(q, k, w, do, dv_local, dht, initial_state, scale_t, offsets, chu
     stages = pipeline_stages(chunk_size * (NK * BK * (2 * e + a) + BV * (a + e)))  # K, Q, W, dv_local, dO tiles
     launch_fitting(
         chunk_h_bwd_kernel, (triton.cdiv(V, BV), N * H), q, k, w, do, dv_local, dh, dv_new, dht, ds0, offsets,
-        chunk_offsets, scale_t, H=H, K=K, V=V, C=chunk_size, BK=BK, BV=BV, NK=NK, USE_DHT=dht is not None,
-        STORE_DS0=ds0 is not None, DOT_PREC=dot_precision(k.dtype), WHILE_LOOP=interpreting(), stages=(stages,))
+        chunk_offsets, scale_t, H=H, K=K, V=V, C=chunk_size, BK=BK, BV=BV, NK=NK, USE_DHT=dht is not None, STORE_DS0=ds0
+        is not None, DOT_PREC=dot_precision(k.dtype), WHILE_LOOP=interpreting(), stages=(stages,))
     return dh, dv_new, ds0

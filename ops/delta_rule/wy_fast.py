@@ -3,8 +3,7 @@
 Per chunk (C rows; rows past the sequence end are zero) and head:
     A = tril(diag(beta) K K^T, -1),  X = (I + A)^-1,  T = X diag(beta),  W = T K,  U = T V,
 so that prod_i (I - beta_i k_i k_i^T) = I - K^T W (newest on the left) and the chunk's write is K^T U.
-Products take their operands in the input dtype (tensor-core bf16/fp16 for half inputs, accumulating in float32);
-W and U are stored in the input dtype, X ([NC, H, C, C], saved for the backward) in the accumulation dtype.
+W, U and X are kept in the accumulation dtype; X ([NC, H, C, C]) is saved for the backward.
 """
 import triton
 import triton.language as tl
@@ -22,31 +21,30 @@ def wy_fwd_kernel(k, v, beta, w, u, x, offsets, cmap,
     i_n, j = tl.load(cmap + i_c * 2), tl.load(cmap + i_c * 2 + 1)
     bos, eos = tl.load(offsets + i_n).to(tl.int64), tl.load(offsets + i_n + 1).to(tl.int64)
     L = eos - bos
-    ACC = x.dtype.element_ty
-    DT = k.dtype.element_ty  # dot operands
+    ACC = w.dtype.element_ty
 
     p_b = tl.make_block_ptr(beta + bos * H + i_h, (L,), (H,), (j * C,), (C,), (0,))
     b_b = tl.load(p_b, boundary_check=(0,)).to(ACC)
     b_A = tl.zeros([C, C], dtype=ACC)
     for i_k in range(tl.cdiv(K, BK)):
         p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (L, K), (H * K, 1), (j * C, i_k * BK), (C, BK), (1, 0))
-        b_k = tl.load(p_k, boundary_check=(0, 1))
+        b_k = tl.load(p_k, boundary_check=(0, 1)).to(ACC)
         b_A += tl.dot(b_k, tl.trans(b_k), input_precision=DOT_PREC)
     b_X = solve_unit_lower(b_A * b_b[:, None], C, DOT_PREC)
     p_x = tl.make_block_ptr(x + (i_c * H + i_h).to(tl.int64) * C * C, (C, C), (C, 1), (0, 0), (C, C), (1, 0))
     tl.store(p_x, b_X)
 
-    b_T = (b_X * b_b[None, :]).to(DT)
+    b_T = b_X * b_b[None, :]
     for i_k in range(tl.cdiv(K, BK)):
         p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (L, K), (H * K, 1), (j * C, i_k * BK), (C, BK), (1, 0))
         p_w = tl.make_block_ptr(w + (bos * H + i_h) * K, (L, K), (H * K, 1), (j * C, i_k * BK), (C, BK), (1, 0))
-        b_k = tl.load(p_k, boundary_check=(0, 1))
-        tl.store(p_w, tl.dot(b_T, b_k, input_precision=DOT_PREC).to(DT), boundary_check=(0, 1))
+        b_k = tl.load(p_k, boundary_check=(0, 1)).to(ACC)
+        tl.store(p_w, tl.dot(b_T, b_k, input_precision=DOT_PREC), boundary_check=(0, 1))
     for i_v in range(tl.cdiv(V, BV)):
         p_v = tl.make_block_ptr(v + (bos * H + i_h) * V, (L, V), (H * V, 1), (j * C, i_v * BV), (C, BV), (1, 0))
         p_u = tl.make_block_ptr(u + (bos * H + i_h) * V, (L, V), (H * V, 1), (j * C, i_v * BV), (C, BV), (1, 0))
-        b_v = tl.load(p_v, boundary_check=(0, 1))
-        tl.store(p_u, tl.dot(b_T, b_v, input_precision=DOT_PREC).to(DT), boundary_check=(0, 1))
+        b_v = tl.load(p_v, boundary_check=(0, 1)).to(ACC)
+        tl.store(p_u, tl.dot(b_T, b_v, input_precision=DOT_PREC), boundary_check=(0, 1))
 
 
 @triton.jit
@@ -62,13 +60,11 @@ def wy_bwd_kernel(k, v, beta, x, dw, du, dk_in, dk, dv, dbeta, offsets, cmap,
     bos, eos = tl.load(offsets + i_n).to(tl.int64), tl.load(offsets + i_n + 1).to(tl.int64)
     L = eos - bos
     ACC = x.dtype.element_ty
-    DT = k.dtype.element_ty  # operands of the [C, K] / [C, V] products; the [C, C] ones stay in ACC
 
     p_b = tl.make_block_ptr(beta + bos * H + i_h, (L,), (H,), (j * C,), (C,), (0,))
     b_b = tl.load(p_b, boundary_check=(0,)).to(ACC)
     p_x = tl.make_block_ptr(x + (i_c * H + i_h).to(tl.int64) * C * C, (C, C), (C, 1), (0, 0), (C, C), (1, 0))
     b_Xt = tl.trans(tl.load(p_x))
-    b_Xt_d = b_Xt.to(DT)
 
     b_dX = tl.zeros([C, C], dtype=ACC)
     b_KK = tl.zeros([C, C], dtype=ACC)
@@ -76,21 +72,21 @@ def wy_bwd_kernel(k, v, beta, x, dw, du, dk_in, dk, dv, dbeta, offsets, cmap,
     for i_k in range(tl.cdiv(K, BK)):
         p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (L, K), (H * K, 1), (j * C, i_k * BK), (C, BK), (1, 0))
         p_dw = tl.make_block_ptr(dw + (bos * H + i_h) * K, (L, K), (H * K, 1), (j * C, i_k * BK), (C, BK), (1, 0))
-        b_k = tl.load(p_k, boundary_check=(0, 1))
-        b_dw = tl.load(p_dw, boundary_check=(0, 1)).to(DT)
-        b_db += tl.sum(tl.dot(b_Xt_d, b_dw, input_precision=DOT_PREC) * b_k.to(ACC), 1)
-        b_dX += tl.dot(b_dw, tl.trans((b_k * b_b[:, None]).to(DT)), input_precision=DOT_PREC)
+        b_k = tl.load(p_k, boundary_check=(0, 1)).to(ACC)
+        b_dw = tl.load(p_dw, boundary_check=(0, 1))
+        b_db += tl.sum(tl.dot(b_Xt, b_dw, input_precision=DOT_PREC) * b_k, 1)
+        b_dX += tl.dot(b_dw, tl.trans(b_k * b_b[:, None]), input_precision=DOT_PREC)
         b_KK += tl.dot(b_k, tl.trans(b_k), input_precision=DOT_PREC)
     for i_v in range(tl.cdiv(V, BV)):
         p_v = tl.make_block_ptr(v + (bos * H + i_h) * V, (L, V), (H * V, 1), (j * C, i_v * BV), (C, BV), (1, 0))
         p_du = tl.make_block_ptr(du + (bos * H + i_h) * V, (L, V), (H * V, 1), (j * C, i_v * BV), (C, BV), (1, 0))
         p_dv = tl.make_block_ptr(dv + (bos * H + i_h) * V, (L, V), (H * V, 1), (j * C, i_v * BV), (C, BV), (1, 0))
-        b_v = tl.load(p_v, boundary_check=(0, 1))
-        b_du = tl.load(p_du, boundary_check=(0, 1)).to(DT)
-        b_XtdU = tl.dot(b_Xt_d, b_du, input_precision=DOT_PREC)
+        b_v = tl.load(p_v, boundary_check=(0, 1)).to(ACC)
+        b_du = tl.load(p_du, boundary_check=(0, 1))
+        b_XtdU = tl.dot(b_Xt, b_du, input_precision=DOT_PREC)
         tl.store(p_dv, (b_XtdU * b_b[:, None]).to(p_dv.dtype.element_ty), boundary_check=(0, 1))
-        b_db += tl.sum(b_XtdU * b_v.to(ACC), 1)
-        b_dX += tl.dot(b_du, tl.trans((b_v * b_b[:, None]).to(DT)), input_precision=DOT_PREC)
+        b_db += tl.sum(b_XtdU * b_v, 1)
+        b_dX += tl.dot(b_du, tl.trans(b_v * b_b[:, None]), input_precision=DOT_PREC)
 
     rows = tl.arange(0, C)[:, None]
     cols = tl.arange(0, C)[None, :]
@@ -103,16 +99,16 @@ def wy_bwd_kernel(k, v, beta, x, dw, du, dk_in, dk, dv, dbeta, offsets, cmap,
     # diag(beta) dA K + (diag(beta) dA)^T K = M K with the symmetric M = bdA + bdA^T (formed once; a transposed
     # dot result fed straight into tl.dot miscompiles on Hopper, cf. fla PR 826)
     b_bdA = b_dA * b_b[:, None]
-    b_M = (b_bdA + tl.trans(b_bdA)).to(DT)
+    b_M = b_bdA + tl.trans(b_bdA)
     for i_k in range(tl.cdiv(K, BK)):
         p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (L, K), (H * K, 1), (j * C, i_k * BK), (C, BK), (1, 0))
         p_dw = tl.make_block_ptr(dw + (bos * H + i_h) * K, (L, K), (H * K, 1), (j * C, i_k * BK), (C, BK), (1, 0))
         p_dki = tl.make_block_ptr(dk_in + (bos * H + i_h) * K, (L, K), (H * K, 1), (j * C, i_k * BK), (C, BK), (1, 0))
         p_dk = tl.make_block_ptr(dk + (bos * H + i_h) * K, (L, K), (H * K, 1), (j * C, i_k * BK), (C, BK), (1, 0))
-        b_k = tl.load(p_k, boundary_check=(0, 1))
-        b_dw = tl.load(p_dw, boundary_check=(0, 1)).to(DT)
+        b_k = tl.load(p_k, boundary_check=(0, 1)).to(ACC)
+        b_dw = tl.load(p_dw, boundary_check=(0, 1))
         b_dk = tl.load(p_dki, boundary_check=(0, 1)).to(ACC)
-        b_dk += tl.dot(b_Xt_d, b_dw, input_precision=DOT_PREC) * b_b[:, None]
+        b_dk += tl.dot(b_Xt, b_dw, input_precision=DOT_PREC) * b_b[:, None]
         b_dk += tl.dot(b_M, b_k, input_precision=DOT_PREC)
         tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), boundary_check=(0, 1))
 
@@ -126,20 +122,20 @@ def _blocks(K, V):
 
 
 def wy_fwd(k, v, beta, offsets, cmap, chunk_size):
-    """k [B, T, H, K], v [B, T, H, V], beta [B, T, H] (contiguous); offsets, cmap from
-    utils.chunk_index. Returns W [B, T, H, K], U [B, T, H, V] (input dtype) and X [NC, H, C, C] (accumulation
-    dtype)."""
+    """k [B, T, H, K], v [B, T, H, V], beta [B, T, H] (contiguous); offsets, cmap from utils.sequence_offsets
+    and utils.chunk_map. Returns W [B, T, H, K], U [B, T, H, V] (accumulation dtype) and X [NC, H, C, C]."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     C, NC, acc = chunk_size, cmap.shape[0], acc_dtype(k.dtype)
-    w = new_empty((B, T, H, K), k.dtype, k.device)
-    u = new_empty((B, T, H, V), k.dtype, k.device)
+    w = new_empty((B, T, H, K), acc, k.device)
+    u = new_empty((B, T, H, V), acc, k.device)
     x = new_empty((NC, H, C, C), acc, k.device)
     if NC:
         BK, BV = _blocks(K, V)
-        stages = pipeline_stages(C * max(BK, BV) * 2 * k.element_size())  # a K (or V) tile in, a W (or U) out
+        a, e = w.element_size(), k.element_size()
+        stages = pipeline_stages(C * max(BK, BV) * (a + e))  # a K (or V) tile in, a W (or U) tile out
         launch_fitting(wy_fwd_kernel, (NC, H), k, v, beta, w, u, x, offsets, cmap, H=H, K=K, V=V, C=C, BK=BK, BV=BV,
-                       DOT_PREC=dot_precision(k.dtype), stages=(stages,))
+                               DOT_PREC=dot_precision(k.dtype), stages=(stages,))
     return w, u, x
 
 
@@ -156,6 +152,7 @@ def wy_bwd(k, v, beta, x, dw, du, dk_in, offsets, cmap, chunk_size):
         BK, BV = _blocks(K, V)
         a, e = x.element_size(), k.element_size()
         stages = pipeline_stages(C * max(BK, BV) * (2 * a + 2 * e))  # K, dW, dk_in in; dK out (or V, dU; dV)
-        launch_fitting(wy_bwd_kernel, (NC, H), k, v, beta, x, dw, du, dk_in, dk, dv, dbeta, offsets, cmap, H=H, K=K,
-                       V=V, C=C, BK=BK, BV=BV, DOT_PREC=dot_precision(k.dtype), stages=(stages,))
+        launch_fitting(
+            wy_bwd_kernel, (NC, H), k, v, beta, x, dw, du, dk_in, dk, dv, dbeta, offsets, cmap, H=H, K=K, V=V, C=C,
+            BK=BK, BV=BV, DOT_PREC=dot_precision(k.dtype), stages=(stages,))
     return dk, dv, dbeta
