@@ -21,19 +21,9 @@ from benchmarks import harness
 from benchmarks import registry as R
 
 
-def profile_form(name, pt, mode, iters, device="cuda"):
-    form = R.get(name)
-    ok, why = R.availability(form)
-    if not ok:
-        return dict(form=name, status="skipped", reason=why)
-    fn = form.load()
-    fam = R.FAMILIES[form.family]
-    x = fam.make_inputs(pt["B"], pt["T"], pt["H"], pt["K"], pt["V"], R.DTYPES[pt["dtype"]], device, seed=0,
-                        initial_state=False)
-    if form.adapt_inputs is not None:
-        x = form.adapt_inputs(x)
-    step, _ = harness.make_step(form, fn, x, mode)
-    cuda = device == "cuda"
+def kernel_times(step, iters, cuda=True):
+    """({kernel name: [ms per call, launches]}, wall ms per call) of `iters` profiled calls of step, after 3
+    warm-up calls (compilation, launch choices)."""
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(3):
         step()
@@ -50,6 +40,33 @@ def profile_form(name, pt, mode, iters, device="cuda"):
         if e.device_type == torch.autograd.DeviceType.CUDA:
             per[e.name][0] += e.device_time / 1e3 / iters  # us -> ms per call
             per[e.name][1] += 1
+    return dict(per), wall_ms
+
+
+class Unavailable(Exception):
+    pass
+
+
+def form_step(name, pt, mode, device="cuda"):
+    """(step, leaves) of harness.make_step for form `name` on fresh inputs at point pt; Unavailable (with the
+    reason) when the form does not import here."""
+    form = R.get(name)
+    ok, why = R.availability(form)
+    if not ok:
+        raise Unavailable(why)
+    x = R.FAMILIES[form.family].make_inputs(pt["B"], pt["T"], pt["H"], pt["K"], pt["V"], R.DTYPES[pt["dtype"]],
+                                            device, seed=0, initial_state=False)
+    if form.adapt_inputs is not None:
+        x = form.adapt_inputs(x)
+    return harness.make_step(form, form.load(), x, mode)
+
+
+def profile_form(name, pt, mode, iters, device="cuda"):
+    try:
+        step, _ = form_step(name, pt, mode, device)
+    except Unavailable as e:
+        return dict(form=name, status="skipped", reason=str(e))
+    per, wall_ms = kernel_times(step, iters, device == "cuda")
     total = sum(v[0] for v in per.values())
     kernels = sorted(({"kernel": k, "ms": v[0], "launches": v[1] / iters, "share": v[0] / total if total else 0}
                       for k, v in per.items()), key=lambda r: -r["ms"])

@@ -23,11 +23,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import defaultdict
 
 import torch
 
-from benchmarks import harness
+from benchmarks import harness, profile_ops
 from benchmarks import registry as R
 
 # The modules whose TILE constant a form's tile variants set.
@@ -64,35 +63,15 @@ def apply(form_name, v):
 
 
 def make(form_name, pt, mode="fwd+bwd"):
-    form = R.get(form_name)
-    ok, why = R.availability(form)
-    if not ok:
-        raise RuntimeError(why)
-    fn = form.load()
-    x = R.FAMILIES[form.family].make_inputs(pt["B"], pt["T"], pt["H"], pt["K"], pt["V"], R.DTYPES[pt["dtype"]],
-                                            DEVICE, seed=0, initial_state=False)
-    if form.adapt_inputs is not None:
-        x = form.adapt_inputs(x)
-    step, leaves = harness.make_step(form, fn, x, mode)
+    """The timed step of the form at pt, its gradient leaves and the inputs' dtype."""
+    step, leaves = profile_ops.form_step(form_name, pt, mode, DEVICE)
     return step, leaves, R.torch_dtype(R.DTYPES[pt["dtype"]])
 
 
 def kernel_times(step, iters):
     """{kernel name: ms per call} of `iters` profiled calls, and the wall ms per call."""
-    for _ in range(2):
-        step()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            step()
-        torch.cuda.synchronize()
-        wall = (time.perf_counter() - t0) * 1e3 / iters
-    per = defaultdict(float)
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            per[e.name] += e.device_time / 1e3 / iters
-    return dict(per), wall
+    per, wall = profile_ops.kernel_times(step, iters)
+    return {k: v[0] for k, v in per.items()}, wall
 
 
 def compile_all(forms, pt, vs, jobs, timeout_s):
