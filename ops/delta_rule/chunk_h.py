@@ -287,6 +287,6 @@ def chunk_h_bwd(q, k, w, do, dv_local, dht, initial_state, scale_t, offsets, chu
     stages = pipeline_stages(chunk_size * (NK * BK * (2 * e + a) + BV * (a + e)))  # K, Q, W, dv_local, dO tiles
     launch_fitting(
         chunk_h_bwd_kernel, (triton.cdiv(V, BV), N * H), q, k, w, do, dv_local, dh, dv_new, dht, ds0, offsets,
-        chunk_offsets, scale_t, H=H, K=K, V=V, C=chunk_size, BK=BK, BV=BV, NK=NK, USE_DHT=dht is not None, STORE_DS0=ds0
-        is not None, DOT_PREC=dot_precision(k.dtype), WHILE_LOOP=interpreting(), stages=(stages,))
+        chunk_offsets, scale_t, H=H, K=K, V=V, C=chunk_size, BK=BK, BV=BV, NK=NK, USE_DHT=dht is not None,
+        STORE_DS0=ds0 is not None, DOT_PREC=dot_precision(k.dtype), WHILE_LOOP=interpreting(), stages=(stages,))
     return dh, dv_new, ds0

@@ -135,7 +135,7 @@ def wy_fwd(k, v, beta, offsets, cmap, chunk_size):
         a, e = w.element_size(), k.element_size()
         stages = pipeline_stages(C * max(BK, BV) * (a + e))  # a K (or V) tile in, a W (or U) tile out
         launch_fitting(wy_fwd_kernel, (NC, H), k, v, beta, w, u, x, offsets, cmap, H=H, K=K, V=V, C=C, BK=BK, BV=BV,
-                               DOT_PREC=dot_precision(k.dtype), stages=(stages,))
+                       DOT_PREC=dot_precision(k.dtype), stages=(stages,))
     return w, u, x
 
 
