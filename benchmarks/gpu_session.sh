@@ -18,7 +18,7 @@
 #      reports/data/<gpu slug>/ (the test results copied in as verification-gpu.json / .junit.xml), packed into
 #      $OUT/gpu-data.tgz (unpack at the repo root: tar xzf gpu-data.tgz) -> $OUT/bench.log, gpu-data.tgz
 #   Finally a compact summary of all of it (the last ~100 lines of output) -> $OUT/summary.txt.
-#   $OUT gets at most 7 files, no folders.
+#   $OUT gets at most 8 files (beside.log with --beside-*), no folders.
 #
 # Options:
 #   --tests-limit S    pytest's time limit in seconds (default 330)
@@ -159,21 +159,22 @@ mkdir -p "$DATA"
 
 # --- beside the tests (nothing timed runs while they do): conformance against peers, the accuracy sweep
 BESIDE_PIDS=()
+BESIDE_DIR="$(mktemp -d)"  # their logs, joined into $OUT/beside.log at the end (one file: $OUT holds at most 8)
 if [ -n "$BESIDE_CONF" ]; then
   tag="${BESIDE_CONF//,/+}"
-  say "beside: conformance against $BESIDE_CONF -> $DATA/conformance-$tag.{json,junit.xml}, log $OUT/conformance.log"
+  say "beside: conformance against $BESIDE_CONF -> $DATA/conformance-$tag.{json,junit.xml}, log $OUT/beside.log"
   DELTACHECK_IMPLS="$BESIDE_CONF" DELTACHECK_PROFILE="${DELTACHECK_PROFILE:-gpu}" \
     DELTACHECK_RECORD="$DATA/conformance-$tag.json" \
     timeout -s INT -k 30 $(( TESTS_LIMIT - 10 )) python3 -m pytest properties/test_conformance.py \
     -n "$BESIDE_WORKERS" -p no:cacheprovider --junitxml="$DATA/conformance-$tag.junit.xml" \
-    >"$OUT/conformance.log" 2>&1 &
+    >"$BESIDE_DIR/conformance.log" 2>&1 &
   BESIDE_PIDS+=($!)
 fi
 if [ -n "$BESIDE_ACC" ]; then
-  say "beside: benchmarks.accuracy $BESIDE_ACC -> $DATA, log $OUT/accuracy.log"
+  say "beside: benchmarks.accuracy $BESIDE_ACC -> $DATA, log $OUT/beside.log"
   # shellcheck disable=SC2086
   timeout -k 10 $(( TESTS_LIMIT - 10 )) python3 -m benchmarks.accuracy $BESIDE_ACC --out "$DATA" \
-    >"$OUT/accuracy.log" 2>&1 &
+    >"$BESIDE_DIR/accuracy.log" 2>&1 &
   BESIDE_PIDS+=($!)
 fi
 
@@ -205,8 +206,11 @@ if [ "$RUN_TESTS" = 1 ]; then
 fi
 
 for pid in "${BESIDE_PIDS[@]}"; do wait "$pid"; done
-[ ${#BESIDE_PIDS[@]} -gt 0 ] && say "beside jobs done: $(grep -hE '^=+ .*(passed|failed|error).* in ' \
-  "$OUT/conformance.log" 2>/dev/null | tail -n 1) $(tail -n 1 "$OUT/accuracy.log" 2>/dev/null)"
+for f in conformance accuracy; do
+  [ -f "$BESIDE_DIR/$f.log" ] && { echo "===== $f"; cat "$BESIDE_DIR/$f.log"; } >>"$OUT/beside.log"
+done
+[ ${#BESIDE_PIDS[@]} -gt 0 ] && say "beside jobs done: $(grep -hE '^=+ .*(passed|failed|error|skipped).* in ' \
+  "$BESIDE_DIR/conformance.log" 2>/dev/null | tail -n 1) $(tail -n 1 "$BESIDE_DIR/accuracy.log" 2>/dev/null)"
 
 # --- 3. bench
 if [ "$RUN_BENCH" = 1 ]; then
@@ -265,7 +269,7 @@ if [ -n "$DATA" ] && [ -d "$DATA" ]; then
     *) tar -czf "$OUT/gpu-data.tgz" -C "$(dirname "$DATA")" "$(basename "$DATA")" ;;
   esac
 fi
-for f in pytest.log bench.log; do  # keep what comes back under 16 MiB a file
+for f in pytest.log bench.log beside.log; do  # keep what comes back under 16 MiB a file
   if [ -f "$OUT/$f" ] && [ "$(stat -c %s "$OUT/$f")" -gt 12000000 ]; then
     tail -c 8000000 "$OUT/$f" >"$OUT/$f.tail" && mv "$OUT/$f.tail" "$OUT/$f"
   fi
