@@ -26,8 +26,10 @@ import time
 
 import torch
 
+import ops.common.utils as U
 from benchmarks import harness, profile_ops
 from benchmarks import registry as R
+from properties.tolerances import bound, rel_err
 
 # The modules whose TILE constant a form's tile variants set.
 TILE_MODULES = {
@@ -50,7 +52,6 @@ def label(v):
 
 def apply(form_name, v):
     """Set OVERRIDE and the tiles for variant v (None: the ops' own settings)."""
-    import ops.common.utils as U
     U.OVERRIDE.clear()
     U.LAST_LAUNCH.clear()
     for m in TILE_MODULES.get(form_name, ()):
@@ -107,7 +108,6 @@ def tune_form(form_name, pt, vs, iters, budget_end, failed=()):
     """Time every variant; one that failed to compile or run in phase 1 is not run again (a kernel fault, such
     as an illegal address, leaves the CUDA context unusable for every variant after it)."""
     step, leaves, dtype = make(form_name, pt)
-    from properties.tolerances import bound, rel_err
     rows, ref = {}, None
     bad = {lab: why for f, lab, _, why in failed if f == form_name}
     for v in [None] + vs:
@@ -120,7 +120,6 @@ def tune_form(form_name, pt, vs, iters, budget_end, failed=()):
         apply(form_name, v)
         try:
             per, wall = kernel_times(step, iters)
-            import ops.common.utils as U
             grads = [t.grad.detach().clone() for t in leaves]  # of the last timed call: o enters them through dO
             if ref is None:
                 ref = grads

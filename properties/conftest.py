@@ -79,7 +79,7 @@ def _write_part(exitstatus=None):
 
 
 _FAULT_MARKS = ("illegal memory access", "unspecified launch failure", "misaligned address", "illegal instruction",
-                "CUDA error: an illegal", "device-side assert")
+                "device-side assert")
 _FAULTED = []
 
 

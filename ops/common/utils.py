@@ -237,7 +237,8 @@ def launch_fitting(kernel, grid, *args, stages=(3, 2, 1), num_warps=None, **kwar
     anything runs, with OutOfResources). The choice is kept per kernel, constexprs and argument dtypes.
     A TUNED entry (half-precision inputs) sets num_warps and caps the stages; OVERRIDE replaces both."""
     name = _kernel_name(kernel)
-    cfg = OVERRIDE or (TUNED.get(name) if _half(args) else None)
+    entry = TUNED.get(name)
+    cfg = OVERRIDE or (entry if entry and _half(args) else None)
     if cfg:
         num_warps = cfg.get("num_warps", num_warps)
         if "num_stages" in cfg:
