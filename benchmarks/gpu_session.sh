@@ -45,6 +45,10 @@
 #                      enough to stop one mid-way), a tiny point and sweep, 2 workers; OUT, the data folder and
 #                      the Triton cache in /tmp (nothing written to the repo)
 #
+# Environment passed through to the tests: DELTACHECK_IMPLS=fla (with --tests properties/test_conformance.py: the
+# conformance run against fla), DELTACHECK_NOT_REPORTED_IN=JUNIT[,JUNIT] (only the tests those runs never reported,
+# e.g. the cases a time-limited run cut off; join the results with `python3 -m benchmarks.gpu_summary merge-runs`).
+#
 # Device tool, one call of at most 600 s (both steps; or split: --tests-limit 540, then --no-tests --bench
 # --bench-budget 540):
 #   DELTACHECK_COMMIT=<sha> bash benchmarks/gpu_session.sh --tests-limit 300 --bench --bench-budget 220
@@ -166,7 +170,7 @@ if [ -n "$BESIDE_CONF" ]; then
   DELTACHECK_IMPLS="$BESIDE_CONF" DELTACHECK_PROFILE="${DELTACHECK_PROFILE:-gpu}" \
     DELTACHECK_RECORD="$DATA/conformance-$tag.json" \
     timeout -s INT -k 30 $(( TESTS_LIMIT - 10 )) python3 -m pytest properties/test_conformance.py \
-    -n "$BESIDE_WORKERS" -p no:cacheprovider --junitxml="$DATA/conformance-$tag.junit.xml" \
+    -n "$BESIDE_WORKERS" --dist load --maxschedchunk 1 -p no:cacheprovider --junitxml="$DATA/conformance-$tag.junit.xml" \
     >"$BESIDE_DIR/conformance.log" 2>&1 &
   BESIDE_PIDS+=($!)
 fi
@@ -189,7 +193,7 @@ if [ "$RUN_TESTS" = 1 ]; then
   [ "$limit" -lt 30 ] && limit=30
   NFLAG=()
   if python3 -c "import xdist" >/dev/null 2>&1; then
-    NFLAG=(-n "$WORKERS")
+    NFLAG=(-n "$WORKERS" --dist load --maxschedchunk 1)  # one test at a time: the longest-first order holds
   else
     say "pytest-xdist missing: the suite runs in one process"
   fi

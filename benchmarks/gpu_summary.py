@@ -4,6 +4,7 @@
     python3 -m benchmarks.gpu_summary merge --out OUT            # fold xdist workers' record parts in
     python3 -m benchmarks.gpu_summary tests --out OUT [--timed-out S] [--rc N]
     python3 -m benchmarks.gpu_summary bench --data reports/data/<gpu>
+    python3 -m benchmarks.gpu_summary merge-runs --into PREFIX --run LABEL=PREFIX1 --run LABEL=PREFIX2 ...
 
 A device call returns only the last 12,000 characters of its output, so everything a reply needs is printed
 here, short: the machine, the pytest outcome with every failed test (one line each, first 30), the records over
@@ -136,6 +137,36 @@ def merge_records(path) -> int:
     with open(path, "w") as f:
         json.dump(doc, f, indent=1)
     return len(parts)
+
+
+def merge_runs(into, runs) -> str:
+    """One record file and one junit file (INTO.json, INTO.junit.xml) from several runs of the same tests
+    (RUN.json + RUN.junit.xml each; e.g. a conformance run cut off by a device call's time limit, then a call
+    that ran the cases it did not reach). Each record and test case keeps its run's label; meta.runs lists the
+    runs in order. Nothing is dropped: a case run twice appears twice (a failure in either run is a failure)."""
+    doc = dict(meta=dict(runs=[]), records=[])
+    root = ET.Element("testsuites")
+    for label, prefix in runs:
+        part = _load(prefix + ".json") or dict(meta={}, records=[])
+        note = part.get("meta", {}).get("note", "")
+        doc["meta"]["runs"].append(dict(label=label, note=note, meta=part.get("meta", {}),
+                                        records=len(part.get("records", []))))
+        for k, v in part.get("meta", {}).items():
+            doc["meta"].setdefault(k, v)
+        doc["records"] += [dict(r, run=label) for r in part.get("records", [])]
+        try:
+            jroot = ET.parse(prefix + ".junit.xml").getroot()
+        except (OSError, ET.ParseError):
+            continue
+        for suite in ([jroot] if jroot.tag == "testsuite" else list(jroot.iter("testsuite"))):
+            suite.set("name", f"{suite.get('name', 'pytest')} [{label}]")
+            root.append(suite)
+    doc["meta"].pop("exitstatus", None)
+    with open(into + ".json", "w") as f:
+        json.dump(doc, f, indent=1)
+    ET.ElementTree(root).write(into + ".junit.xml", encoding="utf-8", xml_declaration=True)
+    cases = sum(1 for _ in root.iter("testcase"))
+    return f"merged {len(runs)} runs into {into}.json ({len(doc['records'])} records) and .junit.xml ({cases} cases)"
 
 
 def junit_cases(root):
@@ -373,7 +404,10 @@ def bench_lines(data) -> list:
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python3 -m benchmarks.gpu_summary", description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["machine", "merge", "tests", "bench"])
+    p.add_argument("what", choices=["machine", "merge", "tests", "bench", "merge-runs"])
+    p.add_argument("--into", help="merge-runs: output prefix (writes PREFIX.json and PREFIX.junit.xml)")
+    p.add_argument("--run", action="append", default=[], metavar="LABEL=PREFIX",
+                   help="merge-runs: a run's label and its files' prefix (PREFIX.json, PREFIX.junit.xml), in order")
     p.add_argument("--out", help="the session's output folder ($OUT)")
     p.add_argument("--data", help="reports/data/<gpu> (bench)")
     p.add_argument("--rc", help="pytest's exit code (tests)")
@@ -389,6 +423,10 @@ def main(argv=None):
         lines = [f"merged {n} worker record parts"] if n else []
     elif a.what == "tests":
         lines = tests_lines(a.out, a.rc, a.timed_out)
+    elif a.what == "merge-runs":
+        if not a.into or not a.run or any("=" not in r for r in a.run):
+            p.error("merge-runs needs --into PREFIX and at least one --run LABEL=PREFIX")
+        lines = [merge_runs(a.into, [tuple(r.split("=", 1)) for r in a.run])]
     else:
         lines = bench_lines(a.data)
     if lines:

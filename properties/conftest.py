@@ -54,18 +54,59 @@ def _gpu_durations():
     return seen
 
 
+_COLLECTED = []  # node ids of this session's tests, in run order (the record's meta: a test never reported is
+                 # then visible as not run)
+
+
+def longest_first(items, seconds, workers):
+    """Longest-processing-time-first order for `workers` pytest-xdist workers under `--dist load
+    --maxschedchunk 1`, which hands each worker two tests to start and then one more whenever one finishes: the
+    tests sorted by their earlier duration (unknown ones as the longest, stable otherwise), with the first
+    `workers` pairs each made of one long and one short test, so no worker starts on two of the longest."""
+    order = sorted(items, key=lambda it: -seconds(it))
+    if workers < 2 or len(order) < 4 * workers:
+        return order
+    long, short, middle = order[:workers], order[-workers:][::-1], order[workers:-workers]
+    return [t for pair in zip(long, short) for t in pair] + middle
+
+
+def _reported(paths):
+    """Node ids of the tests that reported an outcome (passed, failed, error, skipped) in these junit files."""
+    import xml.etree.ElementTree as ET
+
+    from benchmarks.gpu_summary import junit_cases
+    done = set()
+    for path in paths:
+        for cls, name, outcome, _, _, _ in junit_cases(ET.parse(path).getroot()):
+            if name and outcome != "cut_off":
+                done.add(cls.replace(".", "/") + ".py::" + name)
+    return done
+
+
 def pytest_collection_modifyitems(session, config, items):
-    """On a GPU, run the tests that took longest in earlier GPU runs first (stable otherwise): pytest-xdist hands
-    tests out in this order, so a time-limited run ends with short tests, not with one long test started last."""
-    if not torch.cuda.is_available():
-        return
-    seen = _gpu_durations()
-    items.sort(key=lambda it: -seen.get((it.module.__name__ if it.module else "", it.name), 0.0))
+    """On a GPU, run the tests that took longest in earlier GPU runs first (longest_first): a time-limited run
+    then ends with short tests, not with one long test started last. DELTACHECK_NOT_REPORTED_IN=JUNIT[,JUNIT]
+    runs only the tests those runs never reported (cut off by their time limit); the rest are deselected, and
+    `python3 -m benchmarks.gpu_summary merge-runs` joins the runs' results."""
+    resume = os.environ.get("DELTACHECK_NOT_REPORTED_IN")
+    if resume:
+        done = _reported([p for p in resume.split(",") if p])
+        config.hook.pytest_deselected(items=[it for it in items if it.nodeid in done])
+        items[:] = [it for it in items if it.nodeid not in done]
+    if torch.cuda.is_available():
+        seen = _gpu_durations()
+        workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+        items[:] = longest_first(
+            items, lambda it: seen.get((it.module.__name__ if it.module else "", it.name), float("inf")), workers)
+    _COLLECTED[:] = [it.nodeid for it in items]
 
 
-def _meta(exitstatus=None):
-    return dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+def _meta(exitstatus=None, collected=None):
+    meta = dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
                 torch=torch.__version__, profile=os.environ.get("DELTACHECK_PROFILE", "dev"), exitstatus=exitstatus)
+    if collected or _COLLECTED:
+        meta["collected"] = list(collected or _COLLECTED)
+    return meta
 
 
 def _write_part(exitstatus=None):
@@ -117,14 +158,17 @@ def pytest_sessionfinish(session, exitstatus):
     if os.environ.get("PYTEST_XDIST_WORKER"):
         _write_part(int(exitstatus))
         return
+    collected = None
     for part in sorted(glob.glob(glob.escape(path) + ".gw*")):
         if part.endswith(".tmp"):  # a write cut off mid-way (the complete previous part is beside it)
             os.remove(part)
             continue
         with open(part) as f:
-            tolerances.RECORDS.extend(json.load(f)["records"])
+            doc = json.load(f)
+        tolerances.RECORDS.extend(doc["records"])
+        collected = collected or doc.get("meta", {}).get("collected")
         os.remove(part)
     if not tolerances.RECORDS:
         return
     with open(path, "w") as f:
-        json.dump(dict(meta=_meta(int(exitstatus)), records=tolerances.RECORDS), f, indent=1)
+        json.dump(dict(meta=_meta(int(exitstatus), collected), records=tolerances.RECORDS), f, indent=1)

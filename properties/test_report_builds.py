@@ -79,7 +79,7 @@ def test_report_builds_from_fixture_data(tmp_path):
     for text in ("NVIDIA H100 80GB HBM3", "FAIL 1.7", "FAIL inf", "fla / ours", "SDPA / best ours", "1980 MHz",
                  "test_long_sequence_large_heads", "copy ceiling" if "data:image/png" in page else "decode",
                  "4 u = 0.0156", "CPU · fresh", "GPU · committed", "ours / fla", "roofline floor (ours at)",
-                 "unsupported (dtype float32", "FAIL inf at check( T=3, )", "unsupported gradients: no backward"):
+                 "unsupported (dtype float32", "did not reach o at check(T=3)", "unsupported gradients: no backward"):
         assert text in page, f"{text!r} not in the page"
     assert page.count(B.NOT_MEASURED) == 0, "fixture data covers every section"
     try:
@@ -141,3 +141,36 @@ def test_verification_records_parse(rec, expect):
     got = B.parse_record(rec)
     for k, v in expect.items():
         assert got[k] == v, (k, got)
+
+
+JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest">
+<testcase classname="properties.test_conformance" name="test_state_splits_at_any_t[peer.x-fp16]" time="1"/>
+<testcase classname="properties.test_conformance" name="test_state_splits_at_any_t[peer.x-fp32]" time="1">
+<failure message="torch.AcceleratorError: CUDA error: an illegal memory access was encountered">
+E   Failing test case: check(
+E       T=2,
+E       seed=0,
+E   )</failure></testcase>
+<testcase classname="properties.test_other" name="test_state_splits_at_any_t[peer.x-fp64]" time="1"/>
+</testsuite></testsuites>"""
+
+
+def test_conformance_cells_report_failures_without_records_and_cases_not_run(tmp_path):
+    """A case whose test failed before recording an error is FAIL with its exception and hypothesis's failing
+    input; a collected case that never reported is 'not run' (never a pass); other modules' tests stay out."""
+    junit = tmp_path / "c.junit.xml"
+    junit.write_text(JUNIT)
+    rec = dict(test="properties/test_conformance.py::test_state_splits_at_any_t[peer.x-fp16]", impl="peer.x",
+               prop="state_splits_at_any_t", name="o", err=1e-4, bound=1e-3, status="pass", dtype="torch.float16")
+    ids = [f"properties/test_conformance.py::test_state_splits_at_any_t[peer.x-{d}]" for d in ("fp16", "fp32",
+                                                                                                "bf16")]
+    doc = dict(meta=dict(collected=ids), records=[rec])
+    props, impls, dtypes, cells = B.conformance_cells(doc, str(junit))
+    assert (props, impls, dtypes) == (["state_splits_at_any_t"], ["peer.x"], ["fp16", "bf16", "fp32"])
+    got = {d: cells[("state_splits_at_any_t", "peer.x", d)] for d in dtypes}
+    assert got["fp16"]["status"] == "pass" and math.isclose(got["fp16"]["ratio"], 0.1)
+    assert got["fp32"]["status"] == "fail" and "illegal memory access" in got["fp32"]["error"]
+    assert got["fp32"]["example"] == "check(T=2, seed=0)"
+    assert got["bf16"]["status"] == "not run"
+    page = B.conformance_html(doc, str(junit), "run")
+    assert "not run" in page and "FAIL" in page and "1 pass, 1 fail, 1 not run" in page

@@ -325,73 +325,150 @@ def verification_html(doc, junit_path=None, label="") -> str:
     return "".join(parts)
 
 
-def _junit_failures(path):
-    """{(test name, parameter id): failure message} of a junit file (hypothesis puts its smallest failing example,
-    "Falsifying example: ...", into the message text)."""
+def _junit_outcomes(path, module="test_conformance"):
+    """{test id (name[param]): [(outcome, message + text)]} of a junit file's tests of `module`, one entry per
+    run of the test (a file merged from several runs can hold a test more than once; hypothesis puts its
+    smallest failing example, "Falsifying example: ...", into a failure's text)."""
     try:
         root = ET.parse(path).getroot()
     except (OSError, ET.ParseError):
         return {}
-    return {name: f"{msg}\n{text}" for _, name, outcome, msg, text, _ in junit_cases(root)
-            if outcome in ("failed", "error")}
+    out = {}
+    for cls, name, outcome, msg, text, _ in junit_cases(root):
+        if name and module in (cls or ""):
+            out.setdefault(name, []).append((outcome, f"{msg}\n{text}" if outcome in ("failed", "error") else msg))
+    return out
 
 
 def _falsifying(text):
-    m = re.search(r"Falsifying example: (check\(.*?\n\s*\))", text or "", re.S)
-    return re.sub(r"\s+", " ", m.group(1)) if m else ""
+    """hypothesis's smallest failing input in a failure's text ('Falsifying example: check(...)', since 6.16x
+    'Failing test case: check(...)'; pytest prefixes each line with 'E')."""
+    text = re.sub(r"(?m)^E ?", "", text or "")
+    m = re.search(r"(?:Falsifying example|Failing test case): (\w+\(.*?\n\s*\))", text, re.S)
+    return re.sub(r",\s*\)", ")", re.sub(r"\(\s+", "(", re.sub(r"\s+", " ", m.group(1)))) if m else ""
+
+
+def _first_error_line(text):
+    """The exception line of a failure's text (e.g. 'CompilationError: at 33:4:'), short."""
+    for line in (text or "").splitlines():
+        line = line.strip()
+        if re.match(r"^(E\s+)?[\w.]*(Error|Exception|Interrupted)\b", line):
+            return re.sub(r"^E\s+", "", line)[:140]
+    return " ".join((text or "").split())[:140]
+
+
+def conformance_cells(doc, junit_path):
+    """{(prop, impl, dtype): cell} from a conformance run's records and its junit outcomes. cell: status (pass,
+    fail, unsupported, not run), ratio (worst error / bound), reason, part (a part of the property unsupported),
+    example (hypothesis's smallest failing input), error (the exception of a failure that recorded no error).
+    The run's collected test ids (meta.collected) are the expected cases: one never reported (cut off by the time
+    limit, or never started) is 'not run', never a pass."""
+    recs = [r for r in (doc or {}).get("records") or [] if r.get("impl")]
+    runs = _junit_outcomes(junit_path) if junit_path else {}
+    meta = (doc or {}).get("meta") or {}
+    collected = list(meta.get("collected") or [])
+    for run in meta.get("runs") or []:
+        collected += (run.get("meta") or {}).get("collected") or []
+    cells = {}
+    case_id = re.compile(r"test_(\w+)\[(.+)-(\w+)\]$")
+
+    def cell(prop, impl, d):
+        return cells.setdefault((prop, impl, d), dict(status=None, ratio=0.0, reason="", part="", example="",
+                                                      error="", junit=[]))
+    for r in recs:
+        prop = r["prop"].split(" (")[0]
+        m = case_id.search(str(r.get("test", "")))
+        dt = str(r.get("dtype", "")).replace("torch.", "")
+        c = cell(prop, r["impl"], m.group(3) if m else R.SHORT.get(dt, dt or "any"))
+        if r.get("status") == "unsupported":
+            if r["prop"] == prop:
+                c["status"], c["reason"] = "unsupported", r.get("reason", "")
+            else:
+                c["part"] = f"{r['prop'].split(' (')[1].rstrip(')')}: {r.get('reason', '')}"
+            continue
+        b, e = float(r["bound"]), float(r["err"])
+        c["ratio"] = max(c["ratio"], e / b if b > 0 else (0.0 if e == 0 else math.inf))
+        if r.get("status") == "fail":
+            c["status"] = "fail"
+        elif c["status"] is None:
+            c["status"] = "pass"
+    for name, outcomes in runs.items():
+        m = case_id.match(name)
+        if not m:
+            continue
+        c = cell(m.group(1), m.group(2), m.group(3))
+        c["junit"] += [o for o, _ in outcomes]
+        for outcome, text in outcomes:
+            if outcome in ("failed", "error"):
+                c["example"] = c["example"] or _falsifying(text)
+                c["error"] = c["error"] or _first_error_line(text)
+                if c["status"] != "unsupported" or outcome == "failed":
+                    c["status"] = "fail"
+            elif outcome == "skipped" and c["status"] is None:
+                c["status"], c["reason"] = "unsupported", text.split("unsupported by ", 1)[-1][:160]
+            elif outcome == "passed" and c["status"] is None:
+                c["status"] = "pass"
+    for nodeid in collected:  # collected but never reported: cut off, or never started
+        m = case_id.search(nodeid.rsplit("::", 1)[-1])
+        if m and "test_conformance" in nodeid:
+            cell(m.group(1), m.group(2), m.group(3))
+    dtypes = [d for d in ("fp16", "bf16", "fp32", "fp64") if any(k[2] == d for k in cells)]
+    dtypes += list(dict.fromkeys(k[2] for k in cells if k[2] not in dtypes))
+    props = list(dict.fromkeys(k[0] for k in cells))
+    impls = list(dict.fromkeys(k[1] for k in cells))
+    for c in cells.values():
+        c["status"] = c["status"] or "not run"
+    return props, impls, dtypes, cells
 
 
 def conformance_html(doc, junit_path, label) -> str:
     """Rows: the conformance properties; columns: implementations; each cell per dtype: pass (worst error /
-    bound), FAIL (worst error / bound and hypothesis's smallest failing example) or unsupported (the reason)."""
-    recs = [r for r in (doc or {}).get("records") or [] if r.get("impl")]
-    if not recs:
+    bound), FAIL (worst error / bound or the exception, and hypothesis's smallest failing example), unsupported
+    (the reason) or not run (never reported: cut off by the run's time limit)."""
+    props, impls, dtypes, cells = conformance_cells(doc, junit_path)
+    if not cells:
         return missing(f"{label} conformance records")
-    fails = _junit_failures(junit_path) if junit_path else {}
-    impls = list(dict.fromkeys(r["impl"] for r in recs))
-    props = list(dict.fromkeys(r["prop"].split(" (")[0] for r in recs))
-    rows = []
+    rows, counts = [], {}
     for prop in props:
         row = [prop.replace("_", " ")]
         for impl in impls:
-            cell = {}
-            for r in recs:
-                if r["impl"] != impl or r["prop"].split(" (")[0] != prop:
+            parts, cls = [], None
+            for d in dtypes:
+                c = cells.get((prop, impl, d))
+                if c is None:
                     continue
-                dt = str(r.get("dtype", "")).replace("torch.", "")
-                d = R.SHORT.get(dt, dt or "any")
-                c = cell.setdefault(d, dict(ratio=0.0, status="pass", reason=""))
-                if r.get("status") == "unsupported":
-                    c["reason"] = r.get("reason", "")
-                    if r["prop"] == prop:
-                        c["status"] = "unsupported"
-                    else:  # a part of the property (e.g. its gradients) unsupported
-                        c["part"] = f"{r['prop'].split(' (')[1].rstrip(')')}: {r.get('reason', '')}"
-                    continue
-                b = float(r["bound"])
-                ratio = float(r["err"]) / b if b > 0 else (0.0 if float(r["err"]) == 0 else math.inf)
-                c["ratio"] = max(c["ratio"], ratio)
-                if r.get("status") == "fail":
-                    c["status"] = "fail"
-            parts, cls = [], "pass"
-            for d, c in cell.items():
-                if c["status"] == "unsupported":
-                    parts.append(f"{d}: unsupported ({c['reason']})")
-                    cls = "fail" if cls == "fail" else "unsupported"
-                elif c["status"] == "fail":
-                    ex = next((_falsifying(t) for n, t in fails.items()
-                               if n.startswith(f"test_{prop}[{impl}-{d}]")), "")
-                    parts.append(f"{d}: FAIL {fmt(c['ratio'], '.2g')}" + (f" at {ex}" if ex else ""))
-                    cls = "fail"
+                st = c["status"]
+                counts[st] = counts.get(st, 0) + 1
+                if st == "unsupported":
+                    text = f"unsupported ({c['reason']})"
+                elif st == "fail":
+                    finite = 1 < c["ratio"] < math.inf
+                    what = fmt(c["ratio"], ".2g") + " x bound" if finite else c["error"] or fmt(c["ratio"], ".2g")
+                    text = f"FAIL {what}" + (f" at {c['example']}" if c["example"] else "")
+                elif st == "not run":
+                    text = "not run"
                 else:
-                    parts.append(f"{d}: pass {fmt(c['ratio'], '.2g')}" +
-                                 (f" (unsupported {c['part']})" if c.get("part") else ""))
-            row.append(("html", esc("; ".join(parts)) or "–", dict(class_=cls)) if parts else "–")
+                    text = f"pass {fmt(c['ratio'], '.2g')}" + (f" (unsupported {c['part']})" if c["part"] else "")
+                if parts and parts[-1][1] == text:  # dtypes with the same outcome share one entry
+                    parts[-1][0].append(d)
+                else:
+                    parts.append(([d], text))
+                rank = {"fail": 3, "not run": 2, "unsupported": 1, "pass": 0}
+                cls = st if cls is None or rank[st] > rank[cls] else cls
+            parts = [f"{', '.join(ds)}: {text}" for ds, text in parts]
+            css = {"fail": "fail", "pass": "pass", "not run": "notrun", "unsupported": "unsupported"}.get(cls, "")
+            row.append(("html", esc("; ".join(parts)), dict(class_=css)) if parts else "–")
         rows.append(row)
+    tally = ", ".join(f"{counts[k]} {k}" for k in ("pass", "fail", "unsupported", "not run") if counts.get(k))
+    runs = ((doc or {}).get("meta") or {}).get("runs")
+    merged = (" Merged from " + "; ".join(f"{r.get('label')} ({r.get('note', '')})".replace(" ()", "")
+                                          for r in runs) + ".") if runs else ""
     return (table(["property"] + impls, rows)
             + note(f"{label}: properties/test_conformance.py against each implementation (benchmarks/registry.py "
-                   "forms). pass / FAIL: the worst error / bound over the examples; unsupported: what the "
-                   "implementation declares it does not do (or cannot run here), reported rather than skipped."))
+                   f"forms); cases (property x implementation x dtype): {tally}.{merged} pass / FAIL: the worst "
+                   "error / bound over the examples (or the exception a failing case raised); unsupported: what "
+                   "the implementation declares it does not do (or cannot run here), reported rather than "
+                   "skipped; not run: the case never reported (cut off by the run's time limit)."))
 
 
 def junit_html(path, label) -> str:
@@ -793,6 +870,7 @@ h1{margin-bottom:4px} h2{border-bottom:2px solid #ddd;padding-bottom:4px;margin-
 table{border-collapse:collapse;margin:8px 0 16px;font-size:13px}
 th,td{border:1px solid #ccc;padding:3px 7px;text-align:left;vertical-align:top}
 th{background:#f2f2f2} td.pass{background:#e3f5e1} td.fail{background:#fbe0e0;font-weight:600}
+td.notrun{background:#fff4d6}
 table.matrix td.pass,table.matrix td.fail{text-align:center;white-space:nowrap}
 p.note{color:#555;font-size:13px} p.missing{color:#8a6d00;background:#fff8e0;padding:6px 10px;border-radius:4px}
 img{max-width:100%;border:1px solid #eee} details{margin:8px 0} summary{cursor:pointer;color:#035}

@@ -207,8 +207,9 @@ def pipeline_stages(stage_bytes: int) -> int:
 _FITTING_STAGES = {}  # (kernel, constexprs and argument dtypes) -> num_stages that fit
 
 # Launch settings measured per kernel on a Hopper GPU (benchmarks/tune_launch.py; half-precision inputs, the
-# point B=8, T=4096, H=16, K=V=128): kernel name -> dict(num_warps=, num_stages=). They apply to float16 and
-# bfloat16 inputs; float32 and float64 tiles are twice and four times the bytes and keep each op's defaults.
+# point B=8, T=4096, H=16, K=V=128): qualified kernel name (e.g. "ops.delta_rule.wy_fast.wy_fwd_kernel") ->
+# dict(num_warps=, num_stages=). They apply to float16 and bfloat16 inputs; float32 and float64 tiles are twice
+# and four times the bytes and keep each op's defaults.
 # The stages are a ceiling: launch_fitting still steps down where a shape's pipeline does not fit. Empty: the
 # H200 measurement (reports/data/h200/tune-*.json) was of the half-operand delta chunk kernels that the GPU suite
 # then failed (benchmarks/NOTES.md, v1 outcome); nothing is applied that the GPU suite has not passed.
@@ -221,7 +222,9 @@ LAST_LAUNCH = {}
 
 
 def _kernel_name(kernel) -> str:
-    return getattr(getattr(kernel, "fn", kernel), "__name__", str(kernel))
+    """module.function: kernel names alone repeat across ops (the delta rule's and DPLR's wy_fwd_kernel)."""
+    fn = getattr(kernel, "fn", kernel)
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__name__', str(kernel))}"
 
 
 def _half(args) -> bool:
