@@ -237,7 +237,8 @@ def _half(args) -> bool:
 def launch_fitting(kernel, grid, *args, stages=(3, 2, 1), num_warps=None, **kwargs):
     """kernel[grid](*args, **kwargs) with the deepest software pipeline that fits the GPU's shared memory: the
     first num_stages of `stages` whose compiled kernel fits (Triton refuses a launch that does not, before
-    anything runs, with OutOfResources). The choice is kept per kernel, constexprs and argument dtypes.
+    anything runs, with OutOfResources; counts whose shared memory, scaled from the refused one, cannot fit
+    are not compiled). The choice is kept per kernel, constexprs and argument dtypes.
     A TUNED entry (half-precision inputs) sets num_warps and caps the stages; OVERRIDE replaces both."""
     name = _kernel_name(kernel)
     entry = TUNED.get(name)
@@ -249,13 +250,19 @@ def launch_fitting(kernel, grid, *args, stages=(3, 2, 1), num_warps=None, **kwar
     warps = {} if num_warps is None else dict(num_warps=num_warps)
     key = (kernel, num_warps, stages, tuple((k, getattr(v, "dtype", v)) for k, v in kwargs.items()),
            tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))
-    tried = (_FITTING_STAGES[key],) if key in _FITTING_STAGES else stages
-    for i, s in enumerate(tried):
+    tried = list((_FITTING_STAGES[key],) if key in _FITTING_STAGES else stages)
+    while tried:
+        s = tried.pop(0)
         try:
             out = kernel[grid](*args, num_stages=s, **warps, **kwargs)
-        except OutOfResources:
-            if i == len(tried) - 1:
+        except OutOfResources as e:
+            if not tried:
                 raise
+            # pipeline buffers grow about linearly with the stages: skip the counts that cannot fit either
+            # (each refused try is a whole compile; DPLR chunk_h_bwd at K = 128 needs 386 KB at 3 stages)
+            if e.name == "shared memory" and e.required > e.limit:
+                fit = [t for t in tried if t * e.required <= s * e.limit]
+                tried = fit or tried[-1:]
             continue
         _FITTING_STAGES[key] = s
         if OVERRIDE:

@@ -183,7 +183,7 @@ def chunk_A_bwd_kernel(q, k, a, b, g, gk, dAqk, dAqb, dAak, dAab, dq_in, dk_in, 
         b_dgam = tl.load(dgam + (i_c * H + i_h).to(tl.int64) * K + o_k, mask=o_k < K, other=0)
     b_carry = tl.zeros([BK], dtype=ACC)
 
-    for s in tl.static_range(NB):
+    for s in range(NB):
         r0 = (NB - 1 - s) * BC
         rows = r0 + tl.arange(0, BC)
         p_row = base + rows[:, None] * C + cols[None, :]  # [BC, C] block row I
