@@ -9,8 +9,8 @@ Backward, reverse over chunks, dh = dht (or 0); dW_loc, dV_loc from chunk_o's lo
     dW = dW_loc + Bt dh (store);   dV = dV_loc + Kt dh (store);
     dh <- exp(gamma) * dh + scale Qh^T dO + Wm^T dW;   dS0 = dh.
 Grid (V blocks, N * H); a program keeps all K rows and BV columns of the state in registers ([BK, BV] with
-BK * BV <= 8192 fp32 elements: K = 256 gives BV = 32) and stores per-chunk states [NC, H, K, V] in the
-accumulation dtype.
+BK * BV <= 4096 fp32 elements: K = 128 gives BV = 32) on 8 warps and stores per-chunk states [NC, H, K, V] in
+the accumulation dtype.
 """
 import triton
 import triton.language as tl
@@ -155,8 +155,11 @@ def chunk_h_bwd_kernel(q, k, b, g, wm, do, dw_loc, dv_loc, dh, dw, dv, dht, ds0,
         tl.store(p0, b_dh.to(p0.dtype.element_ty), boundary_check=(0, 1))
 
 
-# State-tile budget (elements of the accumulation dtype per program); tests lower it to split V.
-BUDGET = 8192
+# State-tile budget (elements of the accumulation dtype per program; tests lower it to split V) and warps. ptxas
+# (sm_90, bf16, K = V = 128, C = 64): at 8192 and 4 warps the launched kernels spill 328 (DPLR fwd) to 856 B
+# (DPLR bwd) a thread, 1376 / 636 B for IPLR; at 4096 and 8 warps 24-224 B, with twice the programs.
+BUDGET = 4096
+NUM_WARPS = 8
 
 
 def _blocks(K, V, dtype):
@@ -178,7 +181,7 @@ def chunk_h_fwd(k, b, v, g, wm, u, initial_state, output_final_state, offsets, c
             chunk_h_fwd_kernel, (triton.cdiv(V, BV), N * H), k, b, v, g, wm, u, h, w, initial_state, ht, offsets,
             chunk_offsets, H=H, K=K, V=V, C=chunk_size, BK=BK, BV=BV, USE_GK=g is not None,
             USE_S0=initial_state is not None, STORE_FINAL=ht is not None, DOT_PREC=dot_precision(k.dtype),
-            WHILE_LOOP=interpreting())
+            WHILE_LOOP=interpreting(), num_warps=NUM_WARPS)
     return h, w, ht
 
 
@@ -199,5 +202,5 @@ def chunk_h_bwd(q, k, b, g, wm, do, dw_loc, dv_loc, dht, initial_state, scale_t,
             chunk_h_bwd_kernel, (triton.cdiv(V, BV), N * H), q, k, b, g, wm, do, dw_loc, dv_loc, dh, dw, dv, dht, ds0,
             offsets, chunk_offsets, scale_t, H=H, K=K, V=V, C=chunk_size, BK=BK, BV=BV, USE_GK=g is not None,
             USE_DHT=dht is not None, STORE_DS0=ds0 is not None, DOT_PREC=dot_precision(k.dtype),
-            WHILE_LOOP=interpreting())
+            WHILE_LOOP=interpreting(), num_warps=NUM_WARPS)
     return dh, dw, dv, ds0
