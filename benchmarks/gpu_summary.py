@@ -169,6 +169,11 @@ def merge_runs(into, runs) -> str:
     return f"merged {len(runs)} runs into {into}.json ({len(doc['records'])} records) and .junit.xml ({cases} cases)"
 
 
+def junit_nodeid(cls, name) -> str:
+    """pytest's node id of a junit test case (classname properties.test_x, name test_y[id])."""
+    return (cls.replace(".", "/") + ".py" if cls else "?") + "::" + name
+
+
 def junit_cases(root):
     """(classname, name, outcome, message, text, seconds) of every testcase of a parsed pytest junit XML; outcome
     is passed, failed, error, skipped or cut_off (a test stopped by a time limit, which pytest-xdist writes
@@ -208,8 +213,7 @@ def junit_outcomes(path):
     for cls, name, outcome, msg, _, _ in junit_cases(root):
         totals[outcome] += 1
         if outcome in ("failed", "error"):
-            file = cls.replace(".", "/") + ".py" if cls else "?"
-            bad.append((f"{file}::{name}", outcome, msg))
+            bad.append((junit_nodeid(cls, name), outcome, msg))
     totals["time_s"] = time_s
     return totals, bad
 

@@ -75,12 +75,12 @@ def _reported(paths):
     """Node ids of the tests that reported an outcome (passed, failed, error, skipped) in these junit files."""
     import xml.etree.ElementTree as ET
 
-    from benchmarks.gpu_summary import junit_cases
+    from benchmarks.gpu_summary import junit_cases, junit_nodeid
     done = set()
     for path in paths:
         for cls, name, outcome, _, _, _ in junit_cases(ET.parse(path).getroot()):
             if name and outcome != "cut_off":
-                done.add(cls.replace(".", "/") + ".py::" + name)
+                done.add(junit_nodeid(cls, name))
     return done
 
 

@@ -374,7 +374,7 @@ def conformance_cells(doc, junit_path):
 
     def cell(prop, impl, d):
         return cells.setdefault((prop, impl, d), dict(status=None, ratio=0.0, reason="", part="", example="",
-                                                      error="", junit=[]))
+                                                      error=""))
     for r in recs:
         prop = r["prop"].split(" (")[0]
         m = case_id.search(str(r.get("test", "")))
@@ -397,7 +397,6 @@ def conformance_cells(doc, junit_path):
         if not m:
             continue
         c = cell(m.group(1), m.group(2), m.group(3))
-        c["junit"] += [o for o, _ in outcomes]
         for outcome, text in outcomes:
             if outcome in ("failed", "error"):
                 c["example"] = c["example"] or _falsifying(text)
@@ -419,6 +418,10 @@ def conformance_cells(doc, junit_path):
     for c in cells.values():
         c["status"] = c["status"] or "not run"
     return props, impls, dtypes, cells
+
+
+_RANK = {"fail": 3, "not run": 2, "unsupported": 1, "pass": 0}  # a cell's colour: its worst dtype's status
+_CSS = {"fail": "fail", "pass": "pass", "not run": "notrun", "unsupported": "unsupported"}
 
 
 def conformance_html(doc, junit_path, label) -> str:
@@ -453,10 +456,9 @@ def conformance_html(doc, junit_path, label) -> str:
                     parts[-1][0].append(d)
                 else:
                     parts.append(([d], text))
-                rank = {"fail": 3, "not run": 2, "unsupported": 1, "pass": 0}
-                cls = st if cls is None or rank[st] > rank[cls] else cls
+                cls = st if cls is None or _RANK[st] > _RANK[cls] else cls
             parts = [f"{', '.join(ds)}: {text}" for ds, text in parts]
-            css = {"fail": "fail", "pass": "pass", "not run": "notrun", "unsupported": "unsupported"}.get(cls, "")
+            css = _CSS.get(cls, "")
             row.append(("html", esc("; ".join(parts)), dict(class_=css)) if parts else "–")
         rows.append(row)
     tally = ", ".join(f"{counts[k]} {k}" for k in ("pass", "fail", "unsupported", "not run") if counts.get(k))
