@@ -28,6 +28,7 @@
 #                      --point-share F of it (default 0.5) goes to the point (0: no point, only the sweep)
 #   --profile          first, benchmarks.profile_ops at --point (per-kernel GPU time, fwd and fwd+bwd) into the
 #                      data folder
+#   --profile-forms LIST  --profile, of these forms only (default: profile_ops' own list)
 #   --total S          end everything within S seconds of the start (default 570; a device command may run 600):
 #                      the tests' limit and the bench budget shrink to fit
 #   --forms LIST       harness forms, comma-separated (default: every registered form)
@@ -87,6 +88,7 @@ while [ $# -gt 0 ]; do
     --bench-budget) BENCH_BUDGET="$2"; shift 2 ;;
     --point-share) POINT_SHARE="$2"; shift 2 ;;
     --profile) PROFILE=1; shift ;;
+    --profile-forms) PROFILE=1; PROFILE_ARGS+=(--forms "$2"); shift 2 ;;
     --total) TOTAL="$2"; shift 2 ;;
     --forms) FORMS="$2"; shift 2 ;;
     --point) POINT="$2"; shift 2 ;;

@@ -143,23 +143,31 @@ def merge_runs(into, runs) -> str:
     """One record file and one junit file (INTO.json, INTO.junit.xml) from several runs of the same tests
     (RUN.json + RUN.junit.xml each; e.g. a conformance run cut off by a device call's time limit, then a call
     that ran the cases it did not reach). Each record and test case keeps its run's label; meta.runs lists the
-    runs in order. Nothing is dropped: a case run twice appears twice (a failure in either run is a failure)."""
+    runs in order. Nothing is dropped: a case run twice appears twice (a failure in either run is a failure).
+    A run that is itself a merge (its meta has runs) adds its runs as they are, with their own labels."""
     doc = dict(meta=dict(runs=[]), records=[])
     root = ET.Element("testsuites")
     for label, prefix in runs:
         part = _load(prefix + ".json") or dict(meta={}, records=[])
-        note = part.get("meta", {}).get("note", "")
-        doc["meta"]["runs"].append(dict(label=label, note=note, meta=part.get("meta", {}),
-                                        records=len(part.get("records", []))))
-        for k, v in part.get("meta", {}).items():
-            doc["meta"].setdefault(k, v)
-        doc["records"] += [dict(r, run=label) for r in part.get("records", [])]
+        meta = part.get("meta", {})
+        merged = bool(meta.get("runs"))
+        if merged:
+            doc["meta"]["runs"] += meta["runs"]
+            doc["records"] += part.get("records", [])
+        else:
+            doc["meta"]["runs"].append(dict(label=label, note=meta.get("note", ""), meta=meta,
+                                            records=len(part.get("records", []))))
+            doc["records"] += [dict(r, run=label) for r in part.get("records", [])]
+        for k, v in meta.items():
+            if k != "runs":
+                doc["meta"].setdefault(k, v)
         try:
             jroot = ET.parse(prefix + ".junit.xml").getroot()
         except (OSError, ET.ParseError):
             continue
         for suite in ([jroot] if jroot.tag == "testsuite" else list(jroot.iter("testsuite"))):
-            suite.set("name", f"{suite.get('name', 'pytest')} [{label}]")
+            if not merged:
+                suite.set("name", f"{suite.get('name', 'pytest')} [{label}]")
             root.append(suite)
     doc["meta"].pop("exitstatus", None)
     with open(into + ".json", "w") as f:

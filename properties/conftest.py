@@ -28,6 +28,12 @@ settings.register_profile("dev", max_examples=20, **_common)
 settings.register_profile("thorough", max_examples=200, **_common)
 settings.load_profile(os.environ.get("DELTACHECK_PROFILE", "dev"))
 
+# pytest-xdist workers share the machine's cores: left alone, each worker's torch takes them all for intra-op
+# threads (the float64 references run on the CPU), 16 workers x 16 threads on the lent GPU machine.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+
 # `record` is function-scoped on purpose: it appends to one list across all hypothesis examples of a test.
 
 

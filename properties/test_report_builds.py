@@ -1,6 +1,7 @@
 """The HTML report builds from small fixture data (reports/fixtures/data/) and from no data at all: the page is
 well-formed, self-contained (no http(s) source or link) and has every section; missing data reads "not measured
 yet"; verification records map to the right op, form, feature, quantity and dtype."""
+import json
 import math
 import os
 import shutil
@@ -174,3 +175,23 @@ def test_conformance_cells_report_failures_without_records_and_cases_not_run(tmp
     assert got["bf16"]["status"] == "not run"
     page = B.conformance_html(doc, str(junit), "run")
     assert "not run" in page and "FAIL" in page and "1 pass, 1 fail, 1 not run" in page
+
+
+def test_merged_runs_keep_their_labels_and_name_the_tests_never_reported(tmp_path):
+    """merge-runs of an earlier merge and a new run keeps every run with its own label (records too), and the
+    test outcomes name the collected tests that no run reported, instead of counting nameless cut-offs."""
+    from benchmarks.gpu_summary import merge_runs
+    ids = ["properties/test_conformance.py::test_state_splits_at_any_t[peer.x-" + d + "]"
+           for d in ("fp16", "fp32", "bf16")]
+    for name, meta, recs in [("a", dict(commit="a1", collected=ids), [dict(test=ids[0], name="o", err=0, bound=1)]),
+                             ("b", dict(commit="b2", collected=ids[1:]), [dict(test=ids[1], name="o", err=0, bound=1)])]:
+        (tmp_path / f"{name}.json").write_text(json.dumps(dict(meta=meta, records=recs)))
+        (tmp_path / f"{name}.junit.xml").write_text(JUNIT)
+    merge_runs(str(tmp_path / "ab"), [("a", str(tmp_path / "a")), ("b", str(tmp_path / "b"))])
+    (tmp_path / "c.json").write_text(json.dumps(dict(meta=dict(commit="c3"), records=[])))
+    merge_runs(str(tmp_path / "abc"), [("ignored", str(tmp_path / "ab")), ("c", str(tmp_path / "c"))])
+    doc = json.loads((tmp_path / "abc.json").read_text())
+    assert [r["label"] for r in doc["meta"]["runs"]] == ["a", "b", "c"]
+    assert [r["run"] for r in doc["records"]] == ["a", "b"]
+    page = B.junit_html(str(tmp_path / "abc.junit.xml"), "run", B.collected_ids(doc["meta"]))
+    assert "1 of 3 collected tests never reported" in page and "peer.x-bf16" in page

@@ -36,7 +36,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from benchmarks import registry as R  # noqa: E402  (no torch import: the op list and each form's op)
-from benchmarks.gpu_summary import junit_cases  # noqa: E402
+from benchmarks.gpu_summary import junit_cases, junit_nodeid  # noqa: E402
 
 # Section ids and headings, in page order (the report test checks each is present).
 SECTIONS = [
@@ -276,9 +276,12 @@ def verification_html(doc, junit_path=None, label="") -> str:
                   f"{meta.get('profile', '?')}, pytest exit status {meta.get('exitstatus', '?')}. Each cell: the worst "
                   "error / bound over every example and quantity (pass when <= 1); hover for the quantities.")]
     if meta.get("runs"):  # records merged from several runs: say which run measured what
-        parts.append(note(f"{label}: {meta.get('note', 'merged from several runs')}"))
+        parts.append(note(f"{label}: {meta.get('note') or 'merged from several runs'}"))
         parts.append(table(["call", "commit", "what ran", "outcome"],
-                           [[r.get("call", ""), str(r.get("commit", ""))[:10], r.get("tests", ""), r.get("outcome", "")]
+                           [[r.get("call") or r.get("label", ""),
+                             str(r.get("commit") or (r.get("meta") or {}).get("commit", ""))[:10],
+                             r.get("tests") or f"{r.get('records', '?')} measured errors",
+                             r.get("outcome") or r.get("note", "")]
                             for r in meta["runs"]]))
     dtypes = [d for d in DTYPE_ORDER if any(r["dtype"] == d for r in recs)]
     dtypes += sorted({r["dtype"] for r in recs} - set(dtypes))
@@ -321,7 +324,7 @@ def verification_html(doc, junit_path=None, label="") -> str:
     parts.append(el("details", el("summary", esc(f"{label}: every quantity ({len(drows)} rows)"))
                     + table(["op", "form", "feature", "quantity", "dtype", "examples", "max error", "bound",
                              "error / bound", ""], drows)))
-    parts.append(junit_html(junit_path, label))
+    parts.append(junit_html(junit_path, label, collected_ids(meta)))
     return "".join(parts)
 
 
@@ -365,10 +368,7 @@ def conformance_cells(doc, junit_path):
     limit, or never started) is 'not run', never a pass."""
     recs = [r for r in (doc or {}).get("records") or [] if r.get("impl")]
     runs = _junit_outcomes(junit_path) if junit_path else {}
-    meta = (doc or {}).get("meta") or {}
-    collected = list(meta.get("collected") or [])
-    for run in meta.get("runs") or []:
-        collected += (run.get("meta") or {}).get("collected") or []
+    collected = collected_ids((doc or {}).get("meta"))
     cells = {}
     case_id = re.compile(r"test_(\w+)\[(.+)-(\w+)\]$")
 
@@ -473,19 +473,29 @@ def conformance_html(doc, junit_path, label) -> str:
                    "skipped; not run: the case never reported (cut off by the run's time limit)."))
 
 
-def junit_html(path, label) -> str:
-    """Outcomes of every test (also those that record no error: gradcheck, bad input, NaN propagation)."""
+def collected_ids(meta):
+    """The test ids a run collected (meta.collected), and those of every run merged into it (meta.runs)."""
+    ids = list((meta or {}).get("collected") or [])
+    for run in (meta or {}).get("runs") or []:
+        ids += (run.get("meta") or {}).get("collected") or []
+    return list(dict.fromkeys(ids))
+
+
+def junit_html(path, label, collected=()) -> str:
+    """Outcomes of every test (also those that record no error: gradcheck, bad input, NaN propagation). With the
+    collected ids, the tests no run reported (cut off by a time limit, or never started) are named."""
     if not path or not os.path.exists(path):
         return ""
     try:
         root = ET.parse(path).getroot()
     except ET.ParseError as e:
         return note(f"{label}: unreadable junit file ({e})")
-    per_file, bad, cut = {}, [], 0
+    per_file, bad, cut, reported = {}, [], 0, set()
     for cls, name, outcome, msg, _, _ in junit_cases(root):
         if outcome == "cut_off":
             cut += 1
             continue
+        reported.add(junit_nodeid(cls, name))
         f = (cls or "?").split(".")[-1]
         c = per_file.setdefault(f, dict(passed=0, failed=0, error=0, skipped=0))
         c[outcome] += 1
@@ -496,7 +506,11 @@ def junit_html(path, label) -> str:
     rows.append([("html", "<b>total</b>")] + tot)
     out = el("h3", esc(f"{label}: test outcomes")) + table(["test module", "passed", "failed", "errors", "skipped"],
                                                              rows)
-    if cut:
+    missed = [c for c in collected if c not in reported]
+    if missed:
+        out += note(f"{len(missed)} of {len(collected)} collected tests never reported (cut off by a time limit, or "
+                    f"never started): counted nowhere above, not passed: " + ", ".join(missed))
+    elif cut and not collected:
         out += note(f"{cut} test(s) stopped by the time limit before finishing: counted nowhere above, not passed")
     if bad:
         out += el("details", el("summary", esc(f"{len(bad)} failing tests"))
@@ -1043,7 +1057,9 @@ def build(data=None, out=None) -> str:
                     parts.append(op_heading(op) + missing(f"{OP_LABELS[op]} at this point"))
                     continue
                 parts.append(op_heading(op) + point_html(sub))
-            peers.append(el("h3", esc(f"{gname(g)}: --point " + ",".join(f"{k}={v}" for k, v in pt.items())))
+            commit = str((p.get("git") or {}).get("commit") or "?")[:7]
+            peers.append(el("h3", esc(f"{gname(g)}: --point " + ",".join(f"{k}={v}" for k, v in pt.items())
+                                      + f" (commit {commit}, {str(p.get('created', '?'))[:16]})"))
                          + "".join(parts))
     no_gpu = note("Ops to measure: " + ", ".join(OP_LABELS[o] for o in OPS) + ", each beside fla and causal SDPA.")
     body["throughput"] = "".join(tp) or missing("GPU throughput") + no_gpu
