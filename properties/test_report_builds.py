@@ -183,8 +183,8 @@ def test_merged_runs_keep_their_labels_and_name_the_tests_never_reported(tmp_pat
     from benchmarks.gpu_summary import merge_runs
     ids = ["properties/test_conformance.py::test_state_splits_at_any_t[peer.x-" + d + "]"
            for d in ("fp16", "fp32", "bf16")]
-    for name, meta, recs in [("a", dict(commit="a1", collected=ids), [dict(test=ids[0], name="o", err=0, bound=1)]),
-                             ("b", dict(commit="b2", collected=ids[1:]), [dict(test=ids[1], name="o", err=0, bound=1)])]:
+    for name, commit, collected, test in [("a", "a1", ids, ids[0]), ("b", "b2", ids[1:], ids[1])]:
+        meta, recs = dict(commit=commit, collected=collected), [dict(test=test, name="o", err=0, bound=1)]
         (tmp_path / f"{name}.json").write_text(json.dumps(dict(meta=meta, records=recs)))
         (tmp_path / f"{name}.junit.xml").write_text(JUNIT)
     merge_runs(str(tmp_path / "ab"), [("a", str(tmp_path / "a")), ("b", str(tmp_path / "b"))])
