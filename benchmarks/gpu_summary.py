@@ -247,9 +247,11 @@ def records_over_bound(path):
         return None, []
     over = []
     for r in doc.get("records", []):
+        if r.get("status") == "unsupported":  # not a measurement
+            continue
         err, b = r.get("err"), r.get("bound") or 0
-        ratio = float("inf") if err is None else (err / b if b else float("inf"))
-        if ratio > 1:
+        ratio = float("inf") if err is None else (err / b if b else (0.0 if err == 0 else float("inf")))
+        if ratio > 1 or r.get("status") == "fail":
             over.append((ratio, r.get("test", "?"), r.get("name", "?"), str(r.get("dtype", "")).replace("torch.", "")))
     over.sort(key=lambda t: -t[0])
     return len(doc.get("records", [])), over
