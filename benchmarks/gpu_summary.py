@@ -240,6 +240,13 @@ def pytest_summary_line(log_path):
     return [_short(line, 200) for line in lines[-3:]] or ["(empty pytest log)"]
 
 
+def error_ratio(err, bound) -> float:
+    """A measured error over its bound; an exact property (bound 0) is 0 when its error is 0, else inf."""
+    if err is None:
+        return float("inf")
+    return err / bound if bound > 0 else (0.0 if err == 0 else float("inf"))
+
+
 def records_over_bound(path):
     """(records, [(ratio, test, name, dtype)] over their bound, worst first)."""
     doc = _load(path)
@@ -249,8 +256,7 @@ def records_over_bound(path):
     for r in doc.get("records", []):
         if r.get("status") == "unsupported":  # not a measurement
             continue
-        err, b = r.get("err"), r.get("bound") or 0
-        ratio = float("inf") if err is None else (err / b if b else (0.0 if err == 0 else float("inf")))
+        ratio = error_ratio(r.get("err"), r.get("bound") or 0)
         if ratio > 1 or r.get("status") == "fail":
             over.append((ratio, r.get("test", "?"), r.get("name", "?"), str(r.get("dtype", "")).replace("torch.", "")))
     over.sort(key=lambda t: -t[0])

@@ -36,7 +36,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from benchmarks import registry as R  # noqa: E402  (no torch import: the op list and each form's op)
-from benchmarks.gpu_summary import junit_cases, junit_nodeid  # noqa: E402
+from benchmarks.gpu_summary import error_ratio, junit_cases, junit_nodeid  # noqa: E402
 
 # Section ids and headings, in page order (the report test checks each is present).
 SECTIONS = [
@@ -387,7 +387,7 @@ def conformance_cells(doc, junit_path):
                 c["part"] = f"{r['prop'].split(' (')[1].rstrip(')')}: {r.get('reason', '')}"
             continue
         b, e = float(r["bound"]), float(r["err"])
-        c["ratio"] = max(c["ratio"], e / b if b > 0 else (0.0 if e == 0 else math.inf))
+        c["ratio"] = max(c["ratio"], error_ratio(e, b))
         if r.get("status") == "fail":
             c["status"] = "fail"
         elif c["status"] is None:
