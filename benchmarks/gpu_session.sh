@@ -244,7 +244,8 @@ if [ "$RUN_BENCH" = 1 ]; then
     point_budget=$(python3 -c "print(max(30, int($avail * $POINT_SHARE)))")
     say "bench: point $POINT (${point_budget}s) -> $DATA, log $OUT/bench.log"
     timeout -k 10 $(( point_budget + 90 )) python3 -m benchmarks.harness --point "$POINT" --accuracy \
-      --budget-s "$point_budget" --out "$DATA" "${FORMS_ARG[@]}" >>"$OUT/bench.log" 2>&1
+      --budget-s "$point_budget" --accuracy-budget-s $(( point_budget * 2 / 5 )) --out "$DATA" "${FORMS_ARG[@]}" \
+      >>"$OUT/bench.log" 2>&1
     say "point done (exit code $?)"
   fi
   sweep_budget=$(( budget - (SECONDS - bench_start) ))
