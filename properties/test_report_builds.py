@@ -153,26 +153,29 @@ E       T=2,
 E       seed=0,
 E   )</failure></testcase>
 <testcase classname="properties.test_other" name="test_state_splits_at_any_t[peer.x-fp64]" time="1"/>
+<testcase time="300"/>
 </testsuite></testsuites>"""
 
 
 def test_conformance_cells_report_failures_without_records_and_cases_not_run(tmp_path):
     """A case whose test failed before recording an error is FAIL with its exception and hypothesis's failing
-    input; a collected case that never reported is 'not run' (never a pass); other modules' tests stay out."""
+    input; a collected case that never reported is 'not run' (never a pass), also when it was cut off after
+    checks that passed; other modules' tests stay out."""
     junit = tmp_path / "c.junit.xml"
     junit.write_text(JUNIT)
     rec = dict(test="properties/test_conformance.py::test_state_splits_at_any_t[peer.x-fp16]", impl="peer.x",
                prop="state_splits_at_any_t", name="o", err=1e-4, bound=1e-3, status="pass", dtype="torch.float16")
     ids = [f"properties/test_conformance.py::test_state_splits_at_any_t[peer.x-{d}]" for d in ("fp16", "fp32",
                                                                                                 "bf16")]
-    doc = dict(meta=dict(collected=ids), records=[rec])
+    cut = dict(rec, test=ids[2], dtype="torch.bfloat16")  # recorded, then stopped by the time limit
+    doc = dict(meta=dict(collected=ids), records=[rec, cut])
     props, impls, dtypes, cells = B.conformance_cells(doc, str(junit))
     assert (props, impls, dtypes) == (["state_splits_at_any_t"], ["peer.x"], ["fp16", "bf16", "fp32"])
     got = {d: cells[("state_splits_at_any_t", "peer.x", d)] for d in dtypes}
     assert got["fp16"]["status"] == "pass" and math.isclose(got["fp16"]["ratio"], 0.1)
     assert got["fp32"]["status"] == "fail" and "illegal memory access" in got["fp32"]["error"]
     assert got["fp32"]["example"] == "check(T=2, seed=0)"
-    assert got["bf16"]["status"] == "not run"
+    assert got["bf16"]["status"] == "not run" and got["bf16"]["reason"] == "cut off after 1 checks within their bounds"
     page = B.conformance_html(doc, str(junit), "run")
     assert "not run" in page and "FAIL" in page and "1 pass, 1 fail, 1 not run" in page
 

@@ -363,9 +363,10 @@ def _first_error_line(text):
 def conformance_cells(doc, junit_path):
     """{(prop, impl, dtype): cell} from a conformance run's records and its junit outcomes. cell: status (pass,
     fail, unsupported, not run), ratio (worst error / bound), reason, part (a part of the property unsupported),
-    example (hypothesis's smallest failing input), error (the exception of a failure that recorded no error).
-    The run's collected test ids (meta.collected) are the expected cases: one never reported (cut off by the time
-    limit, or never started) is 'not run', never a pass."""
+    example (hypothesis's smallest failing input), error (the exception of a failure that recorded no error),
+    checks (errors recorded). The run's collected test ids (meta.collected) are the expected cases: one never
+    reported (cut off by the time limit, or never started) is 'not run', never a pass, also when the checks it
+    recorded before it was stopped are within their bounds (a failing check is a failure all the same)."""
     recs = [r for r in (doc or {}).get("records") or [] if r.get("impl")]
     runs = _junit_outcomes(junit_path) if junit_path else {}
     collected = collected_ids((doc or {}).get("meta"))
@@ -374,7 +375,7 @@ def conformance_cells(doc, junit_path):
 
     def cell(prop, impl, d):
         return cells.setdefault((prop, impl, d), dict(status=None, ratio=0.0, reason="", part="", example="",
-                                                      error=""))
+                                                      error="", checks=0))
     for r in recs:
         prop = r["prop"].split(" (")[0]
         m = case_id.search(str(r.get("test", "")))
@@ -388,14 +389,17 @@ def conformance_cells(doc, junit_path):
             continue
         b, e = float(r["bound"]), float(r["err"])
         c["ratio"] = max(c["ratio"], error_ratio(e, b))
+        c["checks"] += 1
         if r.get("status") == "fail":
             c["status"] = "fail"
         elif c["status"] is None:
             c["status"] = "pass"
+    reported = set()
     for name, outcomes in runs.items():
         m = case_id.match(name)
         if not m:
             continue
+        reported.add((m.group(1), m.group(2), m.group(3)))
         c = cell(m.group(1), m.group(2), m.group(3))
         for outcome, text in outcomes:
             if outcome in ("failed", "error"):
@@ -415,7 +419,9 @@ def conformance_cells(doc, junit_path):
     dtypes += list(dict.fromkeys(k[2] for k in cells if k[2] not in dtypes))
     props = list(dict.fromkeys(k[0] for k in cells))
     impls = list(dict.fromkeys(k[1] for k in cells))
-    for c in cells.values():
+    for key, c in cells.items():
+        if runs and c["status"] == "pass" and key not in reported:  # stopped mid-way: its checks so far passed
+            c["status"], c["reason"] = None, f"cut off after {c['checks']} checks within their bounds"
         c["status"] = c["status"] or "not run"
     return props, impls, dtypes, cells
 
@@ -449,7 +455,7 @@ def conformance_html(doc, junit_path, label) -> str:
                     what = fmt(c["ratio"], ".2g") + " x bound" if finite else c["error"] or fmt(c["ratio"], ".2g")
                     text = f"FAIL {what}" + (f" at {c['example']}" if c["example"] else "")
                 elif st == "not run":
-                    text = "not run"
+                    text = f"not run ({c['reason']})" if c["reason"] else "not run"
                 else:
                     text = f"pass {fmt(c['ratio'], '.2g')}" + (f" (unsupported {c['part']})" if c["part"] else "")
                 if parts and parts[-1][1] == text:  # dtypes with the same outcome share one entry
@@ -470,7 +476,8 @@ def conformance_html(doc, junit_path, label) -> str:
                    f"forms); cases (property x implementation x dtype): {tally}.{merged} pass / FAIL: the worst "
                    "error / bound over the examples (or the exception a failing case raised); unsupported: what "
                    "the implementation declares it does not do (or cannot run here), reported rather than "
-                   "skipped; not run: the case never reported (cut off by the run's time limit)."))
+                   "skipped; not run: the case never reported (cut off by the run's time limit, with the checks it "
+                   "recorded before, if any, all within their bounds)."))
 
 
 def collected_ids(meta):
