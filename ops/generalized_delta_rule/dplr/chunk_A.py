@@ -10,9 +10,9 @@ Decays stay finite for any gk <= 0 (any magnitude; gk >= -20 per step is what th
 supported only while the products of exp(gk) stay finite): no exp of a positive number is formed. The chunk is
 split into 16-row blocks. Within a diagonal block the pair terms exp(G_i - G_j) are formed elementwise over
 [16, 16, BK] tiles (or, with TOKEN_LOOP, one token j at a time over [16, BK] tiles), masked (i >= j) before the
-exp. An off-diagonal block (I > J) is factored around the row r
-that ends block I - 1 (J's rows <= r < I's rows):  exp(G_i - G_j) = exp(G_i - G_r) exp(G_r - G_j), both <= 1
-(also exp(G^-_i - G_r), since i - 1 >= r), so a block row is one tl.dot of rescaled [16, BK] x [BK, C] tiles.
+exp. An off-diagonal block (I > J) is factored around the row r that ends block I - 1 (J's rows <= r < I's
+rows):  exp(G_i - G_j) = exp(G_i - G_r) exp(G_r - G_j), both <= 1 (also exp(G^-_i - G_r), since i - 1 >= r), so
+a block row is one tl.dot of rescaled [16, BK] x [BK, C] tiles.
 
 Backward (grid over K blocks, as every term is separable in k): given dA_qk, dA_qb, dA_ak, dA_ab (masked) and
 the gradients the other stages already have for q, k, a, b (dq_in, dk_in, da_in, db_in) and for the chunk's
@@ -62,13 +62,12 @@ def _diag_fwd_tokens(k, b, g, b_q, b_a, g_I, gm_I, bos, i_h, t0, r0, nv, vi, d_q
     """The forward's diagonal block one token jj at a time over [BC, BK] tiles: column jj of each matrix."""
     ri = tl.arange(0, BC)[:, None]
     for jj in range(BC):
-        t_j = tl.minimum(r0 + jj, nv - 1)  # a valid row; columns past the sequence end stay 0
-        m_j = (r0 + jj < nv) & vi
+        t_j = tl.minimum(r0 + jj, nv - 1)  # a valid row; a column past the sequence end has no valid i >= jj
         k_j = seq_row(k, bos, i_h, t0 + t_j, H, K, c0, BK).to(b_q.dtype)[None, :]
         b_j = seq_row(b, bos, i_h, t0 + t_j, H, K, c0, BK).to(b_q.dtype)[None, :]
         g_j = seq_row(g, bos, i_h, t0 + t_j, H, K, c0, BK)[None, :]
-        e1 = masked_exp(g_I - g_j, (ri >= jj) & m_j)
-        e2 = masked_exp(gm_I - g_j, (ri > jj) & m_j)
+        e1 = masked_exp(g_I - g_j, (ri >= jj) & vi)
+        e2 = masked_exp(gm_I - g_j, (ri > jj) & vi)
         sel = (tl.arange(0, BC) == jj)[None, :]
         d_qk += tl.where(sel, tl.sum(b_q * k_j * e1, 1)[:, None], 0.0)
         d_qb += tl.where(sel, tl.sum(b_q * b_j * e1, 1)[:, None], 0.0)
@@ -96,7 +95,7 @@ def _diag_bwd_tokens(q, k, a, b, g, gk, dAqk, dAqb, dAak, dAab, g_I, gm_I, bos, 
         gm_t = g_t - seq_row(gk, bos, i_h, t0 + t_t, H, K, c0, BK).to(g_I.dtype)[None, :]
         p_c = base + rows * C + r0 + tt  # column tt of the block: dA[i, tt]
         p_r = base + (r0 + tt) * C + rows  # row tt of the block: dA[tt, j]
-        m_c = (rb > tt) & vi & m_t
+        m_c = (rb > tt) & vi  # a valid row i > tt makes tt valid
         e1 = masked_exp(g_I - g_t, m_c)
         e2 = masked_exp(gm_I - g_t, m_c)
         c_ak = tl.where(rows - 1 == r0 + tt, 0.0, tl.load(dAak + p_c))[:, None]
@@ -374,7 +373,7 @@ def chunk_A_bwd_kernel(q, k, a, b, g, gk, dAqk, dAqb, dAak, dAab, dq_in, dk_in, 
 # ptxas (sm_90, bf16, K = V = 128, C = 64; python3 -m properties.hopper_fit --ops dplr_chunk --registers): forming
 # the diagonal blocks as [16, 16, BK] products, the forward needs 255 registers at BK = 32 and the backward 255
 # with 712 / 572 B of spills a thread at BK = 16 (9 KB at BK = 32, which made it 61 of the DPLR backward's 80 ms
-# on the H100). One token at a time over [16, BK] tiles (TOKEN_LOOP): the forward 115 registers, the backward
+# on the H100). One token at a time over [16, BK] tiles (TOKEN_LOOP): the forward 114 registers, the backward
 # 124 B of spills at BK = 16 and 32 alike, so it takes BK = 32.
 TILE = 32
 BWD_TILE = 16
