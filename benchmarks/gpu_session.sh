@@ -34,7 +34,8 @@
 #   --forms LIST       harness forms, comma-separated (default: every registered form)
 #   --point SPEC       default B=8,T=4096,H=16,K=128,V=128,dtype=bf16
 #   --sweep-args "..." extra benchmarks.harness arguments for the sweep (e.g. "--T 1024,4096,16384 --no-decode")
-#   --tests "PATHS"    what pytest runs (default properties)
+#   --tests "PATHS"    what pytest runs (default properties; split on spaces, so give -k with --select)
+#   --select EXPR      pytest -k EXPR (kept as one argument: --select "dplr or iplr")
 #   --workers N        pytest-xdist workers (default 16; without xdist the suite runs in one process)
 #   --data DIR         bench output folder (default reports/data/<gpu slug>)
 #   --beside-conformance IMPLS  beside the tests (they time nothing): the conformance properties against IMPLS
@@ -71,6 +72,7 @@ FORMS=""
 POINT="B=8,T=4096,H=16,K=128,V=128,dtype=bf16"
 SWEEP_ARGS=""
 TESTS="properties"
+SELECT=()
 WORKERS=16
 DATA=""
 DRY=0
@@ -99,6 +101,7 @@ while [ $# -gt 0 ]; do
     --beside-conformance) BESIDE_CONF="$2"; shift 2 ;;
     --beside-accuracy) BESIDE_ACC="$2"; shift 2 ;;
     --beside-workers) BESIDE_WORKERS="$2"; shift 2 ;;
+    --select) SELECT=(-k "$2"); shift 2 ;;
     --no-sweep-accuracy) SWEEP_ACC=(); shift ;;
     --dry-run) DRY=1; shift ;;
     -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
@@ -200,10 +203,10 @@ if [ "$RUN_TESTS" = 1 ]; then
     say "pytest-xdist missing: the suite runs in one process"
   fi
   rm -f "$OUT/verification-gpu.json" "$OUT"/verification-gpu.json.gw* "$OUT/junit.xml"
-  say "tests: pytest $TESTS ${NFLAG[*]} (profile ${DELTACHECK_PROFILE:-gpu}, limit ${limit}s) -> $OUT/pytest.log"
+  say "tests: pytest $TESTS ${SELECT[*]} ${NFLAG[*]} (profile ${DELTACHECK_PROFILE:-gpu}, limit ${limit}s) -> $OUT/pytest.log"
   # shellcheck disable=SC2086
   DELTACHECK_PROFILE="${DELTACHECK_PROFILE:-gpu}" DELTACHECK_RECORD="$OUT/verification-gpu.json" \
-    timeout -s INT -k 30 "$limit" python3 -m pytest $TESTS "${NFLAG[@]}" -p no:cacheprovider \
+    timeout -s INT -k 30 "$limit" python3 -m pytest $TESTS "${SELECT[@]}" "${NFLAG[@]}" -p no:cacheprovider \
     --continue-on-collection-errors --junitxml="$OUT/junit.xml" >"$OUT/pytest.log" 2>&1
   TESTS_RC=$?
   if [ "$TESTS_RC" = 124 ] || [ "$TESTS_RC" = 137 ]; then TIMED_OUT=$limit; fi
