@@ -17,6 +17,8 @@
 #      then the sweep + decode + accuracy sweep (--accuracy --plots) in the rest of --bench-budget, all in
 #      reports/data/<gpu slug>/ (the test results copied in as verification-gpu.json / .junit.xml), packed into
 #      $OUT/gpu-data.tgz (unpack at the repo root: tar xzf gpu-data.tgz) -> $OUT/bench.log, gpu-data.tgz
+#   Peers' autotune results (Triton's *.autotune.json) persist across visits in <data>/autotune-cache.tgz: unpacked
+#   into the Triton cache first, re-packed at the end.
 #   Finally a compact summary of all of it (the last ~100 lines of output) -> $OUT/summary.txt.
 #   $OUT gets at most 8 files (beside.log with --beside-*), no folders.
 #
@@ -164,6 +166,13 @@ if [ -z "$DATA" ]; then
   DATA="$REPO/reports/data/${SLUG:-unknown-gpu}"
 fi
 mkdir -p "$DATA"
+# Autotune results of peers (fla autotunes at every new shape; the conformance cases then run past a call's
+# limit): Triton's *.autotune.json files from the last visit, kept in $DATA/autotune-cache.tgz, go back into the
+# cache, and the file is re-packed with this call's at the end (it returns in gpu-data.tgz).
+if [ -s "$DATA/autotune-cache.tgz" ]; then
+  tar xzf "$DATA/autotune-cache.tgz" -C "$TRITON_CACHE_DIR" && \
+    say "autotune cache: $(tar tzf "$DATA/autotune-cache.tgz" | grep -c 'autotune.json$') results from $DATA/autotune-cache.tgz"
+fi
 [ -s "$OUT/machine.json" ] && cp "$OUT/machine.json" "$DATA/machine.json"  # the report's machine record
 
 # --- beside the tests (nothing timed runs while they do): conformance against peers, the accuracy sweep
@@ -274,6 +283,8 @@ if [ -n "$DATA" ] && [ -d "$DATA" ]; then
     [ -s "$OUT/junit.xml" ] && cp "$OUT/junit.xml" "$DATA/verification-gpu.junit.xml"
   fi
   rm -rf "$DATA/_work"
+  ( cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' | sort | tar czf "$DATA/autotune-cache.tgz" -T - ) \
+    2>/dev/null
   case "$DATA" in  # inside the repo: packed under its repo path (reports/data/<gpu>/...)
     "$REPO"/*) tar -czf "$OUT/gpu-data.tgz" -C "$REPO" "${DATA#"$REPO"/}" ;;
     *) tar -czf "$OUT/gpu-data.tgz" -C "$(dirname "$DATA")" "$(basename "$DATA")" ;;

@@ -4,6 +4,7 @@ yet"; verification records map to the right op, form, feature, quantity and dtyp
 import json
 import math
 import os
+import re
 import shutil
 from html.parser import HTMLParser
 
@@ -182,7 +183,8 @@ def test_conformance_cells_report_failures_without_records_and_cases_not_run(tmp
 
 def test_merged_runs_keep_their_labels_and_name_the_tests_never_reported(tmp_path):
     """merge-runs of an earlier merge and a new run keeps every run with its own label (records too), and the
-    test outcomes name the collected tests that no run reported, instead of counting nameless cut-offs."""
+    test outcomes name the collected tests that no run reported, instead of counting nameless cut-offs, and say
+    that a test two runs reported is counted once per run."""
     from benchmarks.gpu_summary import merge_runs
     ids = ["properties/test_conformance.py::test_state_splits_at_any_t[peer.x-" + d + "]"
            for d in ("fp16", "fp32", "bf16")]
@@ -198,3 +200,5 @@ def test_merged_runs_keep_their_labels_and_name_the_tests_never_reported(tmp_pat
     assert [r["run"] for r in doc["records"]] == ["a", "b"]
     page = B.junit_html(str(tmp_path / "abc.junit.xml"), "run", B.collected_ids(doc["meta"]))
     assert "1 of 3 collected tests never reported" in page and "peer.x-bf16" in page
+    # the two runs reported the same tests: the outcomes say they are counted per run
+    assert re.search(r"\d+ reports of \d+ distinct tests", page), page

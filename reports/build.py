@@ -513,6 +513,10 @@ def junit_html(path, label, collected=()) -> str:
     rows.append([("html", "<b>total</b>")] + tot)
     out = el("h3", esc(f"{label}: test outcomes")) + table(["test module", "passed", "failed", "errors", "skipped"],
                                                              rows)
+    runs = sum(tot)
+    if runs > len(reported):
+        out += note(f"{runs} reports of {len(reported)} distinct tests: a test run again in a later call (e.g. after "
+                    "a kernel change) is counted once per run.")
     missed = [c for c in collected if c not in reported]
     if missed:
         out += note(f"{len(missed)} of {len(collected)} collected tests never reported (cut off by a time limit, or "
@@ -551,7 +555,11 @@ def provenance(path, doc=None) -> str:
     bits.append(f"committed {date}" if committed and date else ("committed" if committed else
                                                                  f"not committed (file from {mtime(path)})"))
     g = (doc or {}).get("git") or {}
-    if g.get("commit") and g["commit"] != "unknown":
+    if (doc or {}).get("merged_from"):  # a sweep joined from runs at several commits, each for some forms
+        bits.append("code at " + "; ".join(f"{m['commit'][:10]} for {', '.join(m['forms'])}" + (f" ({m['note']})" if
+                                                                                                m.get("note") else "")
+                                           for m in doc["merged_from"]))
+    elif g.get("commit") and g["commit"] != "unknown":
         bits.append(f"code at {g['commit'][:10]}{' + local changes' if g.get('dirty') else ''}")
     if (doc or {}).get("source"):
         bits.append(f"source hash {doc['source']}")

@@ -8,9 +8,8 @@ and G^-_i = G_i - gk_i:
 
 Decays stay finite for any gk <= 0 (any magnitude; gk >= -20 per step is what the tests draw; positive gk is
 supported only while the products of exp(gk) stay finite): no exp of a positive number is formed. The chunk is
-split into 16-row blocks. Within a diagonal block the pair terms exp(G_i - G_j) are formed elementwise over
-[16, 16, BK] tiles (or, with TOKEN_LOOP, one token j at a time over [16, BK] tiles), masked (i >= j) before the
-exp. An off-diagonal block (I > J) is factored around the row r that ends block I - 1 (J's rows <= r < I's
+split into 16-row blocks. Within a diagonal block the pair terms exp(G_i - G_j) are formed one token j at a
+time over [16, BK] tiles, masked (i >= j) before the exp. An off-diagonal block (I > J) is factored around the row r that ends block I - 1 (J's rows <= r < I's
 rows):  exp(G_i - G_j) = exp(G_i - G_r) exp(G_r - G_j), both <= 1 (also exp(G^-_i - G_r), since i - 1 >= r), so
 a block row is one tl.dot of rescaled [16, BK] x [BK, C] tiles.
 
@@ -32,7 +31,6 @@ they would leave an O(u) error in a dgk that strong decay makes O(exp(gk)). They
 handled as a band with decay 1), a exp(G^-) on the chunk's first row and the last row's b, k terms of the state
 pass (left out of dgam too, in chunk_o.py).
 """
-import os
 
 import triton
 import triton.language as tl
@@ -41,19 +39,6 @@ from ops.common.utils import acc_dtype, block_size, dot_precision, launch_fittin
 from ops.generalized_delta_rule.utils import masked_exp, seq_block, seq_row
 
 BC = 16  # rows per diagonal block
-
-
-@triton.jit
-def _diag_exps(g_I, gm_I, r0, nv, BC: tl.constexpr, STRICT: tl.constexpr):
-    """Pair decays of one diagonal block: e1[i, j, :] = exp(G_i - G_j) (i >= j; i > j when STRICT),
-    e2 = exp(G^-_i - G_j) (i > j), zero outside the masks and on rows past the sequence end (nv valid rows)."""
-    ri = tl.arange(0, BC)[:, None, None]
-    rj = tl.arange(0, BC)[None, :, None]
-    vi = (r0 + ri) < nv
-    gj = g_I[None, :, :]
-    e1 = masked_exp(g_I[:, None, :] - gj, ((ri > rj) if STRICT else (ri >= rj)) & vi)
-    e2 = masked_exp(gm_I[:, None, :] - gj, (ri > rj) & vi)
-    return e1, e2
 
 
 @triton.jit
@@ -129,7 +114,7 @@ def _rows(ptr, bos, i_h, r, m_r, H: tl.constexpr, K: tl.constexpr, c0, BK: tl.co
 @triton.jit
 def chunk_A_fwd_kernel(q, k, a, b, g, gk, Aqk, Aqb, Aak, Aab, offsets, cmap,
                        H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                       USE_GK: tl.constexpr, TOKEN_LOOP: tl.constexpr, DOT_PREC: tl.constexpr):
+                       USE_GK: tl.constexpr, DOT_PREC: tl.constexpr):
     """grid (C // BC, NC, H): block row I of the four matrices, [BC, C] each."""
     i_b, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, j = tl.load(cmap + i_c * 2), tl.load(cmap + i_c * 2 + 1)
@@ -175,19 +160,9 @@ def chunk_A_fwd_kernel(q, k, a, b, g, gk, Aqk, Aqb, Aak, Aab, offsets, cmap,
             b_qb += tl.dot(b_qt, tl.trans(b_bt), input_precision=DOT_PREC)
             b_ak += tl.dot(b_at, tl.trans(b_kt), input_precision=DOT_PREC)
             b_ab += tl.dot(b_at, tl.trans(b_bt), input_precision=DOT_PREC)
-            if TOKEN_LOOP:
-                # diagonal block, one column jj at a time: A[i, jj] = sum_k x_ik y_jj,k exp(G_ik - G_jj,k)
-                d_qk, d_qb, d_ak, d_ab = _diag_fwd_tokens(k, b, g, b_q, b_a, g_I, gm_I, bos, i_h, t0, r0, nv, vi,
-                                                          d_qk, d_qb, d_ak, d_ab, H, K, c0, BC, BK)
-            else:
-                # diagonal block, elementwise over [BC, BC, BK]
-                b_kI = tl.load(seq_block(k, bos, i_h, L, H, K, t0 + r0, c0, BC, BK), boundary_check=(0, 1)).to(ACC)
-                b_bI = tl.load(seq_block(b, bos, i_h, L, H, K, t0 + r0, c0, BC, BK), boundary_check=(0, 1)).to(ACC)
-                e1, e2 = _diag_exps(g_I, gm_I, r0, nv, BC, False)
-                d_qk += tl.sum(b_q[:, None, :] * b_kI[None, :, :] * e1, 2)
-                d_qb += tl.sum(b_q[:, None, :] * b_bI[None, :, :] * e1, 2)
-                d_ak += tl.sum(b_a[:, None, :] * b_kI[None, :, :] * e2, 2)
-                d_ab += tl.sum(b_a[:, None, :] * b_bI[None, :, :] * e2, 2)
+            # diagonal block, one column jj at a time: A[i, jj] = sum_k x_ik y_jj,k exp(G_ik - G_jj,k)
+            d_qk, d_qb, d_ak, d_ab = _diag_fwd_tokens(k, b, g, b_q, b_a, g_I, gm_I, bos, i_h, t0, r0, nv, vi,
+                                                      d_qk, d_qb, d_ak, d_ab, H, K, c0, BC, BK)
         else:
             b_qk += tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC)
             b_qb += tl.dot(b_q, tl.trans(b_b), input_precision=DOT_PREC)
@@ -221,7 +196,7 @@ def chunk_A_fwd_kernel(q, k, a, b, g, gk, Aqk, Aqb, Aak, Aab, offsets, cmap,
 def chunk_A_bwd_kernel(q, k, a, b, g, gk, dAqk, dAqb, dAak, dAab, dq_in, dk_in, da_in, db_in, dgam,
                        dq, dk, da, db, dgk, offsets, cmap,
                        H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                       USE_GK: tl.constexpr, TOKEN_LOOP: tl.constexpr, DOT_PREC: tl.constexpr):
+                       USE_GK: tl.constexpr, DOT_PREC: tl.constexpr):
     """grid (K blocks, NC, H): the gradients of q, k, a, b (and gk) for one [C, BK] tile, block by block from the
     last block of the chunk to the first (the reverse cumsum of dgk carries across blocks)."""
     i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -295,30 +270,13 @@ def chunk_A_bwd_kernel(q, k, a, b, g, gk, dAqk, dAqb, dAak, dAab, dq_in, dk_in, 
             f_I = masked_exp(g_r2 - g_I, vi)
             b_dk *= f_I
             b_db *= f_I
-            if TOKEN_LOOP:
-                b_dq, b_da, b_dk, b_db = _diag_bwd_tokens(q, k, a, b, g, gk, dAqk, dAqb, dAak, dAab, g_I, gm_I, bos,
-                                                          i_h, t0, r0, rows, nv, vi, base, b_dq, b_da, b_dk, b_db,
-                                                          H, K, C, c0, BC, BK)
-                # ... plus the terms with decay exactly 1, kept out of dG: the diagonal of dA_qk, dA_qb ...
-                s_qk = tl.load(dAqk + base + rows * C + rows)[:, None]
-                s_qb = tl.load(dAqb + base + rows * C + rows)[:, None]
-            else:
-                # the diagonal block, elementwise: strictly lower pairs (subdiagonal of dA_ak, dA_ab excluded) ...
-                ri = tl.arange(0, BC)[:, None]
-                rj = tl.arange(0, BC)[None, :]
-                p_d = base + rows[:, None] * C + (r0 + tl.arange(0, BC))[None, :]
-                d_qk = tl.load(dAqk + p_d)
-                d_qb = tl.load(dAqb + p_d)
-                d_ak = tl.where(ri - 1 == rj, 0.0, tl.load(dAak + p_d))[:, :, None]
-                d_ab = tl.where(ri - 1 == rj, 0.0, tl.load(dAab + p_d))[:, :, None]
-                e1, e2 = _diag_exps(g_I, gm_I, r0, nv, BC, True)
-                b_dq += tl.sum((d_qk[:, :, None] * b_kI[None, :, :] + d_qb[:, :, None] * b_bI[None, :, :]) * e1, 1)
-                b_da += tl.sum((d_ak * b_kI[None, :, :] + d_ab * b_bI[None, :, :]) * e2, 1)
-                b_dk += tl.sum(d_qk[:, :, None] * e1 * b_qI[:, None, :] + d_ak * e2 * b_aI[:, None, :], 0)
-                b_db += tl.sum(d_qb[:, :, None] * e1 * b_qI[:, None, :] + d_ab * e2 * b_aI[:, None, :], 0)
-                # ... plus the terms with decay exactly 1, kept out of dG: the diagonal of dA_qk, dA_qb ...
-                s_qk = tl.sum(tl.where(ri == rj, d_qk, 0.0), 1)[:, None]
-                s_qb = tl.sum(tl.where(ri == rj, d_qb, 0.0), 1)[:, None]
+            # the diagonal block: strictly lower pairs (subdiagonal of dA_ak, dA_ab excluded), token by token ...
+            b_dq, b_da, b_dk, b_db = _diag_bwd_tokens(q, k, a, b, g, gk, dAqk, dAqb, dAak, dAab, g_I, gm_I, bos, i_h,
+                                                      t0, r0, rows, nv, vi, base, b_dq, b_da, b_dk, b_db, H, K, C, c0,
+                                                      BC, BK)
+            # ... plus the terms with decay exactly 1, kept out of dG: the diagonal of dA_qk, dA_qb ...
+            s_qk = tl.load(dAqk + base + rows * C + rows)[:, None]
+            s_qb = tl.load(dAqb + base + rows * C + rows)[:, None]
             b_dq_1 = s_qk * b_kI + s_qb * b_bI
             b_dk_1 = s_qk * b_qI
             b_db_1 = s_qb * b_qI
@@ -370,17 +328,11 @@ def chunk_A_bwd_kernel(q, k, a, b, g, gk, dAqk, dAqb, dAak, dAab, dq_in, dk_in, 
 
 
 # Largest K tile (tests lower it to reach the K loops with small head sizes); the decay variants take 8 warps.
-# ptxas (sm_90, bf16, K = V = 128, C = 64; python3 -m properties.hopper_fit --ops dplr_chunk --registers): forming
-# the diagonal blocks as [16, 16, BK] products, the forward needs 255 registers at BK = 32 and the backward 255
-# with 712 / 572 B of spills a thread at BK = 16 (9 KB at BK = 32, which made it 61 of the DPLR backward's 80 ms
-# on the H100). One token at a time over [16, BK] tiles (TOKEN_LOOP): the forward 114 registers, the backward
-# 124 B of spills at BK = 16 and 32 alike, so it takes BK = 32.
+# ptxas (sm_90, bf16, K = V = 128, C = 64; python3 -m properties.hopper_fit --ops dplr_chunk --registers): with the
+# diagonal blocks formed one token at a time over [16, BK] tiles, the forward needs 114 registers and the backward
+# spills 124 B a thread at BK = 32. (Formed as [16, 16, BK] products, as until GPU visit 7: 255 registers, and
+# 712 / 572 B of spills at BK = 16, 9 KB at BK = 32; chunk_A_bwd took 38 of the DPLR chunk's 58 ms, now 16 of 33.)
 TILE = 32
-BWD_TILE = 16
-TOKEN_LOOP_BWD_TILE = 32
-# The token-at-a-time diagonal blocks are verified on the CPU (interpreter) only: off until a GPU suite passes
-# with them (DELTACHECK_DPLR_TOKEN_LOOP=1 turns them on; benchmarks/NOTES.md has the prediction).
-TOKEN_LOOP = os.environ.get("DELTACHECK_DPLR_TOKEN_LOOP", "0") == "1"
 
 
 def _warps(gk):
@@ -396,7 +348,7 @@ def chunk_A_fwd(q, k, a, b, g, gk, offsets, cmap, chunk_size):
     if NC:
         launch_fitting(
             chunk_A_fwd_kernel, (C // BC, NC, H), q, k, a, b, g, gk, *mats, offsets, cmap, H=H, K=K, C=C, BC=BC,
-            BK=min(TILE, block_size(K)), USE_GK=g is not None, TOKEN_LOOP=TOKEN_LOOP, DOT_PREC=dot_precision(q.dtype),
+            BK=min(TILE, block_size(K)), USE_GK=g is not None, DOT_PREC=dot_precision(q.dtype),
             num_warps=_warps(gk))
     return mats
 
@@ -410,9 +362,9 @@ def chunk_A_bwd(q, k, a, b, g, gk, dA, d_in, dgam, offsets, cmap, chunk_size):
     outs = tuple(new_empty(x.shape, x.dtype, x.device) for x in (q, k, a, b))
     dgk = None if gk is None else new_empty(gk.shape, gk.dtype, gk.device)
     if NC:
-        BK = min(TILE, TOKEN_LOOP_BWD_TILE if TOKEN_LOOP else BWD_TILE, block_size(K))
+        BK = min(TILE, block_size(K))
         launch_fitting(
             chunk_A_bwd_kernel, (triton.cdiv(K, BK), NC, H), q, k, a, b, g, gk, *dA, *d_in, dgam, *outs, dgk, offsets,
-            cmap, H=H, K=K, C=C, BC=BC, BK=BK, USE_GK=gk is not None, TOKEN_LOOP=TOKEN_LOOP,
+            cmap, H=H, K=K, C=C, BC=BC, BK=BK, USE_GK=gk is not None,
             DOT_PREC=dot_precision(q.dtype), num_warps=_warps(gk))
     return (*outs, dgk)
