@@ -6,6 +6,8 @@ import torch
 import triton
 from triton.runtime.errors import OutOfResources
 
+from ops.common import compile_ahead
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_SIZE = 256
 
@@ -264,7 +266,8 @@ def launch_fitting(kernel, grid, *args, stages=(3, 2, 1), num_warps=None, **kwar
                 fit = [t for t in tried if t * e.required <= s * e.limit]
                 tried = fit or tried[-1:]
             continue
-        _FITTING_STAGES[key] = s
+        if not compile_ahead.active():  # a dry run's launch only compiles: nothing was refused yet
+            _FITTING_STAGES[key] = s
         if OVERRIDE:
             LAST_LAUNCH[name] = dict(num_warps=num_warps, num_stages=s)
         return out

@@ -8,6 +8,7 @@ Backward: chunk_dv_local -> chunk_h_bwd (dh, dv_new, dS0) -> chunk_o_bwd (dq, dk
 import torch
 
 import ops.common.utils as U
+from ops.common.compile_ahead import first_call
 from ops.delta_rule.chunk_h import chunk_h_bwd, chunk_h_fwd
 from ops.delta_rule.chunk_o import chunk_dv_local, chunk_o_bwd, chunk_o_fwd
 from ops.delta_rule.wy_fast import wy_bwd, wy_fwd
@@ -64,6 +65,7 @@ class ChunkDeltaRuleFunction(torch.autograd.Function):
         return dq, dk, dv, dbeta, None, ds0, None, None, None
 
 
+@first_call
 def chunk_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
                      use_qk_l2norm_in_kernel=False, chunk_size=64):
     """The delta rule in chunkwise (WY) form, fla layout.

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ops.common.compile_ahead import first_call
 from ops.common.utils import (
     acc_dtype,
     block_size,
@@ -310,6 +311,7 @@ class FusedRecurrentDeltaRuleFunction(torch.autograd.Function):
                 None if dh0 is None else dh0.to(initial_state.dtype), None, None)
 
 
+@first_call
 def fused_recurrent_delta_rule(q, k, v, beta=None, scale=None, initial_state=None, output_final_state=False,
                                cu_seqlens=None, use_qk_l2norm_in_kernel=False):
     """The delta rule token by token (fla 0.6.0's fused_recurrent_delta_rule).

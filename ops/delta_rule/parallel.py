@@ -13,6 +13,7 @@ in backward a blocked backward substitution for dR = L^-T dUt, then row-block (d
 import torch
 import triton
 
+from ops.common.compile_ahead import first_call
 from ops.common.utils import (
     acc_dtype,
     block_size,
@@ -114,6 +115,7 @@ class ParallelDeltaRuleFunction(torch.autograd.Function):
         return dq, dk, dv, dbeta, None, ds0, None, None, None
 
 
+@first_call
 def parallel_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_attentions=False, cu_seqlens=None,
                         chunk_size=None):
     """The delta rule in its quadratic form.

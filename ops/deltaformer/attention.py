@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ops.common.compile_ahead import first_call
 from ops.common.utils import (
     acc_dtype,
     block_size,
@@ -353,6 +354,7 @@ class CausalAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
+@first_call
 def causal_attention(q, k, v, scale=None, cu_seqlens=None, chunk_size=None):
     """Causal softmax attention o_i = sum_{j<=i} softmax_j(scale q_i . k_j) v_j, differentiable in q, k, v.
 

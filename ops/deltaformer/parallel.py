@@ -22,6 +22,7 @@ over blocks.
 """
 import torch
 
+from ops.common.compile_ahead import first_call
 from ops.common.utils import acc_dtype, check_cu_seqlens, check_qkv, check_tensor, chunk_index, default_scale
 from ops.deltaformer.attention import (
     attention_dqdk,
@@ -55,6 +56,7 @@ class DeltaFormerFunction(torch.autograd.Function):
         return dq, dk, dv, dbeta, None, None, None, None
 
 
+@first_call
 def deltaformer_attn(q, k, v, beta=None, scale=None, cu_seqlens=None, chunk_size=None):
     """DeltaFormer attention, differentiable in q, k, v and beta.
 

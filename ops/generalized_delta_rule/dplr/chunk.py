@@ -19,6 +19,7 @@ Supported decays: any gk <= 0 (see chunk_A.py; the tests go down to gk = -20 per
 import torch
 
 import ops.common.utils as U
+from ops.common.compile_ahead import first_call
 from ops.generalized_delta_rule.dplr.chunk_A import chunk_A_bwd, chunk_A_fwd
 from ops.generalized_delta_rule.dplr.chunk_h import chunk_h_bwd, chunk_h_fwd
 from ops.generalized_delta_rule.dplr.chunk_o import chunk_o_bwd_local, chunk_o_bwd_state, chunk_o_fwd
@@ -94,6 +95,7 @@ def fitting_chunk_size(chunk_size, dtype, K):
     return min(chunk_size, 32) if dtype == torch.float64 and K > 128 else chunk_size
 
 
+@first_call
 def chunk_dplr_delta_rule(q, k, v, a, b, gk, scale=None, initial_state=None, output_final_state=False,
                           cu_seqlens=None, chunk_size=64):
     """The DPLR delta rule in chunkwise form, fla layout (fla 0.6.0's chunk_dplr_delta_rule).

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ops.common.compile_ahead import first_call
 from ops.common.utils import acc_dtype, chunk_index, new_empty, on_device, scale_arg
 from ops.generalized_delta_rule.utils import check_inputs, state_tile
 
@@ -241,6 +242,7 @@ class FusedRecurrentDPLRFunction(torch.autograd.Function):
         return dq, dk, dv, da, db, dgk, None, dh0, None, None
 
 
+@first_call
 def fused_recurrent_dplr_delta_rule(q, k, v, a, b, gk, scale=None, initial_state=None, output_final_state=False,
                                     cu_seqlens=None):
     """The DPLR delta rule token by token (fla 0.6.0's fused_recurrent_dplr_delta_rule).

@@ -2,10 +2,12 @@
 
     S_t = (I + b_t a_t^T) S_{t-1} + k_t v_t^T,    o_t = scale * S_t^T q_t     (state [K, V])
 """
+from ops.common.compile_ahead import first_call
 from ops.generalized_delta_rule.dplr.chunk import ChunkDPLRFunction, check_chunk_size, fitting_chunk_size
 from ops.generalized_delta_rule.utils import check_inputs
 
 
+@first_call
 def chunk_iplr_delta_rule(q, k, v, a, b, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
                           chunk_size=64):
     """The IPLR delta rule in chunkwise form, fla layout (fla 0.6.0's chunk_iplr_delta_rule).

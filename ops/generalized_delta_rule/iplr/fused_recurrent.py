@@ -3,10 +3,12 @@
     w_t = S_{t-1}^T a_t,   S_t = S_{t-1} + b_t w_t^T + k_t v_t^T,   o_t = scale S_t^T q_t
 (backward: checkpointed reverse recurrence, see ops/generalized_delta_rule/dplr/fused_recurrent.py).
 """
+from ops.common.compile_ahead import first_call
 from ops.generalized_delta_rule.dplr.fused_recurrent import FusedRecurrentDPLRFunction
 from ops.generalized_delta_rule.utils import check_inputs
 
 
+@first_call
 def fused_recurrent_iplr_delta_rule(q, k, v, a, b, scale=None, initial_state=None, output_final_state=False,
                                     cu_seqlens=None):
     """The IPLR delta rule token by token (fla 0.6.0's fused_recurrent_iplr_delta_rule).
