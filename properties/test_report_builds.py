@@ -72,8 +72,8 @@ def check_page(page):
 
 def test_report_builds_from_fixture_data(tmp_path):
     """Every section renders from the fixture data: machines, both verification matrices (a failing and an
-    infinite error included), tolerances, plots or a note, the peer table with its fla/ours ratios, decode, and
-    the performance goals with their ratios and roofline floors."""
+    infinite error included), tolerances, plots or a note, the peer table with its fla/ours ratios, decode, the
+    performance goals with their ratios and roofline floors, and cold first calls."""
     out = tmp_path / "site" / "index.html"
     page = B.build(FIXTURES, str(out))
     assert out.read_text() == page
@@ -81,7 +81,8 @@ def test_report_builds_from_fixture_data(tmp_path):
     for text in ("NVIDIA H100 80GB HBM3", "FAIL 1.7", "FAIL inf", "fla / ours", "SDPA / best ours", "1980 MHz",
                  "test_long_sequence_large_heads", "copy ceiling" if "data:image/png" in page else "decode",
                  "4 u = 0.0156", "CPU · fresh", "GPU · committed", "ours / fla", "roofline floor (ours at)",
-                 "unsupported (dtype float32", "did not reach o at check(T=3)", "unsupported gradients: no backward"):
+                 "unsupported (dtype float32", "did not reach o at check(T=3)", "unsupported gradients: no backward",
+                 "cold first calls, --point B=8", "timeout: over 240 s"):
         assert text in page, f"{text!r} not in the page"
     assert page.count(B.NOT_MEASURED) == 0, "fixture data covers every section"
     try:
@@ -202,3 +203,17 @@ def test_merged_runs_keep_their_labels_and_name_the_tests_never_reported(tmp_pat
     assert "1 of 3 collected tests never reported" in page and "peer.x-bf16" in page
     # the two runs reported the same tests: the outcomes say they are counted per run
     assert re.search(r"\d+ reports of \d+ distinct tests", page), page
+
+
+def test_fixture_data_is_what_make_writes(tmp_path, monkeypatch):
+    """reports/fixtures/data/ is exactly what `python3 -m reports.fixtures.make` writes: no hand edit that a
+    regeneration would lose."""
+    from reports.fixtures import make as M
+    monkeypatch.setattr(M, "HERE", str(tmp_path))
+    monkeypatch.setattr(M, "GPU", str(tmp_path / "h100-80gb-hbm3"))
+    M.main()
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    committed = sorted(os.path.relpath(os.path.join(d, f), FIXTURES) for d, _, fs in os.walk(FIXTURES) for f in fs)
+    assert written == committed
+    for rel in written:
+        assert (tmp_path / rel).read_bytes() == open(os.path.join(FIXTURES, rel), "rb").read(), rel
