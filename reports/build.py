@@ -1070,7 +1070,8 @@ def build(data=None, out=None) -> str:
     for g in gpus:
         b = g.get("bench")
         if b and b.get("sweep") or g.get("points"):
-            fc.append(el("h3", tag_gpu + " " + esc(gname(g))) + first_call_html(b or {}, g.get("points") or [], g.get("first_calls") or []))
+            fc.append(el("h3", tag_gpu + " " + esc(gname(g)))
+                      + first_call_html(b or {}, g.get("points") or [], g.get("first_calls") or []))
         if b and b.get("decode"):
             parts = [el("h3", tag_gpu + " " + esc(gname(g)))]
             for op in OPS:
