@@ -83,7 +83,7 @@ def main(argv=None):
                 print(f"{name:<14} {mode:<8} compile_ahead={ahead}: {got}", flush=True)
     if a.out:
         os.makedirs(a.out, exist_ok=True)
-        tag = f"B{pt['B']}-T{pt['T']}-H{pt['H']}-K{pt['K']}-V{pt['V']}-{pt['dtype']}"
+        tag = harness.point_tag(pt)
         path = os.path.join(a.out, f"first-call-{tag}.json")
         with open(path, "w") as f:
             json.dump(dict(kind="first_call", created=harness.now_iso(), point=pt, git=harness.git_info(),

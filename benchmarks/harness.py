@@ -550,6 +550,11 @@ def parse_point(spec: str) -> dict:
     return out
 
 
+def point_tag(pt: dict) -> str:
+    """A point's part of the file names written for it (point-, profile-, tune-, first-call-<tag>.json)."""
+    return f"B{pt['B']}-T{pt['T']}-H{pt['H']}-K{pt['K']}-V{pt['V']}-{pt['dtype']}"
+
+
 def ints(s):
     return [int(x) for x in str(s).split(",") if x]
 
@@ -643,7 +648,7 @@ def main(argv=None):
                        task_limit_s=args.task_limit_s)
         ceil = ceilings_of(rows)
         add_fractions([r for r in rows if r["kind"] == "point"], ceil)
-        tag = f"B{pt['B']}-T{pt['T']}-H{pt['H']}-K{pt['K']}-V{pt['V']}-{pt['dtype']}"
+        tag = point_tag(pt)
         doc = dict(schema=1, kind="point", created=now_iso(), argv=sys.argv[1:], config=config, point=pt,
                    machine=_machine(rows), git=git_info(), source=source_hash(), ceilings=ceil,
                    forms=_forms_meta(), rows=[_clean(r) for r in rows if r["kind"] == "point"])

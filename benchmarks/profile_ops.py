@@ -109,7 +109,7 @@ def main(argv=None):
         print(table(res), flush=True)
     if a.out:
         os.makedirs(a.out, exist_ok=True)
-        tag = f"B{pt['B']}-T{pt['T']}-H{pt['H']}-K{pt['K']}-V{pt['V']}-{pt['dtype']}"
+        tag = harness.point_tag(pt)
         path = os.path.join(a.out, f"profile-{tag}-{a.mode}.json")
         with open(path, "w") as f:
             gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"

@@ -14,7 +14,7 @@ import torch
 
 from benchmarks import flops as F
 from benchmarks import registry as R
-from benchmarks.harness import make_step
+from benchmarks.harness import make_step, point_tag
 
 CUDA = torch.cuda.is_available()
 if CUDA:
@@ -28,12 +28,8 @@ else:
     MODES = ["fwd"]
 
 
-def shape_id(s):
-    return f"B{s['B']}-T{s['T']}-H{s['H']}-K{s['K']}-V{s['V']}-{s['dtype']}"
-
-
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=point_tag)
 @pytest.mark.parametrize("form", R.FORMS, ids=lambda f: f.name)
 def test_bench(benchmark, form, shape, mode):
     """Time one call (mode fwd) or one call and its backward (fwd+bwd) of `form` at `shape`."""
@@ -64,7 +60,7 @@ def test_bench(benchmark, form, shape, mode):
         pytest.skip(f"unsupported: {type(e).__name__}: {str(e).strip()[:200]}")
 
     fam = "delta_rule" if form.family == "softmax_attention" else form.family  # SDPA: the delta rule's baseline
-    benchmark.group = f"{fam} {shape_id(shape)} {mode}"
+    benchmark.group = f"{fam} {point_tag(shape)} {mode}"
     benchmark.extra_info.update(form=form.name, provider=form.provider, tokens=B * T,
                                 flops=F.flops(form.flops_model, "fwd+bwd" if mode == "fwd+bwd" else "fwd",
                                               B, T, H, K, V))

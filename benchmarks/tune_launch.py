@@ -196,7 +196,7 @@ def main(argv=None):
         results.append(res)
     if a.out:
         os.makedirs(a.out, exist_ok=True)
-        tag = f"B{pt['B']}-T{pt['T']}-H{pt['H']}-K{pt['K']}-V{pt['V']}-{pt['dtype']}"
+        tag = harness.point_tag(pt)
         path = os.path.join(a.out, f"tune-{tag}.json")
         with open(path, "w") as fh:
             json.dump(dict(kind="tune", created=harness.now_iso(), point=pt, git=harness.git_info(),
