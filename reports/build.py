@@ -545,12 +545,6 @@ def find_gpu_dirs(data):
     return out
 
 
-def provenance_short(doc) -> str:
-    g = (doc or {}).get("git") or {}
-    return ", ".join(x for x in (f"measured {doc['created']}" if doc.get("created") else "",
-                                 f"code at {g['commit'][:10]}" if g.get("commit") else "") if x)
-
-
 def provenance(path, doc=None) -> str:
     committed, date = git_date(path)
     created = (doc or {}).get("created")
@@ -768,11 +762,12 @@ def _ratio(a, b):
 
 
 def first_call_html(bench, points, cold=()) -> str:
+    """First-call times of the sweep, the points and (cold: [(path, doc)]) benchmarks/first_call.py's files."""
     sweep = _ok(bench.get("sweep") if bench else [])
     if not sweep and not points and not cold:
         return missing("first-call times")
     out = []
-    for doc in cold:  # benchmarks/first_call.py: a fresh process and an empty Triton cache per measurement
+    for path, doc in cold:  # benchmarks/first_call.py: a fresh process and an empty Triton cache per measurement
         rows = [[r["form"], r["mode"], "on" if r.get("ahead") else "off",
                  fmt(r["first_s"], ".3g") if r.get("status") == "ok" else f"{r.get('status')}: {r.get('reason', '')}",
                  fmt(r["second_s"] * 1e3, ".4g") if r.get("status") == "ok" else "–"] for r in doc.get("rows", [])]
@@ -780,7 +775,7 @@ def first_call_html(bench, points, cold=()) -> str:
         out.append(el("h3", esc("cold first calls, --point " + ",".join(f"{k}={v}" for k, v in pt.items())))
                    + table(["form", "mode", "compile ahead", "first call (s)", "second call (ms)"], rows)
                    + note("Each row in a fresh process with an empty Triton cache (benchmarks/first_call.py, "
-                          f"{provenance_short(doc)}): compilation and launch choices included. Compile ahead: "
+                          f"{provenance(path, doc)}): compilation and launch choices included. Compile ahead: "
                           "ops/common/compile_ahead.py (DELTACHECK_COMPILE_AHEAD)."))
     if sweep:
         rows = []
@@ -946,8 +941,8 @@ def build(data=None, out=None) -> str:
             g[key] = load_json(p)
             g[key + "_path"] = p
         g["points"] = [p for p in (load_json(f) for f in sorted(glob.glob(os.path.join(d, "point-*.json")))) if p]
-        g["first_calls"] = [p for p in (load_json(f) for f in sorted(glob.glob(os.path.join(d, "first-call-*.json"))))
-                            if p]
+        g["first_calls"] = [(f, p) for f, p in ((f, load_json(f)) for f in
+                                                sorted(glob.glob(os.path.join(d, "first-call-*.json")))) if p]
         g["machine"] = machine_from_record(load_json(os.path.join(d, "machine.json")))
         gpus.append(g)
     loose_gpu_path = os.path.join(data, "verification-gpu.json")
