@@ -6,7 +6,9 @@ point, each kernel's GPU time from torch.profiler, and the fastest variant per k
 
 A variant applies to every kernel the form launches through ops.common.utils.launch_fitting at once (OVERRIDE);
 the kernels run one after another, so each kernel's time depends on its own settings only, and one profiled
-call per variant times all of them. Tiles set the form's modules' TILE constants (the largest K / V tile).
+call per variant times all of them. Tiles set the form's TILE_MODULES constants: the chunk forms' largest K / V
+tile, the fused recurrent backward's state-tile budget (its kernels choose their warps from the tile, so give
+--forms fused_recurrent --warps 0 --stages 0 --tiles 1024,2048,4096,8192).
 Phase 1 compiles the variants in parallel (--jobs processes sharing TRITON_CACHE_DIR, each one fwd+bwd call at
 T = 256); phase 2 times them one after another in this process, from the cache, and checks each variant's
 gradients against the default variant's (a variant off by more than the dtype's gradient bound is marked wrong
@@ -31,11 +33,14 @@ from benchmarks import harness, profile_ops
 from benchmarks import registry as R
 from properties.tolerances import bound, rel_err
 
-# The modules whose TILE constant a form's tile variants set.
+# The (module, constant) pairs a form's tile variants set: the chunk forms' largest K / V tile, the fused
+# recurrent backward's state-tile budget (elements a program; it picks BV and num_warps, see its _tiles).
+_DPLR_TILES = tuple((f"ops.generalized_delta_rule.dplr.{m}", "TILE") for m in ("wy_fast", "chunk_o"))
 TILE_MODULES = {
-    "chunk": ("ops.delta_rule.wy_fast", "ops.delta_rule.chunk_h", "ops.delta_rule.chunk_o"),
-    "iplr.chunk": ("ops.generalized_delta_rule.dplr.wy_fast", "ops.generalized_delta_rule.dplr.chunk_o"),
-    "dplr.chunk": ("ops.generalized_delta_rule.dplr.wy_fast", "ops.generalized_delta_rule.dplr.chunk_o"),
+    "chunk": tuple((f"ops.delta_rule.{m}", "TILE") for m in ("wy_fast", "chunk_h", "chunk_o")),
+    "iplr.chunk": _DPLR_TILES,
+    "dplr.chunk": _DPLR_TILES,
+    "fused_recurrent": (("ops.delta_rule.fused_recurrent", "BWD_TILE"),),
 }
 
 
@@ -47,19 +52,23 @@ def variants(warps, stages, tiles):
 
 
 def label(v):
-    return "default" if v is None else f"w{v['num_warps']}s{v['num_stages']}" + (f"t{v['tile']}" if v["tile"] else "")
+    if v is None:
+        return "default"
+    own = f"w{v['num_warps']}s{v['num_stages']}" if v["num_warps"] else ""
+    return own + (f"t{v['tile']}" if v["tile"] else "") or "own"
 
 
 def apply(form_name, v):
     """Set OVERRIDE and the tiles for variant v (None: the ops' own settings)."""
     U.OVERRIDE.clear()
     U.LAST_LAUNCH.clear()
-    for m in TILE_MODULES.get(form_name, ()):
+    for m, name in TILE_MODULES.get(form_name, ()):
         mod = importlib.import_module(m)
-        if not hasattr(mod, "_TILE0"):
-            mod._TILE0 = mod.TILE
-        mod.TILE = mod._TILE0 if v is None or not v["tile"] else v["tile"]
-    if v is not None:
+        first = f"_{name}0"
+        if not hasattr(mod, first):
+            setattr(mod, first, getattr(mod, name))
+        setattr(mod, name, getattr(mod, first) if v is None or not v["tile"] else v["tile"])
+    if v is not None and v["num_warps"]:
         U.OVERRIDE.update(num_warps=v["num_warps"], num_stages=v["num_stages"])
 
 
@@ -160,7 +169,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--forms", default="chunk")
     p.add_argument("--point", default="B=8,T=4096,H=16,K=128,V=128,dtype=bf16")
-    p.add_argument("--warps", default="2,4,8")
+    p.add_argument("--warps", default="2,4,8", help="0: the kernels' own settings (with --stages 0; tiles only)")
     p.add_argument("--stages", default="1,2,3")
     p.add_argument("--tiles", default="0", help="TILE values (0: the modules' own)")
     p.add_argument("--jobs", type=int, default=14)

@@ -1,14 +1,19 @@
 """The first call at a new shape compiles the op's forward and backward kernels in a dry run, side by side
 (ops/common/compile_ahead.py): the real call, forward and backward, then compiles nothing itself."""
+import threading
+
 import pytest
 import torch
+import triton.runtime._async_compile as async_compile
 import triton.runtime.jit as jit
+from triton.runtime.errors import OutOfResources
 
 import ops
 from ops.common import compile_ahead
+from ops.common import utils as U
 from properties.strategies import ON_GPU
 
-pytestmark = pytest.mark.skipif(not ON_GPU, reason="the dry run compiles for the GPU; the interpreter compiles nothing")
+gpu_only = pytest.mark.skipif(not ON_GPU, reason="the dry run compiles for the GPU; the interpreter compiles nothing")
 
 # a head size and head count no other test draws, so every kernel specialization here is new to the process
 T, H, K, V = 37, 3, 40, 24
@@ -31,6 +36,7 @@ def _inputs(name, dtype):
     return x
 
 
+@gpu_only
 @pytest.mark.parametrize("name", ["chunk_delta_rule", "fused_recurrent_delta_rule", "chunk_dplr_delta_rule"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_first_call_compiles_every_kernel_ahead(name, dtype, monkeypatch):
@@ -54,3 +60,54 @@ def test_first_call_compiles_every_kernel_ahead(name, dtype, monkeypatch):
     assert compiles["real"] == 0, f"the real call compiled {compiles['real']} kernel(s) the dry run missed"
     for t in (o, ht, *(v.grad for v in x.values())):
         assert torch.isfinite(t).all()
+
+
+def test_dry_run_holds_in_every_thread():
+    """A dry run holds in every thread (autograd runs a CUDA backward in its own thread): there, too, active() is
+    true and Triton sees the dry run's compile pool; after it, neither holds anywhere."""
+    seen = {}
+
+    def look(tag):
+        seen[tag] = (compile_ahead.active(), async_compile.active_mode.get() is not None)
+
+    with compile_ahead._warmups_only():
+        worker = threading.Thread(target=look, args=("inside",))
+        worker.start()
+        worker.join()
+    worker = threading.Thread(target=look, args=("after",))
+    worker.start()
+    worker.join()
+    look("after, here")
+    assert seen == {"inside": (True, True), "after": (False, False), "after, here": (False, False)}
+
+
+class _FakeKernel:
+    """kernel[grid](..., num_stages=s) that records the depths launched and refuses those in `refuse` as Triton
+    does a kernel over the shared memory: at a launch (OutOfResources before anything runs), not at a warmup."""
+
+    def __init__(self, refuse=()):
+        self.launched, self.refuse = [], set(refuse)
+
+    def __getitem__(self, grid):
+        def launch(*args, num_stages, **kwargs):
+            self.launched.append(num_stages)
+            if num_stages in self.refuse and not compile_ahead.active():
+                raise OutOfResources(300_000 * num_stages // 3, 232_448, "shared memory")
+            return num_stages
+        return launch
+
+
+def test_launch_fitting_steps_down_and_a_dry_run_compiles_every_depth(monkeypatch):
+    """launch_fitting runs the deepest pipeline that is not refused and keeps that depth; a later refusal of the
+    kept depth still steps down; a dry run launches (compiles) every candidate depth and keeps none."""
+    monkeypatch.setattr(U, "_FITTING_STAGES", {})
+    x = torch.ones(4)
+    kernel = _FakeKernel(refuse={3})
+    with compile_ahead._warmups_only():
+        U.launch_fitting(kernel, (1,), x, stages=(3, 2, 1))
+    assert kernel.launched == [3, 2, 1] and U._FITTING_STAGES == {}
+    kernel.launched.clear()
+    assert U.launch_fitting(kernel, (1,), x, stages=(3, 2, 1)) == 2 and kernel.launched == [3, 2]
+    kernel.launched.clear()
+    kernel.refuse.add(2)  # the kept depth refused (e.g. a choice made under other conditions): it steps down
+    assert U.launch_fitting(kernel, (1,), x, stages=(3, 2, 1)) == 1 and kernel.launched == [2, 1]

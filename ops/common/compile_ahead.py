@@ -7,10 +7,13 @@ the kernels concurrently. The real call then finds them in Triton's cache. Trito
 most of its work: the DPLR chunk form's 10 kernels (bf16, K = V = 128, sm_90) compile in 8.5 s one after another
 and in 5.3 s on 2 threads on a 2-core CPU.
 
-Launch-time decisions are not made in the dry run (launch_fitting records no pipeline depth there: a compiled
-kernel that does not fit the GPU's shared memory is refused only at launch). Only on CUDA tensors and outside
-the interpreter. Off until a GPU suite passes with it: DELTACHECK_COMPILE_AHEAD=1 turns it on,
-DELTACHECK_COMPILE_THREADS sets the pool size (default: the CPU count, at most 16).
+The backward runs in autograd's device thread, so the dry run is process-wide: the warmup launches, the flag
+`active()` and the compile pool hold in every thread while it lasts (one dry run at a time; real launches from
+other threads meanwhile would be warmups too). Launch-time decisions are not made in the dry run: a compiled
+kernel that does not fit the GPU's shared memory is refused only at launch, so launch_fitting compiles each of
+its candidate pipeline depths there and records none. Only on CUDA tensors and outside the interpreter.
+Off until a GPU suite passes with it: DELTACHECK_COMPILE_AHEAD=1 turns it on, DELTACHECK_COMPILE_THREADS sets
+the pool size (default: the CPU count, at most 16).
 """
 import contextlib
 import functools
@@ -24,18 +27,32 @@ ENABLED = os.environ.get("DELTACHECK_COMPILE_AHEAD", "0") == "1"
 THREADS = int(os.environ.get("DELTACHECK_COMPILE_THREADS", "0")) or min(16, os.cpu_count() or 1)
 _SEEN = set()
 _LOCK = threading.Lock()
-_STATE = threading.local()
+_ACTIVE = threading.Event()  # set during a dry run, seen by every thread
 
 
 def active() -> bool:
     """True inside a dry run (launches are warmups; launch_fitting keeps no choice)."""
-    return getattr(_STATE, "active", False)
+    return _ACTIVE.is_set()
+
+
+class _InEveryThread:
+    """Stands in for triton's `active_mode` ContextVar: the same AsyncCompileMode in every thread (a ContextVar
+    set here is unset in autograd's backward thread, whose kernels would then compile one after another)."""
+
+    def __init__(self, mode):
+        self.mode = mode
+
+    def get(self):
+        return self.mode
+
+    def set(self, value):
+        pass
 
 
 @contextlib.contextmanager
 def _warmups_only():
+    import triton.runtime._async_compile as ac
     import triton.runtime.jit as jit
-    from triton.runtime._async_compile import AsyncCompileMode
 
     run = jit.JITFunction.run
 
@@ -43,13 +60,17 @@ def _warmups_only():
         return run(self, *args, grid=grid, warmup=True, **kwargs)
 
     with _LOCK, ThreadPoolExecutor(THREADS) as pool:
+        mode = ac.AsyncCompileMode(pool, ignore_errors=True)
+        context_var = ac.active_mode
         jit.JITFunction.run = warmup_run
-        _STATE.active = True
+        ac.active_mode = _InEveryThread(mode)
+        _ACTIVE.set()
         try:
-            with AsyncCompileMode(pool, ignore_errors=True):  # leaving it waits for every compile
-                yield
+            yield
+            mode.__exit__(None, None, None)  # waits for every compile and puts the kernels in the JIT caches
         finally:
-            _STATE.active = False
+            _ACTIVE.clear()
+            ac.active_mode = context_var
             jit.JITFunction.run = run
 
 

@@ -252,7 +252,12 @@ def launch_fitting(kernel, grid, *args, stages=(3, 2, 1), num_warps=None, **kwar
     warps = {} if num_warps is None else dict(num_warps=num_warps)
     key = (kernel, num_warps, stages, tuple((k, getattr(v, "dtype", v)) for k, v in kwargs.items()),
            tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))
-    tried = list((_FITTING_STAGES[key],) if key in _FITTING_STAGES else stages)
+    if compile_ahead.active():  # a dry run: compile every candidate depth (the pool runs them side by side)
+        for s in stages:
+            out = kernel[grid](*args, num_stages=s, **warps, **kwargs)
+        return out
+    # the recorded depth first; the shallower ones stay behind it in case a launch is refused after all
+    tried = [t for t in stages if t <= _FITTING_STAGES[key]] if key in _FITTING_STAGES else list(stages)
     while tried:
         s = tried.pop(0)
         try:
@@ -266,8 +271,7 @@ def launch_fitting(kernel, grid, *args, stages=(3, 2, 1), num_warps=None, **kwar
                 fit = [t for t in tried if t * e.required <= s * e.limit]
                 tried = fit or tried[-1:]
             continue
-        if not compile_ahead.active():  # a dry run's launch only compiles: nothing was refused yet
-            _FITTING_STAGES[key] = s
+        _FITTING_STAGES[key] = s
         if OVERRIDE:
             LAST_LAUNCH[name] = dict(num_warps=num_warps, num_stages=s)
         return out
