@@ -28,12 +28,13 @@ from ops.common.utils import (
     tl_acc,
 )
 
-# State-tile budgets (elements of the accumulation dtype per program; halved for float64), from H100 timings.
-# The per-token chain is latency bound, so tiles stay small and programs many: the forward runs a [BK, <=2048/BK]
-# tile on one warp (the decode path, T = 1, streams the state within a few percent of its best this way); the
-# backward a [BK, <=32] tile (fewer partial sums to write and add up) at about 32 elements per thread.
+# State-tile budgets (elements of the accumulation dtype per program; halved for float64). The per-token chain
+# is latency bound, so tiles stay small and programs many: the forward runs a [BK, <=2048/BK] tile on one warp
+# (the decode path, T = 1, streams the state within a few percent of its best this way, H100); the backward a
+# [BK, 1024/BK] one (BV = 8 at K = 128, one warp): H200, bf16, B=8, T=4096, H=16, K=V=128, backward kernel 18.5 ms
+# at 1024, 29.8 ms at 4096 ([128, 32] on 4 warps; benchmarks.tune_launch --forms fused_recurrent).
 FWD_TILE = 2048
-BWD_TILE = 4096
+BWD_TILE = 1024
 
 
 def _tiles(K: int, V: int, dtype: torch.dtype, backward: bool):
