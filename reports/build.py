@@ -561,6 +561,8 @@ def provenance(path, doc=None) -> str:
                                            for m in doc["merged_from"]))
     elif g.get("commit") and g["commit"] != "unknown":
         bits.append(f"code at {g['commit'][:10]}{' + local changes' if g.get('dirty') else ''}")
+        if (doc or {}).get("note"):  # how that run differed from the code's defaults (switches set)
+            bits.append(doc["note"])
     if (doc or {}).get("source"):
         bits.append(f"source hash {doc['source']}")
     return ", ".join(bits)

@@ -17,6 +17,7 @@ the pool size (default: the CPU count, at most 16).
 """
 import contextlib
 import functools
+import gc
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -116,6 +117,7 @@ def first_call(op):
 def _dry_run(op, args, kwargs):
     a = [_stand_in(x) for x in args]
     kw = {k: _stand_in(v) for k, v in kwargs.items()}
+    out = outs = None
     try:
         with _warmups_only():
             out = op(*a, **kw)
@@ -125,3 +127,7 @@ def _dry_run(op, args, kwargs):
                 torch.autograd.backward(outs, [torch.empty_like(o) for o in outs])
     except Exception:  # the real call raises what is wrong (bad input) or compiles what the dry run missed
         pass
+    # The dry run's tensors end up in reference cycles: on the H200 (bf16, B=8, T=4096, H=16, K=V=128) the DPLR
+    # chunk's dry forward left 2.25 GiB and its dry fwd+bwd 7.0 GiB allocated until a gc.collect() freed them.
+    del a, kw, out, outs
+    gc.collect()
