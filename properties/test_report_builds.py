@@ -73,7 +73,7 @@ def check_page(page):
 def test_report_builds_from_fixture_data(tmp_path):
     """Every section renders from the fixture data: machines, both verification matrices (a failing and an
     infinite error included), tolerances, plots or a note, the peer table with its fla/ours ratios, decode, the
-    performance goals with their ratios and roofline floors, and cold first calls."""
+    performance goals with their ratios, roofline floors and cold first calls (also among the goals)."""
     out = tmp_path / "site" / "index.html"
     page = B.build(FIXTURES, str(out))
     assert out.read_text() == page
@@ -82,7 +82,8 @@ def test_report_builds_from_fixture_data(tmp_path):
                  "test_long_sequence_large_heads", "copy ceiling" if "data:image/png" in page else "decode",
                  "4 u = 0.0156", "CPU · fresh", "GPU · committed", "ours / fla", "roofline floor (ours at)",
                  "unsupported (dtype float32", "did not reach o at check(T=3)", "unsupported gradients: no backward",
-                 "cold first calls, --point B=8", "timeout: over 240 s"):
+                 "cold first calls, --point B=8", "timeout: over 240 s",
+                 "dplr.chunk: fwd+bwd, fresh process, empty Triton cache, compile ahead on"):
         assert text in page, f"{text!r} not in the page"
     assert page.count(B.NOT_MEASURED) == 0, "fixture data covers every section"
     try:
