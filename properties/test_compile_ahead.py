@@ -81,33 +81,52 @@ def test_dry_run_holds_in_every_thread():
     assert seen == {"inside": (True, True), "after": (False, False), "after, here": (False, False)}
 
 
-class _FakeKernel:
-    """kernel[grid](..., num_stages=s) that records the depths launched and refuses those in `refuse` as Triton
-    does a kernel over the shared memory: at a launch (OutOfResources before anything runs), not at a warmup."""
+class _Compiled:
+    def __init__(self, shared):
+        self.metadata = type("Metadata", (), dict(shared=shared))()
 
-    def __init__(self, refuse=()):
-        self.launched, self.refuse = [], set(refuse)
+
+class _FakeKernel:
+    """kernel[grid](..., num_stages=s) that records the depths launched; s stages take 100 KB of shared memory
+    a block. Over the limit (232448 B, sm_90's) Triton refuses a launch (OutOfResources before anything runs),
+    not a warmup, whose compiled kernel (metadata.shared) it returns, here at once or as a pending compile."""
+    LIMIT = 232_448
+
+    def __init__(self, pending=False):
+        self.launched, self.pending = [], pending
 
     def __getitem__(self, grid):
         def launch(*args, num_stages, **kwargs):
             self.launched.append(num_stages)
-            if num_stages in self.refuse and not compile_ahead.active():
-                raise OutOfResources(300_000 * num_stages // 3, 232_448, "shared memory")
+            shared = 100_000 * num_stages
+            if compile_ahead.active():
+                c = _Compiled(shared)
+                return type("Pending", (), dict(result=lambda self, ignore_errors=False: c))() if self.pending else c
+            if shared > self.LIMIT:
+                raise OutOfResources(shared, self.LIMIT, "shared memory")
             return num_stages
         return launch
 
 
-def test_launch_fitting_steps_down_and_a_dry_run_compiles_every_depth(monkeypatch):
-    """launch_fitting runs the deepest pipeline that is not refused and keeps that depth; a later refusal of the
-    kept depth still steps down; a dry run launches (compiles) every candidate depth and keeps none."""
+@pytest.mark.parametrize("pending", [False, True])
+def test_launch_fitting_steps_down_and_a_dry_run_compiles_only_what_fits(monkeypatch, pending):
+    """Outside a dry run launch_fitting runs the deepest pipeline that is not refused, keeps that depth, and steps
+    down when the kept one is refused after all. In a dry run it compiles the deepest depth and, once the dry
+    run's compiles are done, the next depth that can fit for a kernel over the shared memory: the depths a real
+    first call would compile, no more; the real launch then runs the kept depth, refused nowhere."""
     monkeypatch.setattr(U, "_FITTING_STAGES", {})
+    monkeypatch.setattr(compile_ahead, "_max_shared", lambda: _FakeKernel.LIMIT)
     x = torch.ones(4)
-    kernel = _FakeKernel(refuse={3})
+    kernel = _FakeKernel(pending)
     with compile_ahead._warmups_only():
-        U.launch_fitting(kernel, (1,), x, stages=(3, 2, 1))
-    assert kernel.launched == [3, 2, 1] and U._FITTING_STAGES == {}
+        assert U.launch_fitting(kernel, (1,), x, stages=(4, 3, 2, 1)) is None
+        assert kernel.launched == [4]  # the shallower depths wait for this compile
+    assert kernel.launched == [4, 2] and list(U._FITTING_STAGES.values()) == [2]  # 3 skipped: 3/4 x 400 KB > limit
     kernel.launched.clear()
-    assert U.launch_fitting(kernel, (1,), x, stages=(3, 2, 1)) == 2 and kernel.launched == [3, 2]
+    assert U.launch_fitting(kernel, (1,), x, stages=(4, 3, 2, 1)) == 2 and kernel.launched == [2]
     kernel.launched.clear()
-    kernel.refuse.add(2)  # the kept depth refused (e.g. a choice made under other conditions): it steps down
-    assert U.launch_fitting(kernel, (1,), x, stages=(3, 2, 1)) == 1 and kernel.launched == [2, 1]
+    monkeypatch.setattr(U, "_FITTING_STAGES", {})
+    assert U.launch_fitting(kernel, (1,), x, stages=(4, 3, 2, 1)) == 2 and kernel.launched == [4, 2]
+    kernel.launched.clear()
+    monkeypatch.setattr(_FakeKernel, "LIMIT", 150_000)  # the kept depth refused (another GPU): it steps down
+    assert U.launch_fitting(kernel, (1,), x, stages=(4, 3, 2, 1)) == 1 and kernel.launched == [2, 1]

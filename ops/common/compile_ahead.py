@@ -9,9 +9,11 @@ and in 5.3 s on 2 threads on a 2-core CPU.
 
 The backward runs in autograd's device thread, so the dry run is process-wide: the warmup launches, the flag
 `active()` and the compile pool hold in every thread while it lasts (one dry run at a time; real launches from
-other threads meanwhile would be warmups too). Launch-time decisions are not made in the dry run: a compiled
-kernel that does not fit the GPU's shared memory is refused only at launch, so launch_fitting compiles each of
-its candidate pipeline depths there and records none. Only on CUDA tensors and outside the interpreter.
+other threads meanwhile would be warmups too). A launch_fitting kernel (the deepest software pipeline that fits
+shared memory) compiles its deepest candidate in the dry run; when the dry run's compiles are done, those over the
+GPU's shared memory compile the next depth that can fit, in rounds, until one fits, and that depth is recorded for
+the real launch: the same compiles as without this module, side by side. Only on CUDA tensors and outside the
+interpreter.
 Off until a GPU suite passes with it: DELTACHECK_COMPILE_AHEAD=1 turns it on, DELTACHECK_COMPILE_THREADS sets
 the pool size (default: the CPU count, at most 16).
 """
@@ -29,6 +31,7 @@ THREADS = int(os.environ.get("DELTACHECK_COMPILE_THREADS", "0")) or min(16, os.c
 _SEEN = set()
 _LOCK = threading.Lock()
 _ACTIVE = threading.Event()  # set during a dry run, seen by every thread
+_FITS = []  # the dry run's launch_fitting kernels: (launch(depth), compiled or pending kernel, depths, on_fit)
 
 
 def active() -> bool:
@@ -50,6 +53,39 @@ class _InEveryThread:
         pass
 
 
+def fit_later(launch, stages, on_fit):
+    """In a dry run: compile launch(stages[0]) now (in the pool); when the dry run ends, shallower depths for as
+    long as the compiled kernel is over the GPU's shared memory; on_fit(depth) gets the first that fits."""
+    _FITS.append((launch, launch(stages[0]), list(stages), on_fit))
+
+
+def _max_shared() -> int:
+    from triton.compiler.compiler import max_shared_mem
+    from triton.runtime.driver import driver
+    return max_shared_mem(driver.active.get_current_device())
+
+
+def _settle_fits():
+    """Rounds over the dry run's launch_fitting kernels: wait for each compile; one over the shared memory (Triton
+    would refuse its launch) compiles the next depth whose buffers, scaled from this one, can fit."""
+    pending, limit = list(_FITS), None
+    _FITS.clear()
+    while pending:
+        later = []
+        for launch, k, stages, on_fit in pending:
+            c = k.result(ignore_errors=True) if hasattr(k, "result") else k
+            if c is None:  # did not compile: the real launch reports it
+                continue
+            limit = _max_shared() if limit is None else limit
+            s, rest, shared = stages[0], stages[1:], c.metadata.shared
+            if shared <= limit:
+                on_fit(s)
+            elif rest:
+                rest = [t for t in rest if t * shared <= s * limit] or rest[-1:]
+                later.append((launch, launch(rest[0]), rest, on_fit))
+        pending = later
+
+
 @contextlib.contextmanager
 def _warmups_only():
     import triton.runtime._async_compile as ac
@@ -68,8 +104,10 @@ def _warmups_only():
         _ACTIVE.set()
         try:
             yield
+            _settle_fits()
             mode.__exit__(None, None, None)  # waits for every compile and puts the kernels in the JIT caches
         finally:
+            _FITS.clear()
             _ACTIVE.clear()
             ac.active_mode = context_var
             jit.JITFunction.run = run

@@ -1,4 +1,5 @@
 """Shared host-side helpers for every op: input validation, output allocation, dtype rules, varlen chunk maps."""
+import contextlib
 import os
 from typing import NamedTuple
 
@@ -192,7 +193,6 @@ def scale_arg(scale: float, dtype: torch.dtype, device) -> torch.Tensor:
 
 def on_device(device):
     """Launch kernels on `device` (Triton launches on the current CUDA device)."""
-    import contextlib
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
@@ -252,10 +252,14 @@ def launch_fitting(kernel, grid, *args, stages=(3, 2, 1), num_warps=None, **kwar
     warps = {} if num_warps is None else dict(num_warps=num_warps)
     key = (kernel, num_warps, stages, tuple((k, getattr(v, "dtype", v)) for k, v in kwargs.items()),
            tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))
-    if compile_ahead.active():  # a dry run: compile every candidate depth (the pool runs them side by side)
-        for s in stages:
-            out = kernel[grid](*args, num_stages=s, **warps, **kwargs)
-        return out
+    if compile_ahead.active():  # a dry run: compile now, choose the depth when the dry run's compiles are done
+        dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+        def launch(s):  # (later rounds run in the dry run's own thread: on this launch's device)
+            with on_device(dev):
+                return kernel[grid](*args, num_stages=s, **warps, **kwargs)
+        compile_ahead.fit_later(launch, stages, lambda s: _FITTING_STAGES.__setitem__(key, s))
+        return None
     # the recorded depth first; the shallower ones stay behind it in case a launch is refused after all
     tried = [t for t in stages if t <= _FITTING_STAGES[key]] if key in _FITTING_STAGES else list(stages)
     while tried:
