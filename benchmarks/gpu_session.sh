@@ -205,6 +205,8 @@ if [ "$RUN_TESTS" = 1 ]; then
   limit=$TESTS_LIMIT
   [ $(( $(left) - reserve )) -lt "$limit" ] && limit=$(( $(left) - reserve ))
   [ "$limit" -lt 30 ] && limit=30
+  [ "$limit" -lt "$TESTS_LIMIT" ] && say "WARNING: the tests get ${limit}s, not the ${TESTS_LIMIT}s asked:" \
+    "--total ${TOTAL} keeps ${reserve}s for the rest (--bench-budget ${BENCH_BUDGET} with --bench)"
   NFLAG=()
   if python3 -c "import xdist" >/dev/null 2>&1; then
     NFLAG=(-n "$WORKERS" --dist load --maxschedchunk 1)  # one test at a time: the longest-first order holds
