@@ -35,7 +35,7 @@ _FITS = []  # the dry run's launch_fitting kernels: (launch(depth), compiled or 
 
 
 def active() -> bool:
-    """True inside a dry run (launches are warmups; launch_fitting keeps no choice)."""
+    """True inside a dry run (launches are warmups; launch_fitting picks its depth once the compiles are done)."""
     return _ACTIVE.is_set()
 
 
