@@ -82,14 +82,8 @@ def main(argv=None):
                     else f"{r['status']}: {r['reason']}"
                 print(f"{name:<14} {mode:<8} compile_ahead={ahead}: {got}", flush=True)
     if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        tag = harness.point_tag(pt)
-        path = os.path.join(a.out, f"first-call-{tag}.json")
-        with open(path, "w") as f:
-            json.dump(dict(kind="first_call", created=harness.now_iso(), point=pt, git=harness.git_info(),
-                           machine=dict(gpu=torch.cuda.get_device_name() if device == "cuda" else "cpu",
-                                        cpus=os.cpu_count()), rows=rows), f, indent=1)
-        print(f"wrote {path}")
+        gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+        harness.write_point_doc(a.out, "first-call", pt, "first_call", dict(gpu=gpu, cpus=os.cpu_count()), rows=rows)
     return 0
 
 

@@ -555,6 +555,18 @@ def point_tag(pt: dict) -> str:
     return f"B{pt['B']}-T{pt['T']}-H{pt['H']}-K{pt['K']}-V{pt['V']}-{pt['dtype']}"
 
 
+def write_point_doc(out_dir, prefix, pt, kind, machine, suffix="", **fields) -> str:
+    """<out_dir>/<prefix>-<point tag><suffix>.json holding kind, created, point, git, machine and `fields` (the
+    profile, tune and first-call files); returns its path."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{prefix}-{point_tag(pt)}{suffix}.json")
+    with open(path, "w") as f:
+        json.dump(dict(kind=kind, created=now_iso(), point=pt, git=git_info(), machine=machine, **fields), f,
+                  indent=1)
+    print(f"wrote {path}")
+    return path
+
+
 def ints(s):
     return [int(x) for x in str(s).split(",") if x]
 

@@ -9,8 +9,6 @@ call's wall time (the gap is launch overhead and host work). Writes profile-<poi
 given. Needs CUDA: kernel timings only exist on a GPU.
 """
 import argparse
-import json
-import os
 import sys
 import time
 from collections import defaultdict
@@ -108,14 +106,9 @@ def main(argv=None):
         results.append(res)
         print(table(res), flush=True)
     if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        tag = harness.point_tag(pt)
-        path = os.path.join(a.out, f"profile-{tag}-{a.mode}.json")
-        with open(path, "w") as f:
-            gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-            json.dump(dict(kind="profile", created=harness.now_iso(), point=pt, mode=a.mode, iters=a.iters,
-                           git=harness.git_info(), machine=dict(gpu=gpu), results=results), f, indent=1)
-        print(f"wrote {path}")
+        gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+        harness.write_point_doc(a.out, "profile", pt, "profile", dict(gpu=gpu), suffix=f"-{a.mode}", mode=a.mode,
+                                iters=a.iters, results=results)
     return 0
 
 

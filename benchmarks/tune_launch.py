@@ -20,7 +20,6 @@ import argparse
 import importlib
 import itertools
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -204,13 +203,7 @@ def main(argv=None):
             print(res, flush=True)
         results.append(res)
     if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        tag = harness.point_tag(pt)
-        path = os.path.join(a.out, f"tune-{tag}.json")
-        with open(path, "w") as fh:
-            json.dump(dict(kind="tune", created=harness.now_iso(), point=pt, git=harness.git_info(),
-                           machine=dict(gpu=torch.cuda.get_device_name()), results=results), fh, indent=1)
-        print(f"wrote {path}")
+        harness.write_point_doc(a.out, "tune", pt, "tune", dict(gpu=torch.cuda.get_device_name()), results=results)
     return 0
 
 
