@@ -8,7 +8,6 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import ops.common.utils as utils
-import ops.generalized_delta_rule.dplr.chunk_A as chunk_A
 import ops.generalized_delta_rule.dplr.fused_recurrent as fused_recurrent
 import reference
 from ops.generalized_delta_rule import chunk_dplr_delta_rule, fused_recurrent_dplr_delta_rule
@@ -51,17 +50,13 @@ def draw_inputs(case, family, decay, gk_f32):
 @edge_examples(family="stable", decay="strong", gk_f32=False, chunk_size=16, tiles=True, output_final_state=True)
 @example(case=EDGE_CASES[2], family="stable", decay="mild", gk_f32=True, chunk_size=64, tiles=False,
          output_final_state=True)  # several 16-row blocks in one chunk (the dgk carry across blocks)
-@pytest.mark.parametrize("bwd", ["chunk", "blocks"], ids=["bwd_chunk", "bwd_blocks"])
-def test_chunk_dplr_matches_reference(bwd, case, family, decay, gk_f32, chunk_size, tiles, output_final_state, record,
-                                      monkeypatch):
+def test_chunk_dplr_matches_reference(case, family, decay, gk_f32, chunk_size, tiles, output_final_state, record):
     """chunk_dplr_delta_rule's o and final state equal the float64 reference within the forward bound, and its
     gradients for q, k, v, a, b, gk and initial_state (random upstream gradients) within the gradient bound: stable
     and raw a, b, mild and strong decay (down to -20 per token), gk in the input dtype or float32, any chunk size
-    and tile split; with chunk_A's backward over whole chunks or one program per 16-row block
-    (chunk_A.BWD_BLOCKS)."""
+    and tile split."""
     case = nonempty(case)
     x, family = draw_inputs(case, family, decay, gk_f32)
-    monkeypatch.setattr(chunk_A, "BWD_BLOCKS", bwd == "blocks")
     with small_tiles(tiles):
         check_op(chunk_op(chunk_size, chunk_dplr_delta_rule), reference.dplr_recurrent, x, case.dtype,
                  with_fields(record, chunk_size=chunk_size, family=family, decay=decay), output_final_state)

@@ -7,7 +7,6 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-import ops.generalized_delta_rule.dplr.chunk_A as chunk_A
 import ops.generalized_delta_rule.dplr.fused_recurrent as fused_recurrent
 import reference
 from ops.generalized_delta_rule import chunk_iplr_delta_rule, fused_recurrent_iplr_delta_rule
@@ -34,14 +33,11 @@ from properties.strategies import DEVICE, OP_DTYPES, delta_cases, fixed_case
        tiles=st.booleans(), output_final_state=st.booleans())
 @edge_examples(family="stable", chunk_size=16, tiles=True, output_final_state=True)
 @example(case=EDGE_CASES[2], family="stable", chunk_size=64, tiles=False, output_final_state=True)
-@pytest.mark.parametrize("bwd", ["chunk", "blocks"], ids=["bwd_chunk", "bwd_blocks"])
-def test_chunk_iplr_matches_reference(bwd, case, family, chunk_size, tiles, output_final_state, record, monkeypatch):
+def test_chunk_iplr_matches_reference(case, family, chunk_size, tiles, output_final_state, record):
     """chunk_iplr_delta_rule's o and final state equal the float64 reference within the forward bound, and its
     gradients for q, k, v, a, b and initial_state (random upstream gradients) within the gradient bound, for the
-    stable family b = -lambda a and for raw small a, b (small T), any chunk size and tile split; with chunk_A's
-    backward over whole chunks or one program per 16-row block (chunk_A.BWD_BLOCKS)."""
+    stable family b = -lambda a and for raw small a, b (small T), any chunk size and tile split."""
     case = nonempty(case)
-    monkeypatch.setattr(chunk_A, "BWD_BLOCKS", bwd == "blocks")
     if family == "raw" and case.T > RAW_MAX_T:
         family = "stable"
     x = inputs(case, family)

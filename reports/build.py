@@ -283,6 +283,8 @@ def verification_html(doc, junit_path=None, label="") -> str:
                              r.get("tests") or f"{r.get('records', '?')} measured errors",
                              r.get("outcome") or r.get("note", "")]
                             for r in meta["runs"]]))
+    elif meta.get("note"):  # one run: the commit and how it was run (switches set)
+        parts.append(note(f"{label}: {meta['note']}"))
     dtypes = [d for d in DTYPE_ORDER if any(r["dtype"] == d for r in recs)]
     dtypes += sorted({r["dtype"] for r in recs} - set(dtypes))
     groups = {}

@@ -33,12 +33,11 @@ from ops.common.utils import (
 # State-tile budgets (elements of the accumulation dtype per program; halved for float64). The per-token chain
 # is latency bound, so tiles stay small and programs many: the forward runs a [BK, <=2048/BK] tile on one warp
 # (the decode path, T = 1, streams the state within a few percent of its best this way, H100); the backward a
-# [BK, <=32] tile at about 32 elements per thread. A smaller backward tile is faster: H200, bf16, B=8, T=4096,
-# H=16, K=V=128, backward kernel 29.8 ms at 4096 ([128, 32] on 4 warps), 18.5 ms at 1024 ([128, 8] on one warp;
-# benchmarks.tune_launch --forms fused_recurrent), gradients equal to 2.2e-5. 1024 stays off until a GPU suite
-# passes with it: DELTACHECK_FUSED_RECURRENT_BWD_TILE=1024 turns it on.
+# [BK, <=1024/BK] tile on one warp. H200, bf16, B=8, T=4096, H=16, K=V=128 (benchmarks.tune_launch --forms
+# fused_recurrent): backward kernel 18.5 ms at 1024 ([128, 8], 116 registers, no spills), 29.8 ms at 4096
+# ([128, 32] on 4 warps). DELTACHECK_FUSED_RECURRENT_BWD_TILE=N sets another budget (4096 until GPU visit 9).
 FWD_TILE = 2048
-BWD_TILE = int(os.environ.get("DELTACHECK_FUSED_RECURRENT_BWD_TILE", "4096"))
+BWD_TILE = int(os.environ.get("DELTACHECK_FUSED_RECURRENT_BWD_TILE", "1024"))
 
 
 def _tiles(K: int, V: int, dtype: torch.dtype, backward: bool):

@@ -14,26 +14,25 @@ row r that ends block I - 1 (J's rows <= r < I's rows):  exp(G_i - G_j) = exp(G_
 <= 1 (also exp(G^-_i - G_r), since i - 1 >= r), so a block row is one tl.dot of rescaled [16, BK] x [BK, C]
 tiles.
 
-Backward (grid over K blocks, as every term is separable in k): given dA_qk, dA_qb, dA_ak, dA_ab (masked) and
-the gradients the other stages already have for q, k, a, b (dq_in, dk_in, da_in, db_in) and for the chunk's
-total decay gamma = G_last (dgam),
+Backward (one program per K block, as every term is separable in k, and per 16-row block I): given dA_qk,
+dA_qb, dA_ak, dA_ab (masked) and the gradients the other stages already have for q, k, a, b (dq_in, dk_in, da_in,
+db_in) and for the chunk's total decay gamma = G_last (dgam),
     dq_i = dq_in + sum_j dA_qk[i,j] k_j e(G_i-G_j) + dA_qb[i,j] b_j e(G_i-G_j)
     da_i = da_in + sum_j dA_ak[i,j] k_j e(G^-_i-G_j) + dA_ab[i,j] b_j e(G^-_i-G_j)
     dk_j = dk_in + sum_i dA_qk[i,j] q_i e(G_i-G_j) + dA_ak[i,j] a_i e(G^-_i-G_j)
     db_j = db_in + sum_i dA_qb[i,j] q_i e(G_i-G_j) + dA_ab[i,j] a_i e(G^-_i-G_j)
-(the row sums factored around the row ending block I - 1, the column sums around the last valid row of block
-J). Every decay of the chunk form is exp(G_hi - G_lo) for a range (lo, hi] of tokens, and its gradient adds to
+(block I's row sums factored around the row ending block I - 1, its column sums around its own last valid
+row). Every decay of the chunk form is exp(G_hi - G_lo) for a range (lo, hi] of tokens, and its gradient adds to
 dgk on exactly that range, so (with the exponents written as G or G^- = G shifted by one)
     dG = q*dq - k*dk - b*db,  dG^- = a*da,  dgk_s = sum_{i >= s} dG_i + sum_{i > s} dG^-_i + dgam
-(a reverse cumsum over the chunk, block by block from the last, with a carry). Terms whose range is empty have
+(a reverse cumsum within each block; chunk_A_dgk_kernel adds each block's carry, the sums of the chunk's later
+blocks). Terms whose range is empty have
 a decay of exactly 1 and O(1) size, and their contributions cancel in exact arithmetic; formed in floating point
 they would leave an O(u) error in a dgk that strong decay makes O(exp(gk)). They are kept out of dG and dG^-
 (still in dq, dk, da, db): the diagonal of A_qk, A_qb (i = j), the first subdiagonal of A_ak, A_ab (j = i - 1,
 handled as a band with decay 1), a exp(G^-) on the chunk's first row and the last row's b, k terms of the state
 pass (left out of dgam too, in chunk_o.py).
 """
-import os
-
 import triton
 import triton.language as tl
 
@@ -196,146 +195,11 @@ def chunk_A_fwd_kernel(q, k, a, b, g, gk, Aqk, Aqb, Aak, Aab, offsets, cmap,
 
 @triton.jit
 def chunk_A_bwd_kernel(q, k, a, b, g, gk, dAqk, dAqb, dAak, dAab, dq_in, dk_in, da_in, db_in, dgam,
-                       dq, dk, da, db, dgk, offsets, cmap,
+                       dq, dk, da, db, dg_loc, dg_sum, offsets, cmap,
                        H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                        USE_GK: tl.constexpr, DOT_PREC: tl.constexpr):
-    """grid (K blocks, NC, H): the gradients of q, k, a, b (and gk) for one [C, BK] tile, block by block from the
-    last block of the chunk to the first (the reverse cumsum of dgk carries across blocks)."""
-    i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n, j = tl.load(cmap + i_c * 2), tl.load(cmap + i_c * 2 + 1)
-    bos, eos = tl.load(offsets + i_n).to(tl.int64), tl.load(offsets + i_n + 1).to(tl.int64)
-    L = eos - bos
-    nv = tl.minimum(L - j * C, C)
-    ACC = dq_in.dtype.element_ty
-    t0 = j * C
-    c0 = i_k * BK
-    NB: tl.constexpr = C // BC
-    cols = tl.arange(0, C)
-    base = (i_c * H + i_h).to(tl.int64) * C * C
-
-    b_q = tl.load(seq_block(q, bos, i_h, L, H, K, t0, c0, C, BK), boundary_check=(0, 1)).to(ACC)
-    b_k = tl.load(seq_block(k, bos, i_h, L, H, K, t0, c0, C, BK), boundary_check=(0, 1)).to(ACC)
-    b_a = tl.load(seq_block(a, bos, i_h, L, H, K, t0, c0, C, BK), boundary_check=(0, 1)).to(ACC)
-    b_b = tl.load(seq_block(b, bos, i_h, L, H, K, t0, c0, C, BK), boundary_check=(0, 1)).to(ACC)
-    if USE_GK:
-        g_all = tl.load(seq_block(g, bos, i_h, L, H, K, t0, c0, C, BK), boundary_check=(0, 1))
-        gm_all = g_all - tl.load(seq_block(gk, bos, i_h, L, H, K, t0, c0, C, BK), boundary_check=(0, 1)).to(ACC)
-        o_k = c0 + tl.arange(0, BK)
-        b_dgam = tl.load(dgam + (i_c * H + i_h).to(tl.int64) * K + o_k, mask=o_k < K, other=0)
-    b_carry = tl.zeros([BK], dtype=ACC)
-
-    for s in range(NB):
-        r0 = (NB - 1 - s) * BC
-        rows = r0 + tl.arange(0, BC)
-        p_row = base + rows[:, None] * C + cols[None, :]  # [BC, C] block row I
-        p_col = base + cols[:, None] * C + rows[None, :]  # [C, BC] block column I
-        b_qk_r = tl.load(dAqk + p_row)
-        b_qb_r = tl.load(dAqb + p_row)
-        b_ak_r = tl.load(dAak + p_row)
-        b_ab_r = tl.load(dAab + p_row)
-        b_qk_c = tl.trans(tl.load(dAqk + p_col))
-        b_qb_c = tl.trans(tl.load(dAqb + p_col))
-        b_ak_c = tl.trans(tl.load(dAak + p_col))
-        b_ab_c = tl.trans(tl.load(dAab + p_col))
-        b_qI = tl.load(seq_block(q, bos, i_h, L, H, K, t0 + r0, c0, BC, BK), boundary_check=(0, 1)).to(ACC)
-        b_kI = tl.load(seq_block(k, bos, i_h, L, H, K, t0 + r0, c0, BC, BK), boundary_check=(0, 1)).to(ACC)
-        b_aI = tl.load(seq_block(a, bos, i_h, L, H, K, t0 + r0, c0, BC, BK), boundary_check=(0, 1)).to(ACC)
-        b_bI = tl.load(seq_block(b, bos, i_h, L, H, K, t0 + r0, c0, BC, BK), boundary_check=(0, 1)).to(ACC)
-        if USE_GK:
-            g_I = tl.load(seq_block(g, bos, i_h, L, H, K, t0 + r0, c0, BC, BK), boundary_check=(0, 1))
-            gm_I = g_I - tl.load(seq_block(gk, bos, i_h, L, H, K, t0 + r0, c0, BC, BK),
-                                 boundary_check=(0, 1)).to(ACC)
-            vi = (rows < nv)[:, None]
-            # the first subdiagonal of dA_ak, dA_ab is taken out here and handled as a band below
-            b_ak_r = tl.where(rows[:, None] - 1 == cols[None, :], 0.0, b_ak_r)
-            b_ab_r = tl.where(rows[:, None] - 1 == cols[None, :], 0.0, b_ab_r)
-            b_ak_c = tl.where(cols[None, :] - 1 == rows[:, None], 0.0, b_ak_c)
-            b_ab_c = tl.where(cols[None, :] - 1 == rows[:, None], 0.0, b_ab_c)
-            # row sums over earlier blocks, factored around r (the row ending block I - 1)
-            r = tl.minimum(tl.maximum(r0 - 1, 0), nv - 1)
-            g_r = seq_row(g, bos, i_h, t0 + r, H, K, c0, BK)[None, :]
-            f_j = masked_exp(g_r - g_all, ((cols <= r) & (cols < r0))[:, None])
-            b_kt = b_k * f_j
-            b_bt = b_b * f_j
-            b_dq = tl.dot(b_qk_r, b_kt, input_precision=DOT_PREC) + tl.dot(b_qb_r, b_bt, input_precision=DOT_PREC)
-            b_da = tl.dot(b_ak_r, b_kt, input_precision=DOT_PREC) + tl.dot(b_ab_r, b_bt, input_precision=DOT_PREC)
-            b_dq *= masked_exp(g_I - g_r, vi)
-            b_da *= masked_exp(gm_I - g_r, vi)
-            # column sums over later blocks, factored around r2 (the last valid row of block I)
-            r2 = tl.minimum(r0 + BC - 1, nv - 1)
-            g_r2 = seq_row(g, bos, i_h, t0 + r2, H, K, c0, BK)[None, :]
-            mi = ((cols >= r0 + BC) & (cols < nv))[:, None]
-            b_qt = b_q * masked_exp(g_all - g_r2, mi)
-            b_at = b_a * masked_exp(gm_all - g_r2, mi)
-            b_dk = tl.dot(b_qk_c, b_qt, input_precision=DOT_PREC) + tl.dot(b_ak_c, b_at, input_precision=DOT_PREC)
-            b_db = tl.dot(b_qb_c, b_qt, input_precision=DOT_PREC) + tl.dot(b_ab_c, b_at, input_precision=DOT_PREC)
-            f_I = masked_exp(g_r2 - g_I, vi)
-            b_dk *= f_I
-            b_db *= f_I
-            # the diagonal block: strictly lower pairs (subdiagonal of dA_ak, dA_ab excluded), token by token ...
-            b_dq, b_da, b_dk, b_db = _diag_bwd_tokens(q, k, a, b, g, gk, dAqk, dAqb, dAak, dAab, g_I, gm_I, bos, i_h,
-                                                      t0, r0, rows, nv, vi, base, b_dq, b_da, b_dk, b_db, H, K, C, c0,
-                                                      BC, BK)
-            # ... plus the terms with decay exactly 1, kept out of dG: the diagonal of dA_qk, dA_qb ...
-            s_qk = tl.load(dAqk + base + rows * C + rows)[:, None]
-            s_qb = tl.load(dAqb + base + rows * C + rows)[:, None]
-            b_dq_1 = s_qk * b_kI + s_qb * b_bI
-            b_dk_1 = s_qk * b_qI
-            b_db_1 = s_qb * b_qI
-            # ... and the band j = i - 1 of dA_ak, dA_ab (rows i of this block with i - 1, and j with j + 1)
-            m_p = (rows >= 1) & (rows < nv)
-            s_ak = tl.load(dAak + base + rows * C + rows - 1, mask=m_p, other=0)[:, None]
-            s_ab = tl.load(dAab + base + rows * C + rows - 1, mask=m_p, other=0)[:, None]
-            b_kp = _rows(k, bos, i_h, t0 + rows - 1, m_p, H, K, c0, BK).to(ACC)
-            b_bp = _rows(b, bos, i_h, t0 + rows - 1, m_p, H, K, c0, BK).to(ACC)
-            b_da_1 = tl.where(m_p[:, None], s_ak * b_kp + s_ab * b_bp, 0.0)
-            m_n = rows + 1 < nv
-            s_ak = tl.load(dAak + base + (rows + 1) * C + rows, mask=m_n, other=0)[:, None]
-            s_ab = tl.load(dAab + base + (rows + 1) * C + rows, mask=m_n, other=0)[:, None]
-            b_an = _rows(a, bos, i_h, t0 + rows + 1, m_n, H, K, c0, BK).to(ACC)
-            b_dk_1 += tl.where(m_n[:, None], s_ak * b_an, 0.0)
-            b_db_1 += tl.where(m_n[:, None], s_ab * b_an, 0.0)
-        else:
-            b_dq = tl.dot(b_qk_r, b_k, input_precision=DOT_PREC) + tl.dot(b_qb_r, b_b, input_precision=DOT_PREC)
-            b_da = tl.dot(b_ak_r, b_k, input_precision=DOT_PREC) + tl.dot(b_ab_r, b_b, input_precision=DOT_PREC)
-            b_dk = tl.dot(b_qk_c, b_q, input_precision=DOT_PREC) + tl.dot(b_ak_c, b_a, input_precision=DOT_PREC)
-            b_db = tl.dot(b_qb_c, b_q, input_precision=DOT_PREC) + tl.dot(b_ab_c, b_a, input_precision=DOT_PREC)
-
-        b_dq += tl.load(seq_block(dq_in, bos, i_h, L, H, K, t0 + r0, c0, BC, BK), boundary_check=(0, 1))
-        b_da += tl.load(seq_block(da_in, bos, i_h, L, H, K, t0 + r0, c0, BC, BK), boundary_check=(0, 1))
-        b_dk_s = tl.load(seq_block(dk_in, bos, i_h, L, H, K, t0 + r0, c0, BC, BK), boundary_check=(0, 1))
-        b_db_s = tl.load(seq_block(db_in, bos, i_h, L, H, K, t0 + r0, c0, BC, BK), boundary_check=(0, 1))
-        if USE_GK:
-            # the state pass's b, k terms of the last row have decay exactly 1 (kept out of dG)
-            last = (rows == nv - 1)[:, None]
-            b_dk += tl.where(last, 0.0, b_dk_s)
-            b_db += tl.where(last, 0.0, b_db_s)
-            b_dgm = tl.where((rows == 0)[:, None], 0.0, b_aI * b_da)  # G^-_0 = 0 depends on no gk
-            b_x = b_qI * b_dq - b_kI * b_dk - b_bI * b_db + b_dgm
-            b_dg = tl.cumsum(b_x, 0, reverse=True) - b_dgm + (b_carry + b_dgam)[None, :]
-            b_carry += tl.sum(b_x, 0)
-            p_dg = seq_block(dgk, bos, i_h, L, H, K, t0 + r0, c0, BC, BK)
-            tl.store(p_dg, b_dg.to(p_dg.dtype.element_ty), boundary_check=(0, 1))
-            b_dq += b_dq_1
-            b_da += b_da_1
-            b_dk += b_dk_1 + tl.where(last, b_dk_s, 0.0)
-            b_db += b_db_1 + tl.where(last, b_db_s, 0.0)
-        else:
-            b_dk += b_dk_s
-            b_db += b_db_s
-        _store(dq, b_dq, bos, i_h, L, H, K, t0 + r0, c0, BC, BK)
-        _store(dk, b_dk, bos, i_h, L, H, K, t0 + r0, c0, BC, BK)
-        _store(da, b_da, bos, i_h, L, H, K, t0 + r0, c0, BC, BK)
-        _store(db, b_db, bos, i_h, L, H, K, t0 + r0, c0, BC, BK)
-
-
-@triton.jit
-def chunk_A_bwd_block_kernel(q, k, a, b, g, gk, dAqk, dAqb, dAak, dAab, dq_in, dk_in, da_in, db_in, dgam,
-                             dq, dk, da, db, dg_loc, dg_sum, offsets, cmap,
-                             H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                             USE_GK: tl.constexpr, DOT_PREC: tl.constexpr):
-    """grid (K blocks, NC * C // BC, H): chunk_A_bwd_kernel's gradients for one [BC, BK] tile (block I of a chunk),
-    the other blocks' terms summed one [BC, BC] x [BC, BK] product at a time. dgk is left in two parts, finished
+    """grid (K blocks, NC * C // BC, H): the gradients of q, k, a, b for one [BC, BK] tile (block I of a chunk), the
+    other blocks' terms summed one [BC, BC] x [BC, BK] product at a time. dgk is left in two parts, finished
     by chunk_A_dgk_kernel: dg_loc (this block's reverse cumsum + dgam, accumulation dtype, shaped like gk) and
     dg_sum [NC, H, NB, K] (the block's column sum of dG + dG^-, carried into every earlier block)."""
     i_k, i_cb, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -463,7 +327,8 @@ def chunk_A_bwd_block_kernel(q, k, a, b, g, gk, dAqk, dAqb, dAak, dAab, dq_in, d
     b_dk_s = tl.load(seq_block(dk_in, bos, i_h, L, H, K, t0 + r0, c0, BC, BK), boundary_check=(0, 1))
     b_db_s = tl.load(seq_block(db_in, bos, i_h, L, H, K, t0 + r0, c0, BC, BK), boundary_check=(0, 1))
     if USE_GK:
-        # as chunk_A_bwd_kernel; the carry from later blocks is added by chunk_A_dgk_kernel
+        # the state pass's b, k terms of the last row have decay exactly 1 (kept out of dG); G^-_0 = 0 depends on
+        # no gk; the carry from the chunk's later blocks is added by chunk_A_dgk_kernel
         last = (rows == nv - 1)[:, None]
         b_dk += tl.where(last, 0.0, b_dk_s)
         b_db += tl.where(last, 0.0, b_db_s)
@@ -508,16 +373,13 @@ def chunk_A_dgk_kernel(dg_loc, dg_sum, dgk, offsets, cmap, H: tl.constexpr, K: t
         b_carry += tl.load(p_s + I * K, mask=o_k < K, other=0)
 
 
-# Largest K tile (tests lower it to reach the K loops with small head sizes); the decay variants take 8 warps.
-# ptxas (sm_90, bf16, K = V = 128, C = 64; python3 -m properties.hopper_fit --ops dplr_chunk --registers): with the
-# diagonal blocks formed one token at a time over [16, BK] tiles, the forward needs 114 registers and the backward
-# spills 124 B a thread at BK = 32. (Formed as [16, 16, BK] products, as until GPU visit 7: 255 registers, and
-# 712 / 572 B of spills at BK = 16, 9 KB at BK = 32; chunk_A_bwd took 38 of the DPLR chunk's 58 ms, now 16 of 33.)
+# Largest K tile (tests lower it to reach the K loops with small head sizes); the forward's decay variant takes 8
+# warps, the backward 4. ptxas (sm_90, bf16, K = V = 128, C = 64; python3 -m properties.hopper_fit --ops dplr_chunk
+# --registers): the forward (diagonal blocks one token at a time over [16, BK] tiles) 114 registers, the backward
+# (one program per 16-row block) 122 registers, no spills, at BK = 32. H200 at the point: chunk_A backward
+# 15.9 ms over whole chunks -> 6.7 ms + 0.15 ms (dgk carry) per block (NOTES, GPU visit 8).
 TILE = 32
-# The backward as one program per 16-row block (chunk_A_bwd_block_kernel + chunk_A_dgk_kernel; NOTES has the
-# prediction): CPU-verified only, off until a GPU suite passes with it (DELTACHECK_DPLR_BWD_BLOCKS=1 turns it on).
-BWD_BLOCKS = os.environ.get("DELTACHECK_DPLR_BWD_BLOCKS", "0") == "1"
-BWD_BLOCK_WARPS = 4
+BWD_WARPS = 4
 
 
 def _warps(gk):
@@ -546,7 +408,7 @@ def chunk_A_bwd(q, k, a, b, g, gk, dA, d_in, dgam, offsets, cmap, chunk_size):
     C, NC = chunk_size, cmap.shape[0]
     outs = tuple(new_empty(x.shape, x.dtype, x.device) for x in (q, k, a, b))
     dgk = None if gk is None else new_empty(gk.shape, gk.dtype, gk.device)
-    if NC and BWD_BLOCKS:
+    if NC:
         BK = min(TILE, block_size(K))
         acc = acc_dtype(q.dtype)
         dg_loc = dg_sum = None
@@ -554,16 +416,10 @@ def chunk_A_bwd(q, k, a, b, g, gk, dA, d_in, dgam, offsets, cmap, chunk_size):
             dg_loc = new_empty(gk.shape, acc, gk.device)
             dg_sum = new_empty((NC, H, C // BC, K), acc, gk.device)
         launch_fitting(
-            chunk_A_bwd_block_kernel, (triton.cdiv(K, BK), NC * (C // BC), H), q, k, a, b, g, gk, *dA, *d_in, dgam,
+            chunk_A_bwd_kernel, (triton.cdiv(K, BK), NC * (C // BC), H), q, k, a, b, g, gk, *dA, *d_in, dgam,
             *outs, dg_loc, dg_sum, offsets, cmap, H=H, K=K, C=C, BC=BC, BK=BK, USE_GK=gk is not None,
-            DOT_PREC=dot_precision(q.dtype), num_warps=BWD_BLOCK_WARPS)
+            DOT_PREC=dot_precision(q.dtype), num_warps=BWD_WARPS)
         if gk is not None:
             chunk_A_dgk_kernel[(triton.cdiv(K, BK), NC, H)](dg_loc, dg_sum, dgk, offsets, cmap, H=H, K=K, C=C, BC=BC,
                                                            BK=BK)
-    elif NC:
-        BK = min(TILE, block_size(K))
-        launch_fitting(
-            chunk_A_bwd_kernel, (triton.cdiv(K, BK), NC, H), q, k, a, b, g, gk, *dA, *d_in, dgam, *outs, dgk, offsets,
-            cmap, H=H, K=K, C=C, BC=BC, BK=BK, USE_GK=gk is not None,
-            DOT_PREC=dot_precision(q.dtype), num_warps=_warps(gk))
     return (*outs, dgk)
