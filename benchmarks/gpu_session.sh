@@ -175,6 +175,15 @@ if [ -s "$DATA/autotune-cache.tgz" ]; then
 fi
 [ -s "$OUT/machine.json" ] && cp "$OUT/machine.json" "$DATA/machine.json"  # the report's machine record
 
+# --- the tests' time limit (the jobs beside them get the same): what --total leaves after the bench budget
+reserve=30
+[ "$RUN_BENCH" = 1 ] && reserve=$(( reserve + BENCH_BUDGET ))
+limit=$TESTS_LIMIT
+[ $(( $(left) - reserve )) -lt "$limit" ] && limit=$(( $(left) - reserve ))
+[ "$limit" -lt 30 ] && limit=30
+[ "$RUN_TESTS" = 1 ] && [ "$limit" -lt "$TESTS_LIMIT" ] && say "WARNING: the tests get ${limit}s, not the ${TESTS_LIMIT}s asked:" \
+  "--total ${TOTAL} keeps ${reserve}s for the rest (--bench-budget ${BENCH_BUDGET} with --bench)"
+
 # --- beside the tests (nothing timed runs while they do): conformance against peers, the accuracy sweep
 BESIDE_PIDS=()
 BESIDE_DIR="$(mktemp -d)"  # their logs, joined into $OUT/beside.log at the end (one file: $OUT holds at most 8)
@@ -183,7 +192,7 @@ if [ -n "$BESIDE_CONF" ]; then
   say "beside: conformance against $BESIDE_CONF -> $DATA/conformance-$tag.{json,junit.xml}, log $OUT/beside.log"
   DELTACHECK_IMPLS="$BESIDE_CONF" DELTACHECK_PROFILE="${DELTACHECK_PROFILE:-gpu}" \
     DELTACHECK_RECORD="$DATA/conformance-$tag.json" \
-    timeout -s INT -k 30 $(( TESTS_LIMIT - 10 )) python3 -m pytest properties/test_conformance.py \
+    timeout -s INT -k 30 $(( limit - 10 )) python3 -m pytest properties/test_conformance.py \
     -n "$BESIDE_WORKERS" --dist load --maxschedchunk 1 -p no:cacheprovider --junitxml="$DATA/conformance-$tag.junit.xml" \
     >"$BESIDE_DIR/conformance.log" 2>&1 &
   BESIDE_PIDS+=($!)
@@ -191,7 +200,7 @@ fi
 if [ -n "$BESIDE_ACC" ]; then
   say "beside: benchmarks.accuracy $BESIDE_ACC -> $DATA, log $OUT/beside.log"
   # shellcheck disable=SC2086
-  timeout -k 10 $(( TESTS_LIMIT - 10 )) python3 -m benchmarks.accuracy $BESIDE_ACC --out "$DATA" \
+  timeout -k 10 $(( limit - 10 )) python3 -m benchmarks.accuracy $BESIDE_ACC --out "$DATA" \
     >"$BESIDE_DIR/accuracy.log" 2>&1 &
   BESIDE_PIDS+=($!)
 fi
@@ -200,13 +209,6 @@ fi
 TESTS_RC=""
 TIMED_OUT=""
 if [ "$RUN_TESTS" = 1 ]; then
-  reserve=30
-  [ "$RUN_BENCH" = 1 ] && reserve=$(( reserve + BENCH_BUDGET ))
-  limit=$TESTS_LIMIT
-  [ $(( $(left) - reserve )) -lt "$limit" ] && limit=$(( $(left) - reserve ))
-  [ "$limit" -lt 30 ] && limit=30
-  [ "$limit" -lt "$TESTS_LIMIT" ] && say "WARNING: the tests get ${limit}s, not the ${TESTS_LIMIT}s asked:" \
-    "--total ${TOTAL} keeps ${reserve}s for the rest (--bench-budget ${BENCH_BUDGET} with --bench)"
   NFLAG=()
   if python3 -c "import xdist" >/dev/null 2>&1; then
     NFLAG=(-n "$WORKERS" --dist load --maxschedchunk 1)  # one test at a time: the longest-first order holds
