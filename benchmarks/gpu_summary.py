@@ -5,6 +5,7 @@
     python3 -m benchmarks.gpu_summary tests --out OUT [--timed-out S] [--rc N]
     python3 -m benchmarks.gpu_summary bench --data reports/data/<gpu>
     python3 -m benchmarks.gpu_summary merge-runs --into PREFIX --run LABEL=PREFIX1 --run LABEL=PREFIX2 ...
+    python3 -m benchmarks.gpu_summary merge-forms --into DATA/bench.json --new NEW/bench.json [--note "..."]
 
 A device call returns only the last 12,000 characters of its output, so everything a reply needs is printed
 here, short: the machine, the pytest outcome with every failed test (one line each, first 30), the records over
@@ -422,12 +423,54 @@ def bench_lines(data) -> list:
     return lines
 
 
+ROW_LISTS = ("sweep", "decode", "errors", "rows")  # the per-form row lists of bench.json and accuracy.json
+
+
+def merge_forms(into, new, note="") -> str:
+    """Fold a sweep file (bench.json or accuracy.json) that measured some forms into the committed one: NEW's
+    rows replace INTO's rows of the forms NEW measured, INTO keeps the rest. merged_from lists, newest first,
+    which commit measured which forms (with NOTE: how that run differed from the code's defaults); the report
+    cites it. The file's own fields (created, git, machine, config, ...) become NEW's."""
+    old, fresh = _load(into) or {}, _load(new)
+    if not fresh:
+        raise SystemExit(f"merge-forms: {new} is missing or unreadable")
+    forms = sorted({r["form"] for k in ROW_LISTS for r in fresh.get(k) or [] if "form" in r})
+    doc = dict(fresh)
+    for k in ROW_LISTS:
+        if k in fresh or k in old:
+            doc[k] = (fresh.get(k) or []) + [r for r in old.get(k) or [] if r.get("form") not in forms]
+    for k in ("forms", "ops"):
+        if isinstance(old.get(k), dict) or isinstance(fresh.get(k), dict):
+            doc[k] = {**(old.get(k) or {}), **(fresh.get(k) or {})}
+    prior = old.get("merged_from") or ([dict(commit=(old.get("git") or {}).get("commit", "unknown"),
+                                             created=old.get("created"), forms=sorted(
+                                                 {r["form"] for k in ROW_LISTS for r in old.get(k) or []
+                                                  if "form" in r}), note=old.get("note", ""))] if old else [])
+    kept = [dict(m, forms=[f for f in m["forms"] if f not in forms]) for m in prior]
+    doc["merged_from"] = [dict(commit=(fresh.get("git") or {}).get("commit", "unknown"), created=fresh.get("created"),
+                               forms=forms, note=note)] + [m for m in kept if m["forms"]]
+    doc.pop("note", None)
+    with open(into, "w") as f:
+        json.dump(doc, f, indent=1)
+    csv_path = os.path.splitext(into)[0] + ".csv"  # the CSV beside it, as the harness / accuracy sweep write it
+    if doc.get("kind") == "accuracy":
+        from benchmarks.accuracy import write_csv
+        write_csv(csv_path, doc.get("rows") or [])
+    else:
+        from benchmarks.harness import write_csv
+        write_csv(csv_path, (doc.get("sweep") or []) + (doc.get("decode") or []))
+    return f"merged {new} ({', '.join(forms)}) into {into}: " + "; ".join(
+        f"{m['commit']} for {', '.join(m['forms'])}" for m in doc["merged_from"])
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python3 -m benchmarks.gpu_summary", description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["machine", "merge", "tests", "bench", "merge-runs"])
+    p.add_argument("what", choices=["machine", "merge", "tests", "bench", "merge-runs", "merge-forms"])
     p.add_argument("--into", help="merge-runs: output prefix (writes PREFIX.json and PREFIX.junit.xml)")
     p.add_argument("--run", action="append", default=[], metavar="LABEL=PREFIX",
                    help="merge-runs: a run's label and its files' prefix (PREFIX.json, PREFIX.junit.xml), in order")
+    p.add_argument("--new", help="merge-forms: the sweep file (bench.json / accuracy.json) to fold into --into")
+    p.add_argument("--note", default="", help="merge-forms: how that run differed from the code's defaults")
     p.add_argument("--out", help="the session's output folder ($OUT)")
     p.add_argument("--data", help="reports/data/<gpu> (bench)")
     p.add_argument("--rc", help="pytest's exit code (tests)")
@@ -447,6 +490,10 @@ def main(argv=None):
         if not a.into or not a.run or any("=" not in r for r in a.run):
             p.error("merge-runs needs --into PREFIX and at least one --run LABEL=PREFIX")
         lines = [merge_runs(a.into, [tuple(r.split("=", 1)) for r in a.run])]
+    elif a.what == "merge-forms":
+        if not a.into or not a.new:
+            p.error("merge-forms needs --into FILE and --new FILE")
+        lines = [merge_forms(a.into, a.new, a.note)]
     else:
         lines = bench_lines(a.data)
     if lines:

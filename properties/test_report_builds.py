@@ -206,6 +206,26 @@ def test_merged_runs_keep_their_labels_and_name_the_tests_never_reported(tmp_pat
     assert re.search(r"\d+ reports of \d+ distinct tests", page), page
 
 
+def test_merged_forms_replace_only_the_forms_remeasured(tmp_path):
+    """merge-forms of a sweep that measured forms x and y into one of x and z keeps z's rows, takes x and y from
+    the new file, and merged_from says (newest first) which commit measured which form; a commit left with no
+    form is dropped."""
+    from benchmarks.gpu_summary import merge_forms
+    def sweep(commit, forms, ms):
+        return dict(git=dict(commit=commit), created=commit, sweep=[dict(form=f, ms=ms) for f in forms],
+                    decode=[dict(form=f, ms=ms) for f in forms if f != "z"], forms={f: {} for f in forms})
+    (tmp_path / "old.json").write_text(json.dumps(dict(sweep("c1", ["x", "z"], 1.0), merged_from=[
+        dict(commit="c1", forms=["x"], note=""), dict(commit="c0", forms=["z"], note="old z")])))
+    (tmp_path / "new.json").write_text(json.dumps(sweep("c2", ["x", "y"], 2.0)))
+    merge_forms(str(tmp_path / "old.json"), str(tmp_path / "new.json"), note="switch on")
+    doc = json.loads((tmp_path / "old.json").read_text())
+    assert sorted((r["form"], r["ms"]) for r in doc["sweep"]) == [("x", 2.0), ("y", 2.0), ("z", 1.0)]
+    assert sorted(r["form"] for r in doc["decode"]) == ["x", "y"]
+    assert [(m["commit"], m["forms"], m["note"]) for m in doc["merged_from"]] == [
+        ("c2", ["x", "y"], "switch on"), ("c0", ["z"], "old z")]
+    assert set(doc["forms"]) == {"x", "y", "z"} and doc["git"]["commit"] == "c2"
+
+
 def test_fixture_data_is_what_make_writes(tmp_path, monkeypatch):
     """reports/fixtures/data/ is exactly what `python3 -m reports.fixtures.make` writes: no hand edit that a
     regeneration would lose."""
