@@ -42,9 +42,11 @@ BWD_TILE = int(os.environ.get("DELTACHECK_FUSED_RECURRENT_BWD_TILE", "1024"))
 
 def _tiles(K: int, V: int, dtype: torch.dtype, backward: bool):
     """(BK, BV, num_warps): all of K in one tile, V in blocks of BV."""
-    budget = (BWD_TILE if backward else FWD_TILE) // (2 if dtype == torch.float64 else 1)
+    tile = BWD_TILE if backward else FWD_TILE
+    budget = tile // (2 if dtype == torch.float64 else 1)
     BK = block_size(K)
-    BV = min(block_size(V, minimum=8), max(8, budget // BK))
+    min_v = 8 if tile >= 1024 else 4  # a budget below the defaults may take [BK, 4] tiles (tune_launch's 512)
+    BV = min(block_size(V, minimum=min_v), max(min_v, budget // BK))
     if not backward:
         return BK, BV, 1
     BV = min(BV, 32)
