@@ -7,7 +7,8 @@ backward stages of ops/delta_rule/chunk.py run one by one on one packed batch, a
 against the same stage computed in float64 from the inputs that kernel received (the upstream kernels' actual
 outputs, upcast), so an error shows in the stage that makes it, not in the stages downstream of it. Per stage and
 output: ||x - x64|| / ||x64|| over the batch and over its worst sequence. The float64 stage math is the one in the
-modules' docstrings (wy_fast, chunk_h, chunk_o); wy_bwd is checked as the vector-Jacobian product of wy.
+modules' docstrings (wy_fast, chunk_h, chunk_o), the WY stage reference.delta_rule's; wy_bwd is checked as its
+vector-Jacobian product.
 """
 import argparse
 import json
@@ -19,6 +20,7 @@ import ops.common.utils as U
 from ops.delta_rule.chunk_h import chunk_h_bwd, chunk_h_fwd
 from ops.delta_rule.chunk_o import chunk_dv_local, chunk_o_bwd, chunk_o_fwd
 from ops.delta_rule.wy_fast import wy_bwd, wy_fwd
+from reference.delta_rule import wy_representation
 
 DTYPES = dict(fp16=torch.float16, bf16=torch.bfloat16, fp32=torch.float32, fp64=torch.float64)
 
@@ -33,16 +35,13 @@ def _chunks(bounds, C):
 
 
 def wy64(k, v, beta, bounds, C):
-    """W, U ([T, H, K], [T, H, V]) of the packed rows: X = (I + tril(diag(beta) K K^T, -1))^-1, W = X diag(beta) K,
-    U = X diag(beta) V per chunk and head."""
-    W, Uu = torch.zeros_like(k), torch.zeros_like(v)
+    """W, U ([T, H, K], [T, H, V]) of the packed rows, per chunk: reference.delta_rule.wy_representation."""
+    W, Uu = [], []
     for _, _, r0, r1 in _chunks(bounds, C):
-        for h in range(k.shape[1]):
-            K_, V_, b = k[r0:r1, h], v[r0:r1, h], beta[r0:r1, h]
-            A = torch.tril(b[:, None] * (K_ @ K_.T), -1)
-            Tm = torch.linalg.inv(torch.eye(r1 - r0, dtype=k.dtype) + A) * b[None, :]
-            W[r0:r1, h], Uu[r0:r1, h] = Tm @ K_, Tm @ V_
-    return W, Uu
+        w, u, _ = wy_representation(k[r0:r1].transpose(0, 1), v[r0:r1].transpose(0, 1), beta[r0:r1].T)
+        W.append(w.transpose(0, 1))
+        Uu.append(u.transpose(0, 1))
+    return (torch.cat(W), torch.cat(Uu)) if W else (torch.zeros_like(k), torch.zeros_like(v))
 
 
 def h64(k, w, u, s0, bounds, C):
