@@ -20,7 +20,9 @@ import ops.common.utils as U
 from ops.delta_rule.chunk_h import chunk_h_bwd, chunk_h_fwd
 from ops.delta_rule.chunk_o import chunk_dv_local, chunk_o_bwd, chunk_o_fwd
 from ops.delta_rule.wy_fast import wy_bwd, wy_fwd
+from properties.tolerances import rel_err
 from reference.delta_rule import wy_representation
+from reference.segments import segments
 
 DTYPES = dict(fp16=torch.float16, bf16=torch.bfloat16, fp32=torch.float32, fp64=torch.float64)
 
@@ -28,9 +30,9 @@ DTYPES = dict(fp16=torch.float16, bf16=torch.bfloat16, fp32=torch.float32, fp64=
 def _chunks(bounds, C):
     """(sequence n, global chunk index, first row, last row + 1) of every chunk, in the kernels' order."""
     c = 0
-    for n in range(len(bounds) - 1):
-        for r0 in range(bounds[n], bounds[n + 1], C):
-            yield n, c, r0, min(r0 + C, bounds[n + 1])
+    for n, _, s, e in segments(1, bounds[-1], torch.tensor(bounds)):
+        for r0 in range(s, e, C):
+            yield n, c, r0, min(r0 + C, e)
             c += 1
 
 
@@ -112,18 +114,12 @@ def dv_local64(q, k, do, scale, bounds, C):
 
 
 def _errors(name, x, ref, bounds, out):
+    """rel_err over the whole tensor, and over the worst sequence of a per-token tensor [T, H(, D)]."""
     x, ref = x.double().cpu(), ref.double().cpu()
-    den = ref.norm().item()
-    total = (x - ref).norm().item() / den if den else (x - ref).norm().item()
-    worst = 0.0
-    if x.dim() in (2, 3):  # per-token tensors [T, H(, D)]: the worst sequence
-        for n in range(len(bounds) - 1):
-            s = slice(bounds[n], bounds[n + 1])
-            d = ref[s].norm().item()
-            if bounds[n + 1] > bounds[n]:
-                worst = max(worst, (x[s] - ref[s]).norm().item() / d if d else (x[s] - ref[s]).norm().item())
-    else:
-        worst = total
+    total = rel_err(x, ref)
+    worst = total
+    if x.dim() in (2, 3):
+        worst = max((rel_err(x[s:e], ref[s:e]) for s, e in zip(bounds[:-1], bounds[1:]) if e > s), default=0.0)
     out.append(dict(stage=name[0], output=name[1], err=total, worst_sequence=worst))
 
 

@@ -5,8 +5,7 @@ import torch
 
 import benchmarks.diagnose_stages as D
 from properties.strategies import DEVICE
-
-U_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float64: 2.0 ** -53}
+from properties.tolerances import UNIT_ROUNDOFF
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
@@ -16,7 +15,7 @@ def test_every_stage_matches_its_float64_math(dtype):
     rows = D.diagnose([0, 19, 5], H=2, K=16, V=16, dtype=dtype, chunk_size=16, seed=1, device=DEVICE)
     assert {r["stage"] for r in rows} == {"wy_fwd", "chunk_h_fwd", "chunk_o_fwd", "chunk_dv_local", "chunk_h_bwd",
                                           "chunk_o_bwd", "wy_bwd"}
-    bad = [r for r in rows if not max(r["err"], r["worst_sequence"]) <= 64 * U_ROUNDOFF[dtype]]
+    bad = [r for r in rows if not max(r["err"], r["worst_sequence"]) <= 64 * UNIT_ROUNDOFF[dtype]]
     assert not bad, bad
 
 
