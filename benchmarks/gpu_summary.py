@@ -426,6 +426,16 @@ def bench_lines(data) -> list:
 ROW_LISTS = ("sweep", "decode", "errors", "rows")  # the per-form row lists of bench.json and accuracy.json
 
 
+def _forms_of(doc):
+    return sorted({r["form"] for k in ROW_LISTS for r in doc.get(k) or [] if "form" in r})
+
+
+def _measured(doc, forms, note):
+    """A merged_from entry: which commit measured these forms of DOC, when, and how (NOTE)."""
+    return dict(commit=(doc.get("git") or {}).get("commit", "unknown"), created=doc.get("created"), forms=forms,
+                note=note)
+
+
 def merge_forms(into, new, note="") -> str:
     """Fold a sweep file (bench.json or accuracy.json) that measured some forms into the committed one: NEW's
     rows replace INTO's rows of the forms NEW measured, INTO keeps the rest. merged_from lists, newest first,
@@ -434,7 +444,7 @@ def merge_forms(into, new, note="") -> str:
     old, fresh = _load(into) or {}, _load(new)
     if not fresh:
         raise SystemExit(f"merge-forms: {new} is missing or unreadable")
-    forms = sorted({r["form"] for k in ROW_LISTS for r in fresh.get(k) or [] if "form" in r})
+    forms = _forms_of(fresh)
     doc = dict(fresh)
     for k in ROW_LISTS:
         if k in fresh or k in old:
@@ -442,13 +452,9 @@ def merge_forms(into, new, note="") -> str:
     for k in ("forms", "ops"):
         if isinstance(old.get(k), dict) or isinstance(fresh.get(k), dict):
             doc[k] = {**(old.get(k) or {}), **(fresh.get(k) or {})}
-    prior = old.get("merged_from") or ([dict(commit=(old.get("git") or {}).get("commit", "unknown"),
-                                             created=old.get("created"), forms=sorted(
-                                                 {r["form"] for k in ROW_LISTS for r in old.get(k) or []
-                                                  if "form" in r}), note=old.get("note", ""))] if old else [])
+    prior = old.get("merged_from") or ([_measured(old, _forms_of(old), old.get("note", ""))] if old else [])
     kept = [dict(m, forms=[f for f in m["forms"] if f not in forms]) for m in prior]
-    doc["merged_from"] = [dict(commit=(fresh.get("git") or {}).get("commit", "unknown"), created=fresh.get("created"),
-                               forms=forms, note=note)] + [m for m in kept if m["forms"]]
+    doc["merged_from"] = [_measured(fresh, forms, note)] + [m for m in kept if m["forms"]]
     doc.pop("note", None)
     with open(into, "w") as f:
         json.dump(doc, f, indent=1)
