@@ -26,9 +26,9 @@ row). Every decay of the chunk form is exp(G_hi - G_lo) for a range (lo, hi] of 
 dgk on exactly that range, so (with the exponents written as G or G^- = G shifted by one)
     dG = q*dq - k*dk - b*db,  dG^- = a*da,  dgk_s = sum_{i >= s} dG_i + sum_{i > s} dG^-_i + dgam
 (a reverse cumsum within each block; chunk_A_dgk_kernel adds each block's carry, the sums of the chunk's later
-blocks). Terms whose range is empty have
-a decay of exactly 1 and O(1) size, and their contributions cancel in exact arithmetic; formed in floating point
-they would leave an O(u) error in a dgk that strong decay makes O(exp(gk)). They are kept out of dG and dG^-
+blocks). Terms whose range is empty have a decay of exactly 1 and O(1) size, and their contributions cancel in
+exact arithmetic; formed in floating point they would leave an O(u) error in a dgk that strong decay makes
+O(exp(gk)). They are kept out of dG and dG^-
 (still in dq, dk, da, db): the diagonal of A_qk, A_qb (i = j), the first subdiagonal of A_ak, A_ab (j = i - 1,
 handled as a band with decay 1), a exp(G^-) on the chunk's first row and the last row's b, k terms of the state
 pass (left out of dgam too, in chunk_o.py).
