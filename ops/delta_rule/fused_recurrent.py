@@ -35,7 +35,7 @@ from ops.common.utils import (
 # (the decode path, T = 1, streams the state within a few percent of its best this way, H100); the backward a
 # [BK, <=1024/BK] tile on one warp. H200, bf16, B=8, T=4096, H=16, K=V=128 (benchmarks.tune_launch --forms
 # fused_recurrent): backward kernel 18.5 ms at 1024 ([128, 8], 116 registers, no spills), 29.8 ms at 4096
-# ([128, 32] on 4 warps). DELTACHECK_FUSED_RECURRENT_BWD_TILE=N sets another budget (4096 until GPU visit 9).
+# ([128, 32] on 4 warps). DELTACHECK_FUSED_RECURRENT_BWD_TILE=N sets another budget.
 FWD_TILE = 2048
 BWD_TILE = int(os.environ.get("DELTACHECK_FUSED_RECURRENT_BWD_TILE", "1024"))
 
