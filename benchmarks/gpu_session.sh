@@ -44,6 +44,10 @@
 #                      (e.g. fla) with --beside-workers xdist workers -> <data>/conformance-IMPLS.{json,junit.xml}
 #   --beside-accuracy "ARGS"  beside the tests: benchmarks.accuracy ARGS --out <data> (error vs T)
 #   --beside-workers N pytest-xdist workers of the conformance run (default 3; the tests get --workers)
+#   --beside-resume JUNIT[,JUNIT]  the conformance run beside takes only the cases those runs never reported
+#                      (DELTACHECK_NOT_REPORTED_IN for it alone; the tests keep their whole selection)
+#   --beside-run "CMD" beside the tests: a shell command (e.g. benchmarks.diagnose_stages writing into <data>),
+#                      run from the repo root with the tests' time limit; its output goes to $OUT/beside.log
 #   --no-sweep-accuracy  the sweep without its accuracy part (e.g. when --beside-accuracy measured it already)
 #   --dry-run          check this script on a CPU: Triton interpreter, a few test files with a 60 s limit (long
 #                      enough to stop one mid-way), a tiny point and sweep, 2 workers; OUT, the data folder and
@@ -82,6 +86,8 @@ SITE=/tmp/site
 BESIDE_CONF=""
 BESIDE_ACC=""
 BESIDE_WORKERS=3
+BESIDE_RESUME=""
+BESIDE_RUN=""
 SWEEP_ACC=(--accuracy)
 
 while [ $# -gt 0 ]; do
@@ -103,6 +109,8 @@ while [ $# -gt 0 ]; do
     --beside-conformance) BESIDE_CONF="$2"; shift 2 ;;
     --beside-accuracy) BESIDE_ACC="$2"; shift 2 ;;
     --beside-workers) BESIDE_WORKERS="$2"; shift 2 ;;
+    --beside-resume) BESIDE_RESUME="$2"; shift 2 ;;
+    --beside-run) BESIDE_RUN="$2"; shift 2 ;;
     --select) SELECT=(-k "$2"); shift 2 ;;
     --no-sweep-accuracy) SWEEP_ACC=(); shift ;;
     --dry-run) DRY=1; shift ;;
@@ -191,7 +199,7 @@ if [ -n "$BESIDE_CONF" ]; then
   tag="${BESIDE_CONF//,/+}"
   say "beside: conformance against $BESIDE_CONF -> $DATA/conformance-$tag.{json,junit.xml}, log $OUT/beside.log"
   DELTACHECK_IMPLS="$BESIDE_CONF" DELTACHECK_PROFILE="${DELTACHECK_PROFILE:-gpu}" \
-    DELTACHECK_RECORD="$DATA/conformance-$tag.json" \
+    DELTACHECK_NOT_REPORTED_IN="${BESIDE_RESUME:-${DELTACHECK_NOT_REPORTED_IN:-}}" DELTACHECK_RECORD="$DATA/conformance-$tag.json" \
     timeout -s INT -k 30 $(( limit - 10 )) python3 -m pytest properties/test_conformance.py \
     -n "$BESIDE_WORKERS" --dist load --maxschedchunk 1 -p no:cacheprovider --junitxml="$DATA/conformance-$tag.junit.xml" \
     >"$BESIDE_DIR/conformance.log" 2>&1 &
@@ -202,6 +210,12 @@ if [ -n "$BESIDE_ACC" ]; then
   # shellcheck disable=SC2086
   timeout -k 10 $(( limit - 10 )) python3 -m benchmarks.accuracy $BESIDE_ACC --out "$DATA" \
     >"$BESIDE_DIR/accuracy.log" 2>&1 &
+  BESIDE_PIDS+=($!)
+fi
+
+if [ -n "$BESIDE_RUN" ]; then
+  say "beside: $BESIDE_RUN, log $OUT/beside.log"
+  timeout -k 10 $(( limit - 10 )) bash -c "$BESIDE_RUN" >"$BESIDE_DIR/run.log" 2>&1 &
   BESIDE_PIDS+=($!)
 fi
 
@@ -228,11 +242,11 @@ if [ "$RUN_TESTS" = 1 ]; then
 fi
 
 for pid in "${BESIDE_PIDS[@]}"; do wait "$pid"; done
-for f in conformance accuracy; do
+for f in conformance accuracy run; do
   [ -f "$BESIDE_DIR/$f.log" ] && { echo "===== $f"; cat "$BESIDE_DIR/$f.log"; } >>"$OUT/beside.log"
 done
 [ ${#BESIDE_PIDS[@]} -gt 0 ] && say "beside jobs done: $(grep -hE '^=+ .*(passed|failed|error|skipped).* in ' \
-  "$BESIDE_DIR/conformance.log" 2>/dev/null | tail -n 1) $(tail -n 1 "$BESIDE_DIR/accuracy.log" 2>/dev/null)"
+  "$BESIDE_DIR/conformance.log" 2>/dev/null | tail -n 1) $(tail -n 1 "$BESIDE_DIR/accuracy.log" 2>/dev/null) $(tail -n 1 "$BESIDE_DIR/run.log" 2>/dev/null)"
 
 # --- 3. bench
 if [ "$RUN_BENCH" = 1 ]; then
