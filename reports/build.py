@@ -765,7 +765,8 @@ def goals_html(bench, points, cold_calls=()) -> str:
             if r.get("mode") != "fwd+bwd" or r.get("status") != "ok":
                 continue
             ok = r["first_s"] <= FIRST_CALL_GOAL_S
-            how = "compile ahead on (DELTACHECK_COMPILE_AHEAD=1)" if r.get("ahead") else "compile ahead off"
+            how = "compile ahead on (the default)" if r.get("ahead") else \
+                "compile ahead off (DELTACHECK_COMPILE_AHEAD=0)"
             fc.append([f"{r['form']}: fwd+bwd, fresh process, empty Triton cache, {how}",
                        f"B={pt.get('B')}, T={pt.get('T')}", fmt(r["first_s"], ".3g"), f"<= {FIRST_CALL_GOAL_S:g} s",
                        ("html", "met" if ok else "missed", dict(class_="pass" if ok else "fail"))])

@@ -14,8 +14,8 @@ shared memory) compiles its deepest candidate in the dry run; when the dry run's
 GPU's shared memory compile the next depth that can fit, in rounds, until one fits, and that depth is recorded for
 the real launch: the same compiles as without this module, side by side. Only on CUDA tensors and outside the
 interpreter.
-Off until a GPU suite passes with it: DELTACHECK_COMPILE_AHEAD=1 turns it on, DELTACHECK_COMPILE_THREADS sets
-the pool size (default: the CPU count, at most 16).
+On by default (the whole GPU suite passed with it: benchmarks/NOTES.md, visit 10); DELTACHECK_COMPILE_AHEAD=0
+turns it off, DELTACHECK_COMPILE_THREADS sets the pool size (default: the CPU count, at most 16).
 """
 import contextlib
 import functools
@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-ENABLED = os.environ.get("DELTACHECK_COMPILE_AHEAD", "0") == "1"
+ENABLED = os.environ.get("DELTACHECK_COMPILE_AHEAD", "1") != "0"
 THREADS = int(os.environ.get("DELTACHECK_COMPILE_THREADS", "0")) or min(16, os.cpu_count() or 1)
 _SEEN = set()
 _LOCK = threading.Lock()
