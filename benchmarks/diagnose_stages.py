@@ -120,7 +120,8 @@ def _errors(name, x, ref, bounds, out):
     worst = total
     if x.dim() in (2, 3):
         worst = max((rel_err(x[s:e], ref[s:e]) for s, e in zip(bounds[:-1], bounds[1:]) if e > s), default=0.0)
-    out.append(dict(stage=name[0], output=name[1], err=total, worst_sequence=worst))
+    out.append(dict(stage=name[0], output=name[1], err=total, worst_sequence=worst,
+                    operands=str(U.LAST_OPERANDS.get(name[0], "acc"))))
 
 
 def diagnose(lens, H, K, V, dtype, chunk_size=64, seed=0, initial_state=True, device=None):
@@ -148,6 +149,7 @@ def diagnose(lens, H, K, V, dtype, chunk_size=64, seed=0, initial_state=True, de
     # the same rounded inputs in float64
     q64, k64, v64, b64, do64 = (up(x) for x in (qd, kd, vd, bd, dod))
     out = []
+    U.LAST_OPERANDS.clear()
     with U.on_device(qd.device):
         offsets, cmap, chunk_offsets, NC = U.chunk_index(cu, 1, T, chunk_size, qd.device)
         scale_t = U.scale_arg(scale, dtype, qd.device)
@@ -201,12 +203,16 @@ def main(argv=None):
     a = p.parse_args(argv)
     lens = [int(x) for x in a.lens.split(",")]
     rows = diagnose(lens, a.H, a.K, a.V, DTYPES[a.dtype], a.chunk, a.seed)
-    print(f"lens={lens} H={a.H} K={a.K} V={a.V} {a.dtype} C={a.chunk}: stage error vs float64 on its own inputs")
+    half = sorted(U.HALF_OPERANDS)
+    print(f"lens={lens} H={a.H} K={a.K} V={a.V} {a.dtype} C={a.chunk} half operands in {half or 'none'}: "
+          "stage error vs float64 on its own inputs")
     for r in rows:
-        print(f"  {r['stage']:15s} {r['output']:12s} {r['err']:.2e}   worst sequence {r['worst_sequence']:.2e}")
+        print(f"  {r['stage']:15s} {r['output']:12s} {r['operands']:5s} {r['err']:.2e}   "
+              f"worst sequence {r['worst_sequence']:.2e}")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(dict(lens=lens, H=a.H, K=a.K, V=a.V, dtype=a.dtype, chunk=a.chunk, rows=rows), f, indent=1)
+            json.dump(dict(lens=lens, H=a.H, K=a.K, V=a.V, dtype=a.dtype, chunk=a.chunk, half_operands=half,
+                           rows=rows), f, indent=1)
     return 0
 
 

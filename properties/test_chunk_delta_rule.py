@@ -7,12 +7,13 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+import ops.common.utils as U
 import ops.delta_rule.chunk_h as chunk_h
 import ops.delta_rule.chunk_o as chunk_o
 import ops.delta_rule.wy_fast as wy_fast
 import reference
 from ops.delta_rule.chunk import chunk_delta_rule
-from properties.strategies import DEVICE, ON_GPU, delta_cases, fixed_case, with_examples
+from properties.strategies import DEVICE, ON_GPU, OP_DTYPES, delta_cases, fixed_case, with_examples
 from properties.tolerances import assert_close
 
 GRAD_NAMES = ("q", "k", "v", "beta", "initial_state")
@@ -119,6 +120,33 @@ def test_chunk_gradients_match_reference(case, chunk_size, output_final_state, s
                                    small_tiles=small_tiles)
     assert (outs[1] is None) == (not output_final_state)
     _check_gradients(case, chunk_size, ours, refs, outs, routs, record, small_tiles)
+
+
+HALF_DTYPES = [d for d in OP_DTYPES if d in (torch.float16, torch.bfloat16)]
+
+
+@given(case=delta_cases(dtypes=HALF_DTYPES, head_sizes=[17, 32, 40, 64] + ([100, 128] if ON_GPU else [])),
+       chunk_size=st.sampled_from((32, 64)), kernels=st.sampled_from(("1",) + U.HALF_KERNELS))
+@example(case=fixed_case(seqlens=(0, 67, 49), H=2, K=128, V=32, dtype=torch.float16), chunk_size=64, kernels="1")
+@example(case=fixed_case(seqlens=(1,), K=64, V=17, dtype=HALF_DTYPES[-1], seed=815351010, unit_keys=False,
+                         beta_max=1.0, initial_state=False), chunk_size=64, kernels="1")
+def test_half_operands_match_reference(case, chunk_size, kernels, record):
+    """With half-precision tl.dot operands (DELTACHECK_HALF_OPERANDS) in any one chunk kernel or in all of them,
+    o, the final state and every gradient stay within the dtype's bounds of the float64 reference. Every tile is
+    at least 32 wide here (K, V >= 17, C >= 32), so the named kernels do take the half path; that is checked."""
+    named = U.half_kernels(kernels)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(U, "HALF_OPERANDS", named)
+        U.LAST_OPERANDS.clear()
+        ours, refs, outs, routs = _run(case, chunk_size)
+        rec = _with(record, chunk_size=chunk_size, half=kernels)
+        assert_close("o", outs[0], routs[0], case.dtype, record=rec)
+        assert_close("final_state", outs[1], routs[1], case.dtype, record=rec)
+        _check_gradients(case, chunk_size, ours, refs, outs, routs, record, tag=f"[half {kernels}]")
+    half = {"float16": "fp16", "bfloat16": "bf16"}[str(case.dtype).split(".")[-1]]
+    taken = {n for n, op in U.LAST_OPERANDS.items() if str(op) == half}
+    if case.T:  # (no tokens: no chunk, so nothing launched)
+        assert taken == set(named), f"half operands in {sorted(taken)}, asked for {sorted(named)}"
 
 
 @given(case=delta_cases())

@@ -45,6 +45,46 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
 
 
+# Half-precision tl.dot operands in the delta rule's chunk kernels: for float16 / bfloat16 inputs, the kernels named
+# here round their dot operands to the input dtype and still accumulate in float32 (the tensor cores' half rate is
+# twice tf32's, and the operands take half the shared memory and registers). DELTACHECK_HALF_OPERANDS is a
+# comma-separated subset of HALF_KERNELS, or 1 for all of them. wy_bwd is not among them: fla's WY backward
+# miscompiles on Hopper at C = 64 with half operands (fla issue 984).
+HALF_KERNELS = ("wy_fwd", "chunk_h_fwd", "chunk_o_fwd", "chunk_dv_local", "chunk_h_bwd", "chunk_o_bwd")
+
+
+def half_kernels(spec: str) -> frozenset:
+    """The kernels a DELTACHECK_HALF_OPERANDS value names ("1": all of HALF_KERNELS)."""
+    names = {n.strip() for n in spec.split(",") if n.strip() and n.strip() != "0"}
+    if "1" in names:
+        return frozenset(HALF_KERNELS)
+    unknown = names - set(HALF_KERNELS)
+    if unknown:
+        raise ValueError(f"DELTACHECK_HALF_OPERANDS names unknown kernels {sorted(unknown)}; expected a subset of "
+                         f"{HALF_KERNELS} or 1")
+    return frozenset(names)
+
+
+HALF_OPERANDS = half_kernels(os.environ.get("DELTACHECK_HALF_OPERANDS", ""))
+
+
+def operand_type(kernel: str, dtype: torch.dtype, *tiles: int):
+    """Triton dtype of `kernel`'s tl.dot operands: the input's half dtype when HALF_OPERANDS names the kernel and
+    every tile (chunk, K and V blocks) is at least 32 wide; else the accumulation type. Every GPU failure of the
+    first half-operand kernels had a 16-wide tile (benchmarks/NOTES.md, visit 3), and at K = 1 rounding U or
+    v_new to half is amplified by the cancellation in K^T U (NOTES, visit 3, item 5)."""
+    import triton.language as tl
+    if dtype in (torch.float16, torch.bfloat16) and kernel in HALF_OPERANDS and min(tiles) >= 32:
+        op = tl.float16 if dtype == torch.float16 else tl.bfloat16
+    else:
+        op = tl_acc(dtype)
+    LAST_OPERANDS[kernel] = op
+    return op
+
+
+LAST_OPERANDS = {}  # kernel -> the operand type its last launch took (tests check the half path is taken)
+
+
 def block_size(n: int, minimum: int = 16) -> int:
     """Power-of-two tile covering n (at least 16: tl.dot's smallest dimension)."""
     return max(minimum, triton.next_power_of_2(n))

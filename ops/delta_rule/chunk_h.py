@@ -19,6 +19,7 @@ from ops.common.utils import (
     interpreting,
     launch_fitting,
     new_empty,
+    operand_type,
     pipeline_stages,
 )
 
@@ -39,9 +40,8 @@ def _st(ptr, i_h, H, K: tl.constexpr, V: tl.constexpr, r0, c0, BR: tl.constexpr,
 @triton.jit
 def _fwd_step(t, b_h0, b_h1, b_h2, b_h3, k, w, u, h, v_new, bos, i_h, L, c0, v0,
               H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-              BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Chunk t: store h_t; v_new = U - W h_t; h_{t+1} = h_t + K^T v_new."""
-    ACC = b_h0.dtype
+              BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr, DOT_PREC: tl.constexpr, OP: tl.constexpr):
+    """Chunk t: store h_t; v_new = U - W h_t; h_{t+1} = h_t + K^T v_new (dot operands W, h, K, v_new in OP)."""
     ph = h + (c0 + t) * H * K * V
     tl.store(_st(ph, i_h, H, K, V, 0, v0, BK, BV), b_h0, boundary_check=(0, 1))
     if NK > 1:
@@ -53,30 +53,31 @@ def _fwd_step(t, b_h0, b_h1, b_h2, b_h3, k, w, u, h, v_new, bos, i_h, L, c0, v0,
 
     # v_new = U - W h
     b_v = tl.load(_tok(u, bos, i_h, L, H, V, t * C, v0, C, BV), boundary_check=(0, 1))
-    b_w = tl.load(_tok(w, bos, i_h, L, H, K, t * C, 0, C, BK), boundary_check=(0, 1))
-    b_v -= tl.dot(b_w, b_h0, input_precision=DOT_PREC)
+    b_w = tl.load(_tok(w, bos, i_h, L, H, K, t * C, 0, C, BK), boundary_check=(0, 1)).to(OP)
+    b_v -= tl.dot(b_w, b_h0.to(OP), input_precision=DOT_PREC)
     if NK > 1:
-        b_w = tl.load(_tok(w, bos, i_h, L, H, K, t * C, BK, C, BK), boundary_check=(0, 1))
-        b_v -= tl.dot(b_w, b_h1, input_precision=DOT_PREC)
+        b_w = tl.load(_tok(w, bos, i_h, L, H, K, t * C, BK, C, BK), boundary_check=(0, 1)).to(OP)
+        b_v -= tl.dot(b_w, b_h1.to(OP), input_precision=DOT_PREC)
     if NK > 2:
-        b_w = tl.load(_tok(w, bos, i_h, L, H, K, t * C, 2 * BK, C, BK), boundary_check=(0, 1))
-        b_v -= tl.dot(b_w, b_h2, input_precision=DOT_PREC)
+        b_w = tl.load(_tok(w, bos, i_h, L, H, K, t * C, 2 * BK, C, BK), boundary_check=(0, 1)).to(OP)
+        b_v -= tl.dot(b_w, b_h2.to(OP), input_precision=DOT_PREC)
     if NK > 3:
-        b_w = tl.load(_tok(w, bos, i_h, L, H, K, t * C, 3 * BK, C, BK), boundary_check=(0, 1))
-        b_v -= tl.dot(b_w, b_h3, input_precision=DOT_PREC)
+        b_w = tl.load(_tok(w, bos, i_h, L, H, K, t * C, 3 * BK, C, BK), boundary_check=(0, 1)).to(OP)
+        b_v -= tl.dot(b_w, b_h3.to(OP), input_precision=DOT_PREC)
     tl.store(_tok(v_new, bos, i_h, L, H, V, t * C, v0, C, BV), b_v, boundary_check=(0, 1))
+    b_v = b_v.to(OP)
 
     # h += K^T v_new
-    b_k = tl.load(_tok(k, bos, i_h, L, H, K, t * C, 0, C, BK), boundary_check=(0, 1)).to(ACC)
+    b_k = tl.load(_tok(k, bos, i_h, L, H, K, t * C, 0, C, BK), boundary_check=(0, 1)).to(OP)
     b_h0 += tl.dot(tl.trans(b_k), b_v, input_precision=DOT_PREC)
     if NK > 1:
-        b_k = tl.load(_tok(k, bos, i_h, L, H, K, t * C, BK, C, BK), boundary_check=(0, 1)).to(ACC)
+        b_k = tl.load(_tok(k, bos, i_h, L, H, K, t * C, BK, C, BK), boundary_check=(0, 1)).to(OP)
         b_h1 += tl.dot(tl.trans(b_k), b_v, input_precision=DOT_PREC)
     if NK > 2:
-        b_k = tl.load(_tok(k, bos, i_h, L, H, K, t * C, 2 * BK, C, BK), boundary_check=(0, 1)).to(ACC)
+        b_k = tl.load(_tok(k, bos, i_h, L, H, K, t * C, 2 * BK, C, BK), boundary_check=(0, 1)).to(OP)
         b_h2 += tl.dot(tl.trans(b_k), b_v, input_precision=DOT_PREC)
     if NK > 3:
-        b_k = tl.load(_tok(k, bos, i_h, L, H, K, t * C, 3 * BK, C, BK), boundary_check=(0, 1)).to(ACC)
+        b_k = tl.load(_tok(k, bos, i_h, L, H, K, t * C, 3 * BK, C, BK), boundary_check=(0, 1)).to(OP)
         b_h3 += tl.dot(tl.trans(b_k), b_v, input_precision=DOT_PREC)
     return b_h0, b_h1, b_h2, b_h3
 
@@ -86,7 +87,7 @@ def chunk_h_fwd_kernel(k, w, u, h, v_new, h0, ht, offsets, chunk_offsets,
                        H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                        BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr,
                        USE_S0: tl.constexpr, STORE_FINAL: tl.constexpr, DOT_PREC: tl.constexpr,
-                       WHILE_LOOP: tl.constexpr):
+                       WHILE_LOOP: tl.constexpr, OP: tl.constexpr):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos = tl.load(offsets + i_n).to(tl.int64), tl.load(offsets + i_n + 1).to(tl.int64)
@@ -114,12 +115,12 @@ def chunk_h_fwd_kernel(k, w, u, h, v_new, h0, ht, offsets, chunk_offsets,
         t = 0
         while t < NT:
             b_h0, b_h1, b_h2, b_h3 = _fwd_step(t, b_h0, b_h1, b_h2, b_h3, k, w, u, h, v_new, bos, i_h, L, c0, v0,
-                                               H, K, V, C, BK, BV, NK, DOT_PREC)
+                                               H, K, V, C, BK, BV, NK, DOT_PREC, OP)
             t += 1
     else:
         for t in range(NT):
             b_h0, b_h1, b_h2, b_h3 = _fwd_step(t, b_h0, b_h1, b_h2, b_h3, k, w, u, h, v_new, bos, i_h, L, c0, v0,
-                                               H, K, V, C, BK, BV, NK, DOT_PREC)
+                                               H, K, V, C, BK, BV, NK, DOT_PREC, OP)
 
     if STORE_FINAL:
         pt = ht + i_n.to(tl.int64) * H * K * V
@@ -135,8 +136,9 @@ def chunk_h_fwd_kernel(k, w, u, h, v_new, h0, ht, offsets, chunk_offsets,
 @triton.jit
 def _bwd_step(t, b_h0, b_h1, b_h2, b_h3, q, k, w, do, dv_local, dh, dv_new, scale, bos, i_h, L, c0, v0,
               H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-              BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Chunk t (reverse order): store dh_{t+1}; dv_new = dv_local + K dh; dh_t = dh + scale Q^T dO - W^T dv_new."""
+              BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr, DOT_PREC: tl.constexpr, OP: tl.constexpr):
+    """Chunk t (reverse order): store dh_{t+1}; dv_new = dv_local + K dh; dh_t = dh + scale Q^T dO - W^T dv_new
+    (dot operands K, dh, Q, scale dO, W, dv_new in OP)."""
     ACC = b_h0.dtype
     ph = dh + (c0 + t) * H * K * V
     tl.store(_st(ph, i_h, H, K, V, 0, v0, BK, BV), b_h0, boundary_check=(0, 1))
@@ -149,38 +151,39 @@ def _bwd_step(t, b_h0, b_h1, b_h2, b_h3, q, k, w, do, dv_local, dh, dv_new, scal
 
     # dv_new = dv_local + K dh
     b_dv = tl.load(_tok(dv_local, bos, i_h, L, H, V, t * C, v0, C, BV), boundary_check=(0, 1))
-    b_k = tl.load(_tok(k, bos, i_h, L, H, K, t * C, 0, C, BK), boundary_check=(0, 1)).to(ACC)
-    b_dv += tl.dot(b_k, b_h0, input_precision=DOT_PREC)
+    b_k = tl.load(_tok(k, bos, i_h, L, H, K, t * C, 0, C, BK), boundary_check=(0, 1)).to(OP)
+    b_dv += tl.dot(b_k, b_h0.to(OP), input_precision=DOT_PREC)
     if NK > 1:
-        b_k = tl.load(_tok(k, bos, i_h, L, H, K, t * C, BK, C, BK), boundary_check=(0, 1)).to(ACC)
-        b_dv += tl.dot(b_k, b_h1, input_precision=DOT_PREC)
+        b_k = tl.load(_tok(k, bos, i_h, L, H, K, t * C, BK, C, BK), boundary_check=(0, 1)).to(OP)
+        b_dv += tl.dot(b_k, b_h1.to(OP), input_precision=DOT_PREC)
     if NK > 2:
-        b_k = tl.load(_tok(k, bos, i_h, L, H, K, t * C, 2 * BK, C, BK), boundary_check=(0, 1)).to(ACC)
-        b_dv += tl.dot(b_k, b_h2, input_precision=DOT_PREC)
+        b_k = tl.load(_tok(k, bos, i_h, L, H, K, t * C, 2 * BK, C, BK), boundary_check=(0, 1)).to(OP)
+        b_dv += tl.dot(b_k, b_h2.to(OP), input_precision=DOT_PREC)
     if NK > 3:
-        b_k = tl.load(_tok(k, bos, i_h, L, H, K, t * C, 3 * BK, C, BK), boundary_check=(0, 1)).to(ACC)
-        b_dv += tl.dot(b_k, b_h3, input_precision=DOT_PREC)
+        b_k = tl.load(_tok(k, bos, i_h, L, H, K, t * C, 3 * BK, C, BK), boundary_check=(0, 1)).to(OP)
+        b_dv += tl.dot(b_k, b_h3.to(OP), input_precision=DOT_PREC)
     tl.store(_tok(dv_new, bos, i_h, L, H, V, t * C, v0, C, BV), b_dv, boundary_check=(0, 1))
+    b_dv = b_dv.to(OP)
 
     # dh += scale Q^T dO - W^T dv_new
-    b_do = tl.load(_tok(do, bos, i_h, L, H, V, t * C, v0, C, BV), boundary_check=(0, 1)).to(ACC) * scale
-    b_q = tl.load(_tok(q, bos, i_h, L, H, K, t * C, 0, C, BK), boundary_check=(0, 1)).to(ACC)
-    b_w = tl.load(_tok(w, bos, i_h, L, H, K, t * C, 0, C, BK), boundary_check=(0, 1))
+    b_do = (tl.load(_tok(do, bos, i_h, L, H, V, t * C, v0, C, BV), boundary_check=(0, 1)).to(ACC) * scale).to(OP)
+    b_q = tl.load(_tok(q, bos, i_h, L, H, K, t * C, 0, C, BK), boundary_check=(0, 1)).to(OP)
+    b_w = tl.load(_tok(w, bos, i_h, L, H, K, t * C, 0, C, BK), boundary_check=(0, 1)).to(OP)
     b_h0 += tl.dot(tl.trans(b_q), b_do, input_precision=DOT_PREC) - \
         tl.dot(tl.trans(b_w), b_dv, input_precision=DOT_PREC)
     if NK > 1:
-        b_q = tl.load(_tok(q, bos, i_h, L, H, K, t * C, BK, C, BK), boundary_check=(0, 1)).to(ACC)
-        b_w = tl.load(_tok(w, bos, i_h, L, H, K, t * C, BK, C, BK), boundary_check=(0, 1))
+        b_q = tl.load(_tok(q, bos, i_h, L, H, K, t * C, BK, C, BK), boundary_check=(0, 1)).to(OP)
+        b_w = tl.load(_tok(w, bos, i_h, L, H, K, t * C, BK, C, BK), boundary_check=(0, 1)).to(OP)
         b_h1 += tl.dot(tl.trans(b_q), b_do, input_precision=DOT_PREC) - \
             tl.dot(tl.trans(b_w), b_dv, input_precision=DOT_PREC)
     if NK > 2:
-        b_q = tl.load(_tok(q, bos, i_h, L, H, K, t * C, 2 * BK, C, BK), boundary_check=(0, 1)).to(ACC)
-        b_w = tl.load(_tok(w, bos, i_h, L, H, K, t * C, 2 * BK, C, BK), boundary_check=(0, 1))
+        b_q = tl.load(_tok(q, bos, i_h, L, H, K, t * C, 2 * BK, C, BK), boundary_check=(0, 1)).to(OP)
+        b_w = tl.load(_tok(w, bos, i_h, L, H, K, t * C, 2 * BK, C, BK), boundary_check=(0, 1)).to(OP)
         b_h2 += tl.dot(tl.trans(b_q), b_do, input_precision=DOT_PREC) - \
             tl.dot(tl.trans(b_w), b_dv, input_precision=DOT_PREC)
     if NK > 3:
-        b_q = tl.load(_tok(q, bos, i_h, L, H, K, t * C, 3 * BK, C, BK), boundary_check=(0, 1)).to(ACC)
-        b_w = tl.load(_tok(w, bos, i_h, L, H, K, t * C, 3 * BK, C, BK), boundary_check=(0, 1))
+        b_q = tl.load(_tok(q, bos, i_h, L, H, K, t * C, 3 * BK, C, BK), boundary_check=(0, 1)).to(OP)
+        b_w = tl.load(_tok(w, bos, i_h, L, H, K, t * C, 3 * BK, C, BK), boundary_check=(0, 1)).to(OP)
         b_h3 += tl.dot(tl.trans(b_q), b_do, input_precision=DOT_PREC) - \
             tl.dot(tl.trans(b_w), b_dv, input_precision=DOT_PREC)
     return b_h0, b_h1, b_h2, b_h3
@@ -191,7 +194,7 @@ def chunk_h_bwd_kernel(q, k, w, do, dv_local, dh, dv_new, dht, ds0, offsets, chu
                        H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                        BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr,
                        USE_DHT: tl.constexpr, STORE_DS0: tl.constexpr, DOT_PREC: tl.constexpr,
-                       WHILE_LOOP: tl.constexpr):
+                       WHILE_LOOP: tl.constexpr, OP: tl.constexpr):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos = tl.load(offsets + i_n).to(tl.int64), tl.load(offsets + i_n + 1).to(tl.int64)
@@ -220,12 +223,13 @@ def chunk_h_bwd_kernel(q, k, w, do, dv_local, dh, dv_new, dht, ds0, offsets, chu
         t = NT - 1
         while t >= 0:
             b_h0, b_h1, b_h2, b_h3 = _bwd_step(t, b_h0, b_h1, b_h2, b_h3, q, k, w, do, dv_local, dh, dv_new, scale,
-                                               bos, i_h, L, c0, v0, H, K, V, C, BK, BV, NK, DOT_PREC)
+                                               bos, i_h, L, c0, v0, H, K, V, C, BK, BV, NK, DOT_PREC, OP)
             t -= 1
     else:
         for s in range(NT):
             b_h0, b_h1, b_h2, b_h3 = _bwd_step(NT - 1 - s, b_h0, b_h1, b_h2, b_h3, q, k, w, do, dv_local, dh,
-                                               dv_new, scale, bos, i_h, L, c0, v0, H, K, V, C, BK, BV, NK, DOT_PREC)
+                                               dv_new, scale, bos, i_h, L, c0, v0, H, K, V, C, BK, BV, NK, DOT_PREC,
+                                               OP)
 
     if STORE_DS0:
         p0 = ds0 + i_n.to(tl.int64) * H * K * V
@@ -269,7 +273,8 @@ def chunk_h_fwd(k, w, u, initial_state, output_final_state, offsets, chunk_offse
     launch_fitting(
         chunk_h_fwd_kernel, (triton.cdiv(V, BV), N * H), k, w, u, h, v_new, initial_state, ht, offsets, chunk_offsets,
         H=H, K=K, V=V, C=chunk_size, BK=BK, BV=BV, NK=NK, USE_S0=initial_state is not None,
-        STORE_FINAL=output_final_state, DOT_PREC=dot_precision(k.dtype), WHILE_LOOP=interpreting(), stages=(stages,))
+        STORE_FINAL=output_final_state, DOT_PREC=dot_precision(k.dtype), WHILE_LOOP=interpreting(),
+        OP=operand_type("chunk_h_fwd", k.dtype, chunk_size, BK, BV), stages=(stages,))
     return h, v_new, ht
 
 
@@ -288,5 +293,6 @@ def chunk_h_bwd(q, k, w, do, dv_local, dht, initial_state, scale_t, offsets, chu
     launch_fitting(
         chunk_h_bwd_kernel, (triton.cdiv(V, BV), N * H), q, k, w, do, dv_local, dh, dv_new, dht, ds0, offsets,
         chunk_offsets, scale_t, H=H, K=K, V=V, C=chunk_size, BK=BK, BV=BV, NK=NK, USE_DHT=dht is not None,
-        STORE_DS0=ds0 is not None, DOT_PREC=dot_precision(k.dtype), WHILE_LOOP=interpreting(), stages=(stages,))
+        STORE_DS0=ds0 is not None, DOT_PREC=dot_precision(k.dtype), WHILE_LOOP=interpreting(),
+        OP=operand_type("chunk_h_bwd", k.dtype, chunk_size, BK, BV), stages=(stages,))
     return dh, dv_new, ds0

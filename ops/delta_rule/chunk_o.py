@@ -13,14 +13,23 @@ import torch
 import triton
 import triton.language as tl
 
-from ops.common.utils import acc_dtype, block_size, dot_precision, launch_fitting, new_empty, pipeline_stages
+from ops.common.utils import (
+    acc_dtype,
+    block_size,
+    dot_precision,
+    launch_fitting,
+    new_empty,
+    operand_type,
+    pipeline_stages,
+)
 from ops.delta_rule.chunk_h import _st, _tok
 
 
 @triton.jit
 def chunk_o_fwd_kernel(q, k, v_new, h, o, scale_ptr, offsets, cmap,
                        H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-                       BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr):
+                       BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr, OP: tl.constexpr):
+    """O = scale (Q h_n + (Q K^T * M) v_new); dot operands Q, K, h, the masked Q K^T and v_new in OP."""
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, j = tl.load(cmap + i_c * 2), tl.load(cmap + i_c * 2 + 1)
     bos, eos = tl.load(offsets + i_n).to(tl.int64), tl.load(offsets + i_n + 1).to(tl.int64)
@@ -32,15 +41,15 @@ def chunk_o_fwd_kernel(q, k, v_new, h, o, scale_ptr, offsets, cmap,
     b_o = tl.zeros([C, BV], dtype=ACC)
     b_A = tl.zeros([C, C], dtype=ACC)
     for i_k in range(tl.cdiv(K, BK)):
-        b_q = tl.load(_tok(q, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), boundary_check=(0, 1)).to(ACC)
-        b_k = tl.load(_tok(k, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), boundary_check=(0, 1)).to(ACC)
-        b_h = tl.load(_st(ph, i_h, H, K, V, i_k * BK, i_v * BV, BK, BV), boundary_check=(0, 1))
+        b_q = tl.load(_tok(q, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), boundary_check=(0, 1)).to(OP)
+        b_k = tl.load(_tok(k, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), boundary_check=(0, 1)).to(OP)
+        b_h = tl.load(_st(ph, i_h, H, K, V, i_k * BK, i_v * BV, BK, BV), boundary_check=(0, 1)).to(OP)
         b_o += tl.dot(b_q, b_h, input_precision=DOT_PREC)
         b_A += tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC)
     rows = tl.arange(0, C)[:, None]
     cols = tl.arange(0, C)[None, :]
-    b_A = tl.where(rows >= cols, b_A, 0.0)
-    b_v = tl.load(_tok(v_new, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1))
+    b_A = tl.where(rows >= cols, b_A, 0.0).to(OP)
+    b_v = tl.load(_tok(v_new, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1)).to(OP)
     b_o = (b_o + tl.dot(b_A, b_v, input_precision=DOT_PREC)) * scale
     p_o = _tok(o, bos, i_h, L, H, V, j * C, i_v * BV, C, BV)
     tl.store(p_o, b_o.to(p_o.dtype.element_ty), boundary_check=(0, 1))
@@ -49,7 +58,8 @@ def chunk_o_fwd_kernel(q, k, v_new, h, o, scale_ptr, offsets, cmap,
 @triton.jit
 def chunk_dv_local_kernel(q, k, do, dv, scale_ptr, offsets, cmap,
                           H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-                          BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr):
+                          BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr, OP: tl.constexpr):
+    """dv_local = scale (Q K^T * M)^T dO, as (K Q^T * M^T) dO; dot operands in OP."""
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, j = tl.load(cmap + i_c * 2), tl.load(cmap + i_c * 2 + 1)
     bos, eos = tl.load(offsets + i_n).to(tl.int64), tl.load(offsets + i_n + 1).to(tl.int64)
@@ -59,13 +69,13 @@ def chunk_dv_local_kernel(q, k, do, dv, scale_ptr, offsets, cmap,
 
     b_At = tl.zeros([C, C], dtype=ACC)  # (Q K^T)^T = K Q^T
     for i_k in range(tl.cdiv(K, BK)):
-        b_q = tl.load(_tok(q, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), boundary_check=(0, 1)).to(ACC)
-        b_k = tl.load(_tok(k, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), boundary_check=(0, 1)).to(ACC)
+        b_q = tl.load(_tok(q, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), boundary_check=(0, 1)).to(OP)
+        b_k = tl.load(_tok(k, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), boundary_check=(0, 1)).to(OP)
         b_At += tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PREC)
     rows = tl.arange(0, C)[:, None]
     cols = tl.arange(0, C)[None, :]
-    b_At = tl.where(rows <= cols, b_At, 0.0) * scale
-    b_do = tl.load(_tok(do, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1)).to(ACC)
+    b_At = (tl.where(rows <= cols, b_At, 0.0) * scale).to(OP)
+    b_do = tl.load(_tok(do, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1)).to(OP)
     tl.store(_tok(dv, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), tl.dot(b_At, b_do, input_precision=DOT_PREC),
              boundary_check=(0, 1))
 
@@ -73,7 +83,9 @@ def chunk_dv_local_kernel(q, k, do, dv, scale_ptr, offsets, cmap,
 @triton.jit
 def chunk_o_bwd_kernel(q, k, v_new, h, do, dh, dv_new, dq, dk, dw, scale_ptr, offsets, cmap,
                        H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-                       BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr):
+                       BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr, OP: tl.constexpr):
+    """dQ, dK (partial), dW of the module docstring. The products over V take OP operands; dS^T Q takes ACC
+    ones: a transposed dot result rounded to half and fed to tl.dot miscompiles on Hopper (fla PR 826)."""
     i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, j = tl.load(cmap + i_c * 2), tl.load(cmap + i_c * 2 + 1)
     bos, eos = tl.load(offsets + i_n).to(tl.int64), tl.load(offsets + i_n + 1).to(tl.int64)
@@ -88,11 +100,11 @@ def chunk_o_bwd_kernel(q, k, v_new, h, do, dh, dv_new, dq, dk, dw, scale_ptr, of
     b_dk = tl.zeros([C, BK], dtype=ACC)  # v_new dh^T
     b_dw = tl.zeros([C, BK], dtype=ACC)  # -dv_new h^T
     for i_v in range(tl.cdiv(V, BV)):
-        b_do = tl.load(_tok(do, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1)).to(ACC)
-        b_v = tl.load(_tok(v_new, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1))
-        b_dv = tl.load(_tok(dv_new, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1))
-        b_ht = tl.trans(tl.load(_st(ph, i_h, H, K, V, i_k * BK, i_v * BV, BK, BV), boundary_check=(0, 1)))
-        b_dht = tl.trans(tl.load(_st(pdh, i_h, H, K, V, i_k * BK, i_v * BV, BK, BV), boundary_check=(0, 1)))
+        b_do = tl.load(_tok(do, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1)).to(OP)
+        b_v = tl.load(_tok(v_new, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1)).to(OP)
+        b_dv = tl.load(_tok(dv_new, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1)).to(OP)
+        b_ht = tl.trans(tl.load(_st(ph, i_h, H, K, V, i_k * BK, i_v * BV, BK, BV), boundary_check=(0, 1)).to(OP))
+        b_dht = tl.trans(tl.load(_st(pdh, i_h, H, K, V, i_k * BK, i_v * BV, BK, BV), boundary_check=(0, 1)).to(OP))
         b_dS += tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC)
         b_dq += tl.dot(b_do, b_ht, input_precision=DOT_PREC)
         b_dk += tl.dot(b_v, b_dht, input_precision=DOT_PREC)
@@ -100,10 +112,10 @@ def chunk_o_bwd_kernel(q, k, v_new, h, do, dh, dv_new, dq, dk, dw, scale_ptr, of
     rows = tl.arange(0, C)[:, None]
     cols = tl.arange(0, C)[None, :]
     b_dS = tl.where(rows >= cols, b_dS, 0.0) * scale
-    b_q = tl.load(_tok(q, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), boundary_check=(0, 1)).to(ACC)
-    b_k = tl.load(_tok(k, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), boundary_check=(0, 1)).to(ACC)
-    b_dq = b_dq * scale + tl.dot(b_dS, b_k, input_precision=DOT_PREC)
-    b_dk += tl.dot(tl.trans(b_dS), b_q, input_precision=DOT_PREC)
+    b_q = tl.load(_tok(q, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), boundary_check=(0, 1))
+    b_k = tl.load(_tok(k, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), boundary_check=(0, 1)).to(OP)
+    b_dq = b_dq * scale + tl.dot(b_dS.to(OP), b_k, input_precision=DOT_PREC)
+    b_dk += tl.dot(tl.trans(b_dS), b_q.to(ACC), input_precision=DOT_PREC)
     p_dq = _tok(dq, bos, i_h, L, H, K, j * C, i_k * BK, C, BK)
     tl.store(p_dq, b_dq.to(p_dq.dtype.element_ty), boundary_check=(0, 1))
     tl.store(_tok(dk, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), b_dk, boundary_check=(0, 1))
@@ -133,7 +145,8 @@ def chunk_o_fwd(q, k, v_new, h, scale_t, offsets, cmap, chunk_size):
         stages = pipeline_stages(2 * chunk_size * BK * q.element_size() + BK * BV * _bytes(h.dtype))  # Q, K, h
         launch_fitting(
             chunk_o_fwd_kernel, (triton.cdiv(V, BV), NC, H), q, k, v_new, h, o, scale_t, offsets, cmap, H=H, K=K, V=V,
-            C=chunk_size, BK=BK, BV=BV, DOT_PREC=dot_precision(q.dtype), stages=(stages,))
+            C=chunk_size, BK=BK, BV=BV, DOT_PREC=dot_precision(q.dtype),
+            OP=operand_type("chunk_o_fwd", q.dtype, chunk_size, BK, BV), stages=(stages,))
     return o
 
 
@@ -148,7 +161,8 @@ def chunk_dv_local(q, k, do, scale_t, offsets, cmap, chunk_size):
         stages = pipeline_stages(2 * chunk_size * BK * q.element_size())  # Q, K
         launch_fitting(
             chunk_dv_local_kernel, (triton.cdiv(V, BV), NC, H), q, k, do, dv, scale_t, offsets, cmap, H=H, K=K, V=V,
-            C=chunk_size, BK=BK, BV=BV, DOT_PREC=dot_precision(q.dtype), stages=(stages,))
+            C=chunk_size, BK=BK, BV=BV, DOT_PREC=dot_precision(q.dtype),
+            OP=operand_type("chunk_dv_local", q.dtype, chunk_size, BK, BV), stages=(stages,))
     return dv
 
 
@@ -167,6 +181,7 @@ def chunk_o_bwd(q, k, v_new, h, do, dh, dv_new, scale_t, offsets, cmap, chunk_si
         stages = pipeline_stages(chunk_size * BV * (do.element_size() + 2 * a) + 2 * BK * BV * a)  # dO v v' h dh
         launch_fitting(
             chunk_o_bwd_kernel, (triton.cdiv(K, BK), NC, H), q, k, v_new, h, do, dh, dv_new, dq, dk, dw, scale_t,
-            offsets, cmap, H=H, K=K, V=V, C=chunk_size, BK=BK, BV=BV, DOT_PREC=dot_precision(q.dtype), stages=(stages,))
+            offsets, cmap, H=H, K=K, V=V, C=chunk_size, BK=BK, BV=BV, DOT_PREC=dot_precision(q.dtype),
+            OP=operand_type("chunk_o_bwd", q.dtype, chunk_size, BK, BV), stages=(stages,))
     return dq, dk, dw
 

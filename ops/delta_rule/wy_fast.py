@@ -9,14 +9,23 @@ import triton
 import triton.language as tl
 
 from ops.common.solve_tril import solve_unit_lower
-from ops.common.utils import acc_dtype, block_size, dot_precision, launch_fitting, new_empty, pipeline_stages
+from ops.common.utils import (
+    acc_dtype,
+    block_size,
+    dot_precision,
+    launch_fitting,
+    new_empty,
+    operand_type,
+    pipeline_stages,
+)
 
 
 @triton.jit
 def wy_fwd_kernel(k, v, beta, w, u, x, offsets, cmap,
                   H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-                  BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr):
-    """grid (NC, H): X = (I + tril(diag(beta) K K^T, -1))^-1; W = X diag(beta) K; U = X diag(beta) V."""
+                  BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr, OP: tl.constexpr):
+    """grid (NC, H): X = (I + tril(diag(beta) K K^T, -1))^-1; W = X diag(beta) K; U = X diag(beta) V.
+    K K^T, T K and T V take OP operands (T rounded to OP for them); the inverse is solved in ACC."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_n, j = tl.load(cmap + i_c * 2), tl.load(cmap + i_c * 2 + 1)
     bos, eos = tl.load(offsets + i_n).to(tl.int64), tl.load(offsets + i_n + 1).to(tl.int64)
@@ -28,22 +37,22 @@ def wy_fwd_kernel(k, v, beta, w, u, x, offsets, cmap,
     b_A = tl.zeros([C, C], dtype=ACC)
     for i_k in range(tl.cdiv(K, BK)):
         p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (L, K), (H * K, 1), (j * C, i_k * BK), (C, BK), (1, 0))
-        b_k = tl.load(p_k, boundary_check=(0, 1)).to(ACC)
+        b_k = tl.load(p_k, boundary_check=(0, 1)).to(OP)
         b_A += tl.dot(b_k, tl.trans(b_k), input_precision=DOT_PREC)
     b_X = solve_unit_lower(b_A * b_b[:, None], C, DOT_PREC)
     p_x = tl.make_block_ptr(x + (i_c * H + i_h).to(tl.int64) * C * C, (C, C), (C, 1), (0, 0), (C, C), (1, 0))
     tl.store(p_x, b_X)
 
-    b_T = b_X * b_b[None, :]
+    b_T = (b_X * b_b[None, :]).to(OP)
     for i_k in range(tl.cdiv(K, BK)):
         p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (L, K), (H * K, 1), (j * C, i_k * BK), (C, BK), (1, 0))
         p_w = tl.make_block_ptr(w + (bos * H + i_h) * K, (L, K), (H * K, 1), (j * C, i_k * BK), (C, BK), (1, 0))
-        b_k = tl.load(p_k, boundary_check=(0, 1)).to(ACC)
+        b_k = tl.load(p_k, boundary_check=(0, 1)).to(OP)
         tl.store(p_w, tl.dot(b_T, b_k, input_precision=DOT_PREC), boundary_check=(0, 1))
     for i_v in range(tl.cdiv(V, BV)):
         p_v = tl.make_block_ptr(v + (bos * H + i_h) * V, (L, V), (H * V, 1), (j * C, i_v * BV), (C, BV), (1, 0))
         p_u = tl.make_block_ptr(u + (bos * H + i_h) * V, (L, V), (H * V, 1), (j * C, i_v * BV), (C, BV), (1, 0))
-        b_v = tl.load(p_v, boundary_check=(0, 1)).to(ACC)
+        b_v = tl.load(p_v, boundary_check=(0, 1)).to(OP)
         tl.store(p_u, tl.dot(b_T, b_v, input_precision=DOT_PREC), boundary_check=(0, 1))
 
 
@@ -135,7 +144,7 @@ def wy_fwd(k, v, beta, offsets, cmap, chunk_size):
         a, e = w.element_size(), k.element_size()
         stages = pipeline_stages(C * max(BK, BV) * (a + e))  # a K (or V) tile in, a W (or U) tile out
         launch_fitting(wy_fwd_kernel, (NC, H), k, v, beta, w, u, x, offsets, cmap, H=H, K=K, V=V, C=C, BK=BK, BV=BV,
-                       DOT_PREC=dot_precision(k.dtype), stages=(stages,))
+                       DOT_PREC=dot_precision(k.dtype), OP=operand_type("wy_fwd", k.dtype, C, BK, BV), stages=(stages,))
     return w, u, x
 
 
