@@ -85,6 +85,14 @@ def operand_type(kernel: str, dtype: torch.dtype, *tiles: int):
 LAST_OPERANDS = {}  # kernel -> the operand type its last launch took (tests check the half path is taken)
 
 
+def operand_storage(op) -> torch.dtype:
+    """Storage dtype of an intermediate that later kernels read only as tl.dot operands, written by a kernel whose
+    operands are `op` (W, h, v_new, dh): op itself, since rounding it for storage is the rounding its dot operands
+    get anyway, and half storage halves those tensors' bytes (h and dh are [NC, H, K, V])."""
+    import triton.language as tl
+    return {tl.float16: torch.float16, tl.bfloat16: torch.bfloat16, tl.float64: torch.float64}.get(op, torch.float32)
+
+
 def block_size(n: int, minimum: int = 16) -> int:
     """Power-of-two tile covering n (at least 16: tl.dot's smallest dimension)."""
     return max(minimum, triton.next_power_of_2(n))

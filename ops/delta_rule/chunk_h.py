@@ -6,7 +6,7 @@ Backward, reverse over chunks, with dh_N = dht (or 0) and dv_local = scale (Q K^
     store dh_{n+1};   dv_new_n = dv_local_n + K_n dh_{n+1} (store);
     dh_n = dh_{n+1} + scale Q_n^T dO_n - W_n^T dv_new_n;   dS0 = dh_0.
 Grid (V blocks, N * H). The [K, BV] state lives in registers as up to four [64, BV] tiles (K <= 256); states are
-stored per chunk ([NC, H, K, V]) in the accumulation dtype.
+stored per chunk ([NC, H, K, V]), like v_new, in the dtype of their dot operands (utils.operand_storage).
 """
 import torch
 import triton
@@ -19,6 +19,7 @@ from ops.common.utils import (
     interpreting,
     launch_fitting,
     new_empty,
+    operand_storage,
     operand_type,
     pipeline_stages,
 )
@@ -43,13 +44,13 @@ def _fwd_step(t, b_h0, b_h1, b_h2, b_h3, k, w, u, h, v_new, bos, i_h, L, c0, v0,
               BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr, DOT_PREC: tl.constexpr, OP: tl.constexpr):
     """Chunk t: store h_t; v_new = U - W h_t; h_{t+1} = h_t + K^T v_new (dot operands W, h, K, v_new in OP)."""
     ph = h + (c0 + t) * H * K * V
-    tl.store(_st(ph, i_h, H, K, V, 0, v0, BK, BV), b_h0, boundary_check=(0, 1))
+    tl.store(_st(ph, i_h, H, K, V, 0, v0, BK, BV), b_h0.to(ph.dtype.element_ty), boundary_check=(0, 1))
     if NK > 1:
-        tl.store(_st(ph, i_h, H, K, V, BK, v0, BK, BV), b_h1, boundary_check=(0, 1))
+        tl.store(_st(ph, i_h, H, K, V, BK, v0, BK, BV), b_h1.to(ph.dtype.element_ty), boundary_check=(0, 1))
     if NK > 2:
-        tl.store(_st(ph, i_h, H, K, V, 2 * BK, v0, BK, BV), b_h2, boundary_check=(0, 1))
+        tl.store(_st(ph, i_h, H, K, V, 2 * BK, v0, BK, BV), b_h2.to(ph.dtype.element_ty), boundary_check=(0, 1))
     if NK > 3:
-        tl.store(_st(ph, i_h, H, K, V, 3 * BK, v0, BK, BV), b_h3, boundary_check=(0, 1))
+        tl.store(_st(ph, i_h, H, K, V, 3 * BK, v0, BK, BV), b_h3.to(ph.dtype.element_ty), boundary_check=(0, 1))
 
     # v_new = U - W h
     b_v = tl.load(_tok(u, bos, i_h, L, H, V, t * C, v0, C, BV), boundary_check=(0, 1))
@@ -64,7 +65,7 @@ def _fwd_step(t, b_h0, b_h1, b_h2, b_h3, k, w, u, h, v_new, bos, i_h, L, c0, v0,
     if NK > 3:
         b_w = tl.load(_tok(w, bos, i_h, L, H, K, t * C, 3 * BK, C, BK), boundary_check=(0, 1)).to(OP)
         b_v -= tl.dot(b_w, b_h3.to(OP), input_precision=DOT_PREC)
-    tl.store(_tok(v_new, bos, i_h, L, H, V, t * C, v0, C, BV), b_v, boundary_check=(0, 1))
+    tl.store(_tok(v_new, bos, i_h, L, H, V, t * C, v0, C, BV), b_v.to(v_new.dtype.element_ty), boundary_check=(0, 1))
     b_v = b_v.to(OP)
 
     # h += K^T v_new
@@ -93,7 +94,7 @@ def chunk_h_fwd_kernel(k, w, u, h, v_new, h0, ht, offsets, chunk_offsets,
     bos, eos = tl.load(offsets + i_n).to(tl.int64), tl.load(offsets + i_n + 1).to(tl.int64)
     L = eos - bos
     c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
-    ACC = h.dtype.element_ty
+    ACC = u.dtype.element_ty
     v0 = i_v * BV
 
     b_h0 = tl.zeros([BK, BV], dtype=ACC)
@@ -141,13 +142,13 @@ def _bwd_step(t, b_h0, b_h1, b_h2, b_h3, q, k, w, do, dv_local, dh, dv_new, scal
     (dot operands K, dh, Q, scale dO, W, dv_new in OP)."""
     ACC = b_h0.dtype
     ph = dh + (c0 + t) * H * K * V
-    tl.store(_st(ph, i_h, H, K, V, 0, v0, BK, BV), b_h0, boundary_check=(0, 1))
+    tl.store(_st(ph, i_h, H, K, V, 0, v0, BK, BV), b_h0.to(ph.dtype.element_ty), boundary_check=(0, 1))
     if NK > 1:
-        tl.store(_st(ph, i_h, H, K, V, BK, v0, BK, BV), b_h1, boundary_check=(0, 1))
+        tl.store(_st(ph, i_h, H, K, V, BK, v0, BK, BV), b_h1.to(ph.dtype.element_ty), boundary_check=(0, 1))
     if NK > 2:
-        tl.store(_st(ph, i_h, H, K, V, 2 * BK, v0, BK, BV), b_h2, boundary_check=(0, 1))
+        tl.store(_st(ph, i_h, H, K, V, 2 * BK, v0, BK, BV), b_h2.to(ph.dtype.element_ty), boundary_check=(0, 1))
     if NK > 3:
-        tl.store(_st(ph, i_h, H, K, V, 3 * BK, v0, BK, BV), b_h3, boundary_check=(0, 1))
+        tl.store(_st(ph, i_h, H, K, V, 3 * BK, v0, BK, BV), b_h3.to(ph.dtype.element_ty), boundary_check=(0, 1))
 
     # dv_new = dv_local + K dh
     b_dv = tl.load(_tok(dv_local, bos, i_h, L, H, V, t * C, v0, C, BV), boundary_check=(0, 1))
@@ -200,7 +201,7 @@ def chunk_h_bwd_kernel(q, k, w, do, dv_local, dh, dv_new, dht, ds0, offsets, chu
     bos, eos = tl.load(offsets + i_n).to(tl.int64), tl.load(offsets + i_n + 1).to(tl.int64)
     L = eos - bos
     c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
-    ACC = dh.dtype.element_ty
+    ACC = dv_local.dtype.element_ty
     v0 = i_v * BV
     NT = tl.cdiv(L, C).to(tl.int32)
     scale = tl.load(scale_ptr)
@@ -264,17 +265,18 @@ def chunk_h_fwd(k, w, u, initial_state, output_final_state, offsets, chunk_offse
     B, T, H, K = k.shape
     V = u.shape[-1]
     N, acc = offsets.numel() - 1, acc_dtype(k.dtype)
-    h = new_empty((NC, H, K, V), acc, k.device)
-    v_new = new_empty((B, T, H, V), acc, k.device)
-    ht = new_empty((N, H, K, V), acc, k.device) if output_final_state else None
     BK, NK, BV = _blocks(K, V)
+    op = operand_type("chunk_h_fwd", k.dtype, chunk_size, BK, BV)
+    h = new_empty((NC, H, K, V), operand_storage(op), k.device)
+    v_new = new_empty((B, T, H, V), operand_storage(op), k.device)
+    ht = new_empty((N, H, K, V), acc, k.device) if output_final_state else None
     a, e = torch.finfo(acc).bits // 8, k.element_size()
     stages = pipeline_stages(chunk_size * (NK * BK * (a + e) + BV * a))  # W, K, U tiles of one chunk
     launch_fitting(
         chunk_h_fwd_kernel, (triton.cdiv(V, BV), N * H), k, w, u, h, v_new, initial_state, ht, offsets, chunk_offsets,
         H=H, K=K, V=V, C=chunk_size, BK=BK, BV=BV, NK=NK, USE_S0=initial_state is not None,
         STORE_FINAL=output_final_state, DOT_PREC=dot_precision(k.dtype), WHILE_LOOP=interpreting(),
-        OP=operand_type("chunk_h_fwd", k.dtype, chunk_size, BK, BV), stages=(stages,))
+        OP=op, stages=(stages,))
     return h, v_new, ht
 
 
@@ -284,15 +286,16 @@ def chunk_h_bwd(q, k, w, do, dv_local, dht, initial_state, scale_t, offsets, chu
     B, T, H, K = k.shape
     V = do.shape[-1]
     N, acc = offsets.numel() - 1, acc_dtype(k.dtype)
-    dh = new_empty((NC, H, K, V), acc, k.device)
-    dv_new = new_empty((B, T, H, V), acc, k.device)
-    ds0 = None if initial_state is None else new_empty((N, H, K, V), initial_state.dtype, k.device)
     BK, NK, BV = _blocks(K, V)
+    op = operand_type("chunk_h_bwd", k.dtype, chunk_size, BK, BV)
+    dh = new_empty((NC, H, K, V), operand_storage(op), k.device)
+    dv_new = new_empty((B, T, H, V), acc, k.device)  # (wy_bwd reads it as an ACC operand)
+    ds0 = None if initial_state is None else new_empty((N, H, K, V), initial_state.dtype, k.device)
     a, e = torch.finfo(acc).bits // 8, k.element_size()
     stages = pipeline_stages(chunk_size * (NK * BK * (2 * e + a) + BV * (a + e)))  # K, Q, W, dv_local, dO tiles
     launch_fitting(
         chunk_h_bwd_kernel, (triton.cdiv(V, BV), N * H), q, k, w, do, dv_local, dh, dv_new, dht, ds0, offsets,
         chunk_offsets, scale_t, H=H, K=K, V=V, C=chunk_size, BK=BK, BV=BV, NK=NK, USE_DHT=dht is not None,
         STORE_DS0=ds0 is not None, DOT_PREC=dot_precision(k.dtype), WHILE_LOOP=interpreting(),
-        OP=operand_type("chunk_h_bwd", k.dtype, chunk_size, BK, BV), stages=(stages,))
+        OP=op, stages=(stages,))
     return dh, dv_new, ds0

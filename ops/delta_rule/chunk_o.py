@@ -34,7 +34,7 @@ def chunk_o_fwd_kernel(q, k, v_new, h, o, scale_ptr, offsets, cmap,
     i_n, j = tl.load(cmap + i_c * 2), tl.load(cmap + i_c * 2 + 1)
     bos, eos = tl.load(offsets + i_n).to(tl.int64), tl.load(offsets + i_n + 1).to(tl.int64)
     L = eos - bos
-    ACC = h.dtype.element_ty
+    ACC = scale_ptr.dtype.element_ty
     scale = tl.load(scale_ptr)
     ph = h + i_c.to(tl.int64) * H * K * V
 
@@ -90,7 +90,7 @@ def chunk_o_bwd_kernel(q, k, v_new, h, do, dh, dv_new, dq, dk, dw, scale_ptr, of
     i_n, j = tl.load(cmap + i_c * 2), tl.load(cmap + i_c * 2 + 1)
     bos, eos = tl.load(offsets + i_n).to(tl.int64), tl.load(offsets + i_n + 1).to(tl.int64)
     L = eos - bos
-    ACC = h.dtype.element_ty
+    ACC = scale_ptr.dtype.element_ty
     scale = tl.load(scale_ptr)
     ph = h + i_c.to(tl.int64) * H * K * V
     pdh = dh + i_c.to(tl.int64) * H * K * V

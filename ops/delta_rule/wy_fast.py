@@ -3,7 +3,8 @@
 Per chunk (C rows; rows past the sequence end are zero) and head:
     A = tril(diag(beta) K K^T, -1),  X = (I + A)^-1,  T = X diag(beta),  W = T K,  U = T V,
 so that prod_i (I - beta_i k_i k_i^T) = I - K^T W (newest on the left) and the chunk's write is K^T U.
-W, U and X are kept in the accumulation dtype; X ([NC, H, C, C]) is saved for the backward.
+U and X are kept in the accumulation dtype, W in its dot operands' (utils.operand_storage); X ([NC, H, C, C]) is
+saved for the backward.
 """
 import triton
 import triton.language as tl
@@ -15,8 +16,10 @@ from ops.common.utils import (
     dot_precision,
     launch_fitting,
     new_empty,
+    operand_storage,
     operand_type,
     pipeline_stages,
+    tl_acc,
 )
 
 
@@ -30,7 +33,7 @@ def wy_fwd_kernel(k, v, beta, w, u, x, offsets, cmap,
     i_n, j = tl.load(cmap + i_c * 2), tl.load(cmap + i_c * 2 + 1)
     bos, eos = tl.load(offsets + i_n).to(tl.int64), tl.load(offsets + i_n + 1).to(tl.int64)
     L = eos - bos
-    ACC = w.dtype.element_ty
+    ACC = x.dtype.element_ty
 
     p_b = tl.make_block_ptr(beta + bos * H + i_h, (L,), (H,), (j * C,), (C,), (0,))
     b_b = tl.load(p_b, boundary_check=(0,)).to(ACC)
@@ -48,7 +51,7 @@ def wy_fwd_kernel(k, v, beta, w, u, x, offsets, cmap,
         p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (L, K), (H * K, 1), (j * C, i_k * BK), (C, BK), (1, 0))
         p_w = tl.make_block_ptr(w + (bos * H + i_h) * K, (L, K), (H * K, 1), (j * C, i_k * BK), (C, BK), (1, 0))
         b_k = tl.load(p_k, boundary_check=(0, 1)).to(OP)
-        tl.store(p_w, tl.dot(b_T, b_k, input_precision=DOT_PREC), boundary_check=(0, 1))
+        tl.store(p_w, tl.dot(b_T, b_k, input_precision=DOT_PREC).to(p_w.dtype.element_ty), boundary_check=(0, 1))
     for i_v in range(tl.cdiv(V, BV)):
         p_v = tl.make_block_ptr(v + (bos * H + i_h) * V, (L, V), (H * V, 1), (j * C, i_v * BV), (C, BV), (1, 0))
         p_u = tl.make_block_ptr(u + (bos * H + i_h) * V, (L, V), (H * V, 1), (j * C, i_v * BV), (C, BV), (1, 0))
@@ -136,15 +139,18 @@ def wy_fwd(k, v, beta, offsets, cmap, chunk_size):
     B, T, H, K = k.shape
     V = v.shape[-1]
     C, NC, acc = chunk_size, cmap.shape[0], acc_dtype(k.dtype)
-    w = new_empty((B, T, H, K), acc, k.device)
+    BK, BV = _blocks(K, V)
+    # half operands only where the K and V tiles are equal: with BK = 64, BV = 32 the half T V product was wrong
+    # on the H200 (U off by 1.08 in diagnose_stages, illegal addresses; GPU visit 10), T K and every other stage right
+    op = operand_type("wy_fwd", k.dtype, C, BK, BV) if BK == BV else tl_acc(k.dtype)
+    w = new_empty((B, T, H, K), operand_storage(op), k.device)
     u = new_empty((B, T, H, V), acc, k.device)
     x = new_empty((NC, H, C, C), acc, k.device)
     if NC:
-        BK, BV = _blocks(K, V)
-        a, e = w.element_size(), k.element_size()
+        a, e = u.element_size(), k.element_size()
         stages = pipeline_stages(C * max(BK, BV) * (a + e))  # a K (or V) tile in, a W (or U) tile out
         launch_fitting(wy_fwd_kernel, (NC, H), k, v, beta, w, u, x, offsets, cmap, H=H, K=K, V=V, C=C, BK=BK, BV=BV,
-                       DOT_PREC=dot_precision(k.dtype), OP=operand_type("wy_fwd", k.dtype, C, BK, BV), stages=(stages,))
+                       DOT_PREC=dot_precision(k.dtype), OP=op, stages=(stages,))
     return w, u, x
 
 
