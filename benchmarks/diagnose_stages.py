@@ -121,7 +121,7 @@ def _errors(name, x, ref, bounds, out):
     if x.dim() in (2, 3):
         worst = max((rel_err(x[s:e], ref[s:e]) for s, e in zip(bounds[:-1], bounds[1:]) if e > s), default=0.0)
     out.append(dict(stage=name[0], output=name[1], err=total, worst_sequence=worst,
-                    operands=str(U.LAST_OPERANDS.get(name[0], "acc"))))
+                    operands=str(U.LAST_OPERANDS.get(name[0], ("acc",))[0])))
 
 
 def diagnose(lens, H, K, V, dtype, chunk_size=64, seed=0, initial_state=True, device=None):

@@ -70,19 +70,22 @@ HALF_OPERANDS = half_kernels(os.environ.get("DELTACHECK_HALF_OPERANDS", ""))
 
 def operand_type(kernel: str, dtype: torch.dtype, *tiles: int):
     """Triton dtype of `kernel`'s tl.dot operands: the input's half dtype when HALF_OPERANDS names the kernel and
-    every tile (chunk, K and V blocks) is at least 32 wide; else the accumulation type. Every GPU failure of the
-    first half-operand kernels had a 16-wide tile (benchmarks/NOTES.md, visit 3), and at K = 1 rounding U or
-    v_new to half is amplified by the cancellation in K^T U (NOTES, visit 3, item 5)."""
+    its tiles (chunk, K and V blocks) are all equal and at least 32 wide; else the accumulation type. Every GPU
+    failure of the first half-operand kernels had a 16-wide tile (benchmarks/NOTES.md, visit 3; at K = 1 rounding U
+    or v_new to half is also amplified by the cancellation in K^T U), and every one of this version's had a
+    64-wide chunk with a 32-wide V block: a half product of a dot result with N = 32 after one with N = 64 (wy_fwd's
+    T V, chunk_o_fwd's (Q K^T * M) v_new, chunk_dv_local's (K Q^T) dO) came out wrong or faulted (visit 10)."""
     import triton.language as tl
-    if dtype in (torch.float16, torch.bfloat16) and kernel in HALF_OPERANDS and min(tiles) >= 32:
+    if dtype in (torch.float16, torch.bfloat16) and kernel in HALF_OPERANDS and min(tiles) >= 32 \
+            and len(set(tiles)) == 1:
         op = tl.float16 if dtype == torch.float16 else tl.bfloat16
     else:
         op = tl_acc(dtype)
-    LAST_OPERANDS[kernel] = op
+    LAST_OPERANDS[kernel] = (op, tiles)
     return op
 
 
-LAST_OPERANDS = {}  # kernel -> the operand type its last launch took (tests check the half path is taken)
+LAST_OPERANDS = {}  # kernel -> (operand type, tiles) of its last launch (tests check the half path is taken)
 
 
 def operand_storage(op) -> torch.dtype:

@@ -19,7 +19,6 @@ from ops.common.utils import (
     operand_storage,
     operand_type,
     pipeline_stages,
-    tl_acc,
 )
 
 
@@ -140,9 +139,7 @@ def wy_fwd(k, v, beta, offsets, cmap, chunk_size):
     V = v.shape[-1]
     C, NC, acc = chunk_size, cmap.shape[0], acc_dtype(k.dtype)
     BK, BV = _blocks(K, V)
-    # half operands only where the K and V tiles are equal: with BK = 64, BV = 32 the half T V product was wrong
-    # on the H200 (U off by 1.08 in diagnose_stages, illegal addresses; GPU visit 10), T K and every other stage right
-    op = operand_type("wy_fwd", k.dtype, C, BK, BV) if BK == BV else tl_acc(k.dtype)
+    op = operand_type("wy_fwd", k.dtype, C, BK, BV)
     w = new_empty((B, T, H, K), operand_storage(op), k.device)
     u = new_empty((B, T, H, V), acc, k.device)
     x = new_empty((NC, H, C, C), acc, k.device)
