@@ -145,8 +145,7 @@ def test_half_operands_match_reference(case, chunk_size, kernels, record):
         assert_close("o", outs[0], routs[0], case.dtype, record=rec)
         assert_close("final_state", outs[1], routs[1], case.dtype, record=rec)
         _check_gradients(case, chunk_size, ours, refs, outs, routs, record, tag=f"[half {kernels}]")
-    half = {"float16": "fp16", "bfloat16": "bf16"}[str(case.dtype).split(".")[-1]]
-    taken = {n for n, (op, _) in U.LAST_OPERANDS.items() if str(op) == half}
+    taken = {n for n, (op, _) in U.LAST_OPERANDS.items() if op != U.tl_acc(case.dtype)}
     uniform = {n for n, (_, tiles) in U.LAST_OPERANDS.items() if len(set(tiles)) == 1 and tiles[0] >= 32}
     if case.T:  # (no tokens: no chunk, so nothing launched)
         assert taken == set(named) & uniform, f"half operands in {sorted(taken)}, asked for {sorted(named)}"
