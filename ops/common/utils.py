@@ -48,9 +48,9 @@ def dot_precision(dtype: torch.dtype) -> str:
 # Half-precision tl.dot operands in the delta rule's chunk kernels: for float16 / bfloat16 inputs, the kernels named
 # here round their dot operands to the input dtype and still accumulate in float32 (the tensor cores' half rate is
 # twice tf32's, and the operands take half the shared memory and registers). DELTACHECK_HALF_OPERANDS is a
-# comma-separated subset of HALF_KERNELS, or 1 for all of them. wy_bwd is not among them: fla's WY backward
-# miscompiles on Hopper at C = 64 with half operands (fla issue 984).
-HALF_KERNELS = ("wy_fwd", "chunk_h_fwd", "chunk_o_fwd", "chunk_dv_local", "chunk_h_bwd", "chunk_o_bwd")
+# comma-separated subset of HALF_KERNELS, or 1 for all of them. wy_bwd's half path runs on 2 warps: fla's WY
+# backward miscompiles on Hopper at C = 64 with half operands on 4 warps (fla issue 984, fixed there by 2 warps).
+HALF_KERNELS = ("wy_fwd", "chunk_h_fwd", "chunk_o_fwd", "chunk_dv_local", "chunk_h_bwd", "chunk_o_bwd", "wy_bwd")
 
 
 def half_kernels(spec: str) -> frozenset:

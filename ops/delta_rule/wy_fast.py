@@ -19,6 +19,7 @@ from ops.common.utils import (
     operand_storage,
     operand_type,
     pipeline_stages,
+    tl_acc,
 )
 
 
@@ -61,11 +62,13 @@ def wy_fwd_kernel(k, v, beta, w, u, x, offsets, cmap,
 @triton.jit
 def wy_bwd_kernel(k, v, beta, x, dw, du, dk_in, dk, dv, dbeta, offsets, cmap,
                   H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-                  BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr):
+                  BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr, OP: tl.constexpr):
     """grid (NC, H). Given dW, dU (and dk_in, the gradient k already has from elsewhere):
         dV = diag(beta) X^T dU,   dK = dk_in + diag(beta) X^T dW + diag(beta) dA K + (diag(beta) dA)^T K,
         dbeta = rowsum(X^T dW * K) + rowsum(X^T dU * V) + rowsum(dA * K K^T),
-    with dX = dW (diag(beta) K)^T + dU (diag(beta) V)^T and dA = tril(-X^T dX X^T, -1)."""
+    with dX = dW (diag(beta) K)^T + dU (diag(beta) V)^T and dA = tril(-X^T dX X^T, -1).
+    The [C, C] x [C, BK or BV] products with a loaded operand (X^T dW, dW (diag(beta) K)^T, K K^T, X^T dU,
+    dU (diag(beta) V)^T) take OP operands; dA's [C, C] chain and M K, whose operands are formed here, keep ACC."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_n, j = tl.load(cmap + i_c * 2), tl.load(cmap + i_c * 2 + 1)
     bos, eos = tl.load(offsets + i_n).to(tl.int64), tl.load(offsets + i_n + 1).to(tl.int64)
@@ -76,6 +79,7 @@ def wy_bwd_kernel(k, v, beta, x, dw, du, dk_in, dk, dv, dbeta, offsets, cmap,
     b_b = tl.load(p_b, boundary_check=(0,)).to(ACC)
     p_x = tl.make_block_ptr(x + (i_c * H + i_h).to(tl.int64) * C * C, (C, C), (C, 1), (0, 0), (C, C), (1, 0))
     b_Xt = tl.trans(tl.load(p_x))
+    b_Xto = b_Xt.to(OP)
 
     b_dX = tl.zeros([C, C], dtype=ACC)
     b_KK = tl.zeros([C, C], dtype=ACC)
@@ -84,20 +88,21 @@ def wy_bwd_kernel(k, v, beta, x, dw, du, dk_in, dk, dv, dbeta, offsets, cmap,
         p_k = tl.make_block_ptr(k + (bos * H + i_h) * K, (L, K), (H * K, 1), (j * C, i_k * BK), (C, BK), (1, 0))
         p_dw = tl.make_block_ptr(dw + (bos * H + i_h) * K, (L, K), (H * K, 1), (j * C, i_k * BK), (C, BK), (1, 0))
         b_k = tl.load(p_k, boundary_check=(0, 1)).to(ACC)
-        b_dw = tl.load(p_dw, boundary_check=(0, 1))
-        b_db += tl.sum(tl.dot(b_Xt, b_dw, input_precision=DOT_PREC) * b_k, 1)
-        b_dX += tl.dot(b_dw, tl.trans(b_k * b_b[:, None]), input_precision=DOT_PREC)
-        b_KK += tl.dot(b_k, tl.trans(b_k), input_precision=DOT_PREC)
+        b_dw = tl.load(p_dw, boundary_check=(0, 1)).to(OP)
+        b_ko = b_k.to(OP)
+        b_db += tl.sum(tl.dot(b_Xto, b_dw, input_precision=DOT_PREC) * b_k, 1)
+        b_dX += tl.dot(b_dw, tl.trans((b_k * b_b[:, None]).to(OP)), input_precision=DOT_PREC)
+        b_KK += tl.dot(b_ko, tl.trans(b_ko), input_precision=DOT_PREC)
     for i_v in range(tl.cdiv(V, BV)):
         p_v = tl.make_block_ptr(v + (bos * H + i_h) * V, (L, V), (H * V, 1), (j * C, i_v * BV), (C, BV), (1, 0))
         p_du = tl.make_block_ptr(du + (bos * H + i_h) * V, (L, V), (H * V, 1), (j * C, i_v * BV), (C, BV), (1, 0))
         p_dv = tl.make_block_ptr(dv + (bos * H + i_h) * V, (L, V), (H * V, 1), (j * C, i_v * BV), (C, BV), (1, 0))
         b_v = tl.load(p_v, boundary_check=(0, 1)).to(ACC)
-        b_du = tl.load(p_du, boundary_check=(0, 1))
-        b_XtdU = tl.dot(b_Xt, b_du, input_precision=DOT_PREC)
+        b_du = tl.load(p_du, boundary_check=(0, 1)).to(OP)
+        b_XtdU = tl.dot(b_Xto, b_du, input_precision=DOT_PREC)
         tl.store(p_dv, (b_XtdU * b_b[:, None]).to(p_dv.dtype.element_ty), boundary_check=(0, 1))
         b_db += tl.sum(b_XtdU * b_v, 1)
-        b_dX += tl.dot(b_du, tl.trans(b_v * b_b[:, None]), input_precision=DOT_PREC)
+        b_dX += tl.dot(b_du, tl.trans((b_v * b_b[:, None]).to(OP)), input_precision=DOT_PREC)
 
     rows = tl.arange(0, C)[:, None]
     cols = tl.arange(0, C)[None, :]
@@ -117,9 +122,9 @@ def wy_bwd_kernel(k, v, beta, x, dw, du, dk_in, dk, dv, dbeta, offsets, cmap,
         p_dki = tl.make_block_ptr(dk_in + (bos * H + i_h) * K, (L, K), (H * K, 1), (j * C, i_k * BK), (C, BK), (1, 0))
         p_dk = tl.make_block_ptr(dk + (bos * H + i_h) * K, (L, K), (H * K, 1), (j * C, i_k * BK), (C, BK), (1, 0))
         b_k = tl.load(p_k, boundary_check=(0, 1)).to(ACC)
-        b_dw = tl.load(p_dw, boundary_check=(0, 1))
+        b_dw = tl.load(p_dw, boundary_check=(0, 1)).to(OP)
         b_dk = tl.load(p_dki, boundary_check=(0, 1)).to(ACC)
-        b_dk += tl.dot(b_Xt, b_dw, input_precision=DOT_PREC) * b_b[:, None]
+        b_dk += tl.dot(b_Xto, b_dw, input_precision=DOT_PREC) * b_b[:, None]
         b_dk += tl.dot(b_M, b_k, input_precision=DOT_PREC)
         tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), boundary_check=(0, 1))
 
@@ -164,7 +169,10 @@ def wy_bwd(k, v, beta, x, dw, du, dk_in, offsets, cmap, chunk_size):
         BK, BV = _blocks(K, V)
         a, e = x.element_size(), k.element_size()
         stages = pipeline_stages(C * max(BK, BV) * (2 * a + 2 * e))  # K, dW, dk_in in; dK out (or V, dU; dV)
+        op = operand_type("wy_bwd", k.dtype, C, BK, BV)
+        # half operands on 2 warps: at C = 64 the 4-warp half-operand WY backward miscompiles on Hopper (fla #984)
+        warps = 2 if op != tl_acc(k.dtype) else None
         launch_fitting(
             wy_bwd_kernel, (NC, H), k, v, beta, x, dw, du, dk_in, dk, dv, dbeta, offsets, cmap, H=H, K=K, V=V, C=C,
-            BK=BK, BV=BV, DOT_PREC=dot_precision(k.dtype), stages=(stages,))
+            BK=BK, BV=BV, DOT_PREC=dot_precision(k.dtype), OP=op, stages=(stages,), num_warps=warps)
     return dk, dv, dbeta
