@@ -1,6 +1,6 @@
 """Which kernel of the delta rule's chunk form errs: each stage against float64 math on the inputs it received.
 
-    python3 -m benchmarks.diagnose_stages --lens 0,67,49 --H 2 --K 128 --V 32 --dtype bf16 [--json FILE]
+    python3 -m benchmarks.diagnose_stages --lens 0,67,49 --H 2 --K 128 --V 32 --dtype bf16 [--variant w4s3] [--json FILE]
 
 For a failure the whole-op tests see but cannot place (e.g. one that only the GPU shows): the forward and
 backward stages of ops/delta_rule/chunk.py run one by one on one packed batch, and each stage's outputs are held
@@ -12,6 +12,7 @@ vector-Jacobian product.
 """
 import argparse
 import json
+import re
 import sys
 
 import torch
@@ -200,11 +201,19 @@ def main(argv=None):
     p.add_argument("--chunk", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the rows to this file")
+    p.add_argument("--variant", default=None,
+                   help="launch every kernel at these settings instead (tune_launch's labels, e.g. w4s3)")
     a = p.parse_args(argv)
+    if a.variant:
+        m = re.fullmatch(r"w(\d+)s(\d+)", a.variant)
+        if not m:
+            p.error(f"--variant must look like w4s3 (num_warps 4, num_stages 3), got {a.variant!r}")
+        U.OVERRIDE.update(num_warps=int(m[1]), num_stages=int(m[2]))
     lens = [int(x) for x in a.lens.split(",")]
     rows = diagnose(lens, a.H, a.K, a.V, DTYPES[a.dtype], a.chunk, a.seed)
     half = sorted(U.HALF_OPERANDS)
-    print(f"lens={lens} H={a.H} K={a.K} V={a.V} {a.dtype} C={a.chunk} half operands in {half or 'none'}: "
+    print(f"lens={lens} H={a.H} K={a.K} V={a.V} {a.dtype} C={a.chunk} half operands in {half or 'none'}"
+          f"{', launches ' + a.variant if a.variant else ''}: "
           "stage error vs float64 on its own inputs")
     for r in rows:
         print(f"  {r['stage']:15s} {r['output']:12s} {r['operands']:5s} {r['err']:.2e}   "
@@ -212,6 +221,7 @@ def main(argv=None):
     if a.json:
         with open(a.json, "w") as f:
             json.dump(dict(lens=lens, H=a.H, K=a.K, V=a.V, dtype=a.dtype, chunk=a.chunk, half_operands=half,
+                           variant=a.variant,
                            rows=rows), f, indent=1)
     return 0
 

@@ -11,9 +11,9 @@ tile, the fused recurrent backward's state-tile budget (its kernels choose their
 --forms fused_recurrent --warps 0 --stages 0 --tiles 1024,2048,4096,8192).
 Phase 1 compiles the variants in parallel (--jobs processes sharing TRITON_CACHE_DIR, each one fwd+bwd call at
 T = 256); phase 2 times them one after another in this process, from the cache, and checks each variant's
-gradients against the default variant's (a variant off by more than the dtype's gradient bound is marked wrong
-and never chosen). Stages are a ceiling (a pipeline that does not fit steps down; the stages each kernel ran
-with are recorded). Writes tune-<point>.json: per kernel, ms under every variant, and the best.
+gradients against the default variant's (a variant off by more than SUSPECT of the dtype's gradient bound is
+marked wrong and never chosen). Stages are a ceiling (a pipeline that does not fit steps down; the stages each
+kernel ran with are recorded). Writes tune-<point>.json: per kernel, ms under every variant, and the best.
 ops.common.utils.TUNED holds the choices that the GPU property suite has passed.
 """
 import argparse
@@ -44,6 +44,12 @@ TILE_MODULES = {
 
 
 DEVICE = "cuda"  # where inputs are made (a CPU check of the logic sets "cpu")
+
+# A variant whose gradients differ from the default variant's by more than this fraction of the dtype's gradient
+# bound is marked wrong and never chosen. Two correct variants differ by at most the sum of their errors, each well
+# under the bound (bf16 at the point: ~4.5e-3 against 6.2e-2); visit 11 saw correct variants within 2.5e-3 of the
+# default and others 4.3e-2 to 4.9e-2 off (w4s3, w8s2, w8s3), inside the bound itself.
+SUSPECT = 0.25
 
 
 def variants(warps, stages, tiles):
@@ -133,7 +139,7 @@ def tune_form(form_name, pt, vs, iters, budget_end, failed=()):
                 ref = grads
             diff = max((rel_err(g, r) for g, r in zip(grads, ref)), default=0.0)
             rows[label(v)] = dict(status="ok", variant=v, kernels=per, wall_ms=wall, ran=dict(U.LAST_LAUNCH),
-                                  grad_diff=diff, wrong=not diff <= bound(dtype, "gradient"))
+                                  grad_diff=diff, wrong=not diff <= SUSPECT * bound(dtype, "gradient"))
         except Exception as e:  # a variant that does not launch is recorded, not fatal
             rows[label(v)] = dict(status="error", variant=v, reason=f"{type(e).__name__}: {str(e)[:300]}")
         print(f"[tune] {form_name} {label(v)}: {rows[label(v)].get('wall_ms', rows[label(v)].get('reason'))}",

@@ -693,6 +693,15 @@ def _floor_ms(r):
     return r["ms"] * r["frac_roofline"] if r.get("frac_roofline") else None
 
 
+def _measured(doc, form):
+    """(created, commit, note) of the run that measured `form` in doc: for a sweep joined from several runs
+    (merged_from), that form's run, else the document's own."""
+    for m in doc.get("merged_from") or []:
+        if form in m.get("forms", ()):
+            return str(m.get("created") or ""), str(m.get("commit") or "?")[:7], m.get("note") or ""
+    return str(doc.get("created") or ""), str((doc.get("git") or {}).get("commit") or "?")[:7], doc.get("note") or ""
+
+
 def goals_html(bench, points, cold_calls=()) -> str:
     """Issue 7's goals with the measured ratios. Ours and fla's times come from one document (one run) only;
     a goal whose fla time is not in the same run says so instead of borrowing a number. cold_calls: [(path, doc)] of
@@ -727,11 +736,11 @@ def goals_html(bench, points, cold_calls=()) -> str:
         verdict = ("html", "met" if ratio <= goal else "missed", dict(class_="pass" if ratio <= goal else "fail")) \
             if ratio is not None else "fla not measured in this run"
         # ours in the newest run that measured it, when that is not the run above (no fla there: no ratio)
-        newest = max((x for x in docs if find(x, form, mode, B, T)), key=lambda x: str(x.get("created") or ""))
+        newest = max((x for x in docs if find(x, form, mode, B, T)), key=lambda x: _measured(x, form)[0])
         later = "–"
-        if newest is not d and str(newest.get("created") or "") > str(d.get("created") or ""):
-            commit = str((newest.get("git") or {}).get("commit") or "?")[:7]
-            switches = sorted(set(re.findall(r"DELTACHECK_\w+=\w+", newest.get("note") or "")))
+        if newest is not d and _measured(newest, form)[0] > _measured(d, form)[0]:
+            _, commit, run_note = _measured(newest, form)
+            switches = sorted(set(re.findall(r"DELTACHECK_\w+=\w+", run_note)))
             later = (f"{fmt(find(newest, form, mode, B, T)['ms'], '.4g')} at {commit}"
                      + (f" with {', '.join(switches)}" if switches else ""))
         trs.append([_label(d, form), mode, f"B={B}, T={T}", fmt(ours["ms"], ".4g"),

@@ -48,8 +48,9 @@ def dot_precision(dtype: torch.dtype) -> str:
 # Half-precision tl.dot operands in the delta rule's chunk kernels: for float16 / bfloat16 inputs, the kernels named
 # here round their dot operands to the input dtype and still accumulate in float32 (the tensor cores' half rate is
 # twice tf32's, and the operands take half the shared memory and registers). DELTACHECK_HALF_OPERANDS is a
-# comma-separated subset of HALF_KERNELS, or 1 for all of them. wy_bwd's half path runs on 2 warps: fla's WY
-# backward miscompiles on Hopper at C = 64 with half operands on 4 warps (fla issue 984, fixed there by 2 warps).
+# comma-separated subset of HALF_KERNELS, 1 for all of them (the default) or 0 for none (tf32 products of float32
+# operands). wy_bwd's untuned half path runs on 2 warps: fla's WY backward miscompiles on Hopper at C = 64 with half
+# operands on 4 warps and 2-4 stages (fla issue 984, fixed there by 2 warps); TUNED below sets 4 warps, 1 stage.
 HALF_KERNELS = ("wy_fwd", "chunk_h_fwd", "chunk_o_fwd", "chunk_dv_local", "chunk_h_bwd", "chunk_o_bwd", "wy_bwd")
 
 
@@ -65,7 +66,7 @@ def half_kernels(spec: str) -> frozenset:
     return frozenset(names)
 
 
-HALF_OPERANDS = half_kernels(os.environ.get("DELTACHECK_HALF_OPERANDS", ""))
+HALF_OPERANDS = half_kernels(os.environ.get("DELTACHECK_HALF_OPERANDS", "1"))
 
 
 def operand_type(kernel: str, dtype: torch.dtype, *tiles: int):
@@ -261,12 +262,20 @@ _FITTING_STAGES = {}  # (kernel, constexprs and argument dtypes) -> num_stages t
 
 # Launch settings measured per kernel on a Hopper GPU (benchmarks/tune_launch.py; half-precision inputs, the
 # point B=8, T=4096, H=16, K=V=128): qualified kernel name (e.g. "ops.delta_rule.wy_fast.wy_fwd_kernel") ->
-# dict(num_warps=, num_stages=). They apply to float16 and bfloat16 inputs; float32 and float64 tiles are twice
-# and four times the bytes and keep each op's defaults.
-# The stages are a ceiling: launch_fitting still steps down where a shape's pipeline does not fit. Empty: the
-# H200 measurement (reports/data/h200/tune-*.json) was of the half-operand delta chunk kernels that the GPU suite
-# then failed (benchmarks/NOTES.md, v1 outcome); nothing is applied that the GPU suite has not passed.
-TUNED = {}
+# dict(num_warps=, num_stages=). They apply to the half-precision path (half dot operands, or half inputs for a
+# kernel without an operand-type argument); float32 and float64 tiles are twice and four times the bytes and keep
+# each op's defaults.
+# The stages are a ceiling: launch_fitting still steps down where a shape's pipeline does not fit. The entries are
+# the delta chunk kernels' fastest variants with half operands (H200, benchmarks/NOTES.md "GPU visit 11";
+# reports/data/h200/visit11/tune-*.json); the GPU's delta chunk tests in fp16 / bf16 passed with exactly these.
+# Kernels not listed (chunk_h_bwd, chunk_o_fwd) were fastest at their defaults.
+TUNED = {
+    "ops.delta_rule.wy_fast.wy_fwd_kernel": dict(num_warps=2, num_stages=1),
+    "ops.delta_rule.wy_fast.wy_bwd_kernel": dict(num_warps=4, num_stages=1),
+    "ops.delta_rule.chunk_h.chunk_h_fwd_kernel": dict(num_warps=4, num_stages=3),
+    "ops.delta_rule.chunk_o.chunk_dv_local_kernel": dict(num_warps=2, num_stages=3),
+    "ops.delta_rule.chunk_o.chunk_o_bwd_kernel": dict(num_warps=4, num_stages=2),
+}
 
 # Tuning only: settings every launch_fitting launch takes instead (benchmarks/tune_launch.py sets it), and the
 # settings each kernel last ran with.
@@ -280,7 +289,12 @@ def _kernel_name(kernel) -> str:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__name__', str(kernel))}"
 
 
-def _half(args) -> bool:
+def _half(args, kwargs) -> bool:
+    """Whether a launch runs the half-precision path TUNED was measured on: half dot operands (the OP argument)
+    where the kernel takes one, else half inputs."""
+    if "OP" in kwargs:
+        import triton.language as tl
+        return kwargs["OP"] in (tl.float16, tl.bfloat16)
     for a in args:
         if isinstance(a, torch.Tensor) and a.is_floating_point():
             return a.dtype in (torch.float16, torch.bfloat16)
@@ -292,10 +306,10 @@ def launch_fitting(kernel, grid, *args, stages=(3, 2, 1), num_warps=None, **kwar
     first num_stages of `stages` whose compiled kernel fits (Triton refuses a launch that does not, before
     anything runs, with OutOfResources; counts whose shared memory, scaled from the refused one, cannot fit
     are not compiled). The choice is kept per kernel, constexprs and argument dtypes.
-    A TUNED entry (half-precision inputs) sets num_warps and caps the stages; OVERRIDE replaces both."""
+    A TUNED entry (half-precision path, _half) sets num_warps and caps the stages; OVERRIDE replaces both."""
     name = _kernel_name(kernel)
     entry = TUNED.get(name)
-    cfg = OVERRIDE or (entry if entry and _half(args) else None)
+    cfg = OVERRIDE or (entry if entry and _half(args, kwargs) else None)
     if cfg:
         num_warps = cfg.get("num_warps", num_warps)
         if "num_stages" in cfg:

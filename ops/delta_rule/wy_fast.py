@@ -170,7 +170,8 @@ def wy_bwd(k, v, beta, x, dw, du, dk_in, offsets, cmap, chunk_size):
         a, e = x.element_size(), k.element_size()
         stages = pipeline_stages(C * max(BK, BV) * (2 * a + 2 * e))  # K, dW, dk_in in; dK out (or V, dU; dV)
         op = operand_type("wy_bwd", k.dtype, C, BK, BV)
-        # half operands on 2 warps: at C = 64 the 4-warp half-operand WY backward miscompiles on Hopper (fla #984)
+        # half operands on 2 warps unless TUNED says otherwise: fla's 4-warp half-operand WY backward miscompiles on
+        # Hopper at C = 64 with 2-4 stages (fla #984); ours passed the GPU's tests at 4 warps, 1 stage (TUNED)
         warps = 2 if op != tl_acc(k.dtype) else None
         launch_fitting(
             wy_bwd_kernel, (NC, H), k, v, beta, x, dw, du, dk_in, dk, dv, dbeta, offsets, cmap, H=H, K=K, V=V, C=C,
