@@ -1,6 +1,7 @@
 """The first call at a new shape compiles the op's forward and backward kernels in a dry run, side by side
 (ops/common/compile_ahead.py): the real call, forward and backward, then compiles nothing itself."""
 import threading
+import types
 
 import pytest
 import torch
@@ -130,3 +131,35 @@ def test_launch_fitting_steps_down_and_a_dry_run_compiles_only_what_fits(monkeyp
     kernel.launched.clear()
     monkeypatch.setattr(_FakeKernel, "LIMIT", 150_000)  # the kept depth refused (another GPU): it steps down
     assert U.launch_fitting(kernel, (1,), x, stages=(4, 3, 2, 1)) == 1 and kernel.launched == [2, 1]
+
+
+class _NamedKernel:
+    """A kernel under a TUNED entry's name that records the settings each launch gets."""
+    def __init__(self, module, name):
+        self.fn = types.SimpleNamespace(__module__=module, __name__=name)
+        self.launches = []
+
+    def __getitem__(self, grid):
+        def launch(*args, num_stages, num_warps=None, **kwargs):
+            self.launches.append((num_warps, num_stages))
+        return launch
+
+
+@pytest.mark.parametrize("kernel", sorted(U.TUNED))
+def test_tuned_launches_apply_to_the_half_operand_path_only(kernel, monkeypatch):
+    """A TUNED entry (measured on half-precision dot operands) sets the launch of that kernel where it takes half
+    operands (OP float16 / bfloat16) and nowhere else: with float32 or float64 operands, also for half inputs
+    whose tiles keep float32 operands, the kernel launches at its own settings."""
+    import triton.language as tl
+    monkeypatch.setattr(U, "_FITTING_STAGES", {})
+    monkeypatch.setattr(U, "OVERRIDE", {})
+    module, name = kernel.rsplit(".", 1)
+    k = _NamedKernel(module, name)
+    want = (U.TUNED[kernel]["num_warps"], U.TUNED[kernel]["num_stages"])
+    half = torch.ones(4, dtype=torch.float16)
+    for op in (tl.float16, tl.bfloat16):
+        U.launch_fitting(k, (1,), half, OP=op, stages=(2, 1))
+        assert k.launches[-1] == want, f"{kernel} with {op} operands launched at {k.launches[-1]}"
+    for x, op in ((half, tl.float32), (torch.ones(4), tl.float32), (torch.ones(4, dtype=torch.float64), tl.float64)):
+        U.launch_fitting(k, (1,), x, OP=op, stages=(2, 1))
+        assert k.launches[-1] == (None, 2), f"{kernel} with {x.dtype} inputs, {op} operands: {k.launches[-1]}"
