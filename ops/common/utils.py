@@ -39,9 +39,10 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """tl.dot precision. Operands are upcast to the accumulation dtype inside kernels; float32 and float64
-    inputs get exact products ("ieee": no silent tf32); half inputs use tf32, whose unit roundoff 2^-11 is
-    below fp16's and bf16's, so the output rounding still dominates their error."""
+    """tl.dot precision. Operands are upcast to the accumulation dtype inside kernels (except where
+    operand_type gives a kernel half operands); float32 and float64 inputs get exact products ("ieee": no silent
+    tf32); half inputs' float32 operands use tf32, whose unit roundoff 2^-11 is below fp16's and bf16's, so the
+    output rounding still dominates their error."""
     return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
 
 
