@@ -1,6 +1,7 @@
 """Which kernel of the delta rule's chunk form errs: each stage against float64 math on the inputs it received.
 
-    python3 -m benchmarks.diagnose_stages --lens 0,67,49 --H 2 --K 128 --V 32 --dtype bf16 [--variant w4s3] [--json FILE]
+    python3 -m benchmarks.diagnose_stages --lens 0,67,49 --H 2 --K 128 --V 32 --dtype bf16 [--variant w4s3]
+        [--json FILE]
 
 For a failure the whole-op tests see but cannot place (e.g. one that only the GPU shows): the forward and
 backward stages of ops/delta_rule/chunk.py run one by one on one packed batch, and each stage's outputs are held
