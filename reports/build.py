@@ -279,7 +279,7 @@ def verification_html(doc, junit_path=None, label="") -> str:
         parts.append(note(f"{label}: {meta.get('note') or 'merged from several runs'}"))
         parts.append(table(["call", "commit", "what ran", "outcome"],
                            [[r.get("call") or r.get("label", ""),
-                             str(r.get("commit") or (r.get("meta") or {}).get("commit", ""))[:10],
+                             short_commit(r.get("commit") or (r.get("meta") or {}).get("commit", "")),
                              r.get("tests") or f"{r.get('records', '?')} measured errors",
                              r.get("outcome") or r.get("note", "")]
                             for r in meta["runs"]]))
@@ -558,11 +558,11 @@ def provenance(path, doc=None) -> str:
                                                                  f"not committed (file from {mtime(path)})"))
     g = (doc or {}).get("git") or {}
     if (doc or {}).get("merged_from"):  # a sweep joined from runs at several commits, each for some forms
-        bits.append("code at " + "; ".join(f"{m['commit'][:10]} for {', '.join(m['forms'])}" + (f" ({m['note']})" if
-                                                                                                m.get("note") else "")
+        bits.append("code at " + "; ".join(f"{short_commit(m['commit'])} for {', '.join(m['forms'])}"
+                                           + (f" ({m['note']})" if m.get("note") else "")
                                            for m in doc["merged_from"]))
     elif g.get("commit") and g["commit"] != "unknown":
-        bits.append(f"code at {g['commit'][:10]}{' + local changes' if g.get('dirty') else ''}")
+        bits.append(f"code at {short_commit(g['commit'])}{' + local changes' if g.get('dirty') else ''}")
         if (doc or {}).get("note"):  # how that run differed from the code's defaults (switches set)
             bits.append(doc["note"])
     if (doc or {}).get("source"):
@@ -693,13 +693,20 @@ def _floor_ms(r):
     return r["ms"] * r["frac_roofline"] if r.get("frac_roofline") else None
 
 
+def short_commit(commit, n=10) -> str:
+    """A commit SHA's first n characters; a label that is not a bare SHA (e.g. "51c0629+tuned") whole."""
+    c = str(commit or "")
+    return c[:n] if re.fullmatch(r"[0-9a-f]+", c) else c
+
+
 def _measured(doc, form):
     """(created, commit, note) of the run that measured `form` in doc: for a sweep joined from several runs
     (merged_from), that form's run, else the document's own."""
     for m in doc.get("merged_from") or []:
         if form in m.get("forms", ()):
-            return str(m.get("created") or ""), str(m.get("commit") or "?")[:7], m.get("note") or ""
-    return str(doc.get("created") or ""), str((doc.get("git") or {}).get("commit") or "?")[:7], doc.get("note") or ""
+            return str(m.get("created") or ""), short_commit(m.get("commit") or "?", 7), m.get("note") or ""
+    commit = short_commit((doc.get("git") or {}).get("commit") or "?", 7)
+    return str(doc.get("created") or ""), commit, doc.get("note") or ""
 
 
 def goals_html(bench, points, cold_calls=()) -> str:
@@ -1119,7 +1126,7 @@ def build(data=None, out=None) -> str:
                     parts.append(op_heading(op) + missing(f"{OP_LABELS[op]} at this point"))
                     continue
                 parts.append(op_heading(op) + point_html(sub))
-            commit = str((p.get("git") or {}).get("commit") or "?")[:7]
+            commit = short_commit((p.get("git") or {}).get("commit") or "?", 7)
             peers.append(el("h3", esc(f"{gname(g)}: --point " + ",".join(f"{k}={v}" for k, v in pt.items())
                                       + f" (commit {commit}, {str(p.get('created', '?'))[:16]})"))
                          + "".join(parts))
