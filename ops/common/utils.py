@@ -50,8 +50,8 @@ def dot_precision(dtype: torch.dtype) -> str:
 # here round their dot operands to the input dtype and still accumulate in float32 (the tensor cores' half rate is
 # twice tf32's, and the operands take half the shared memory and registers). DELTACHECK_HALF_OPERANDS is a
 # comma-separated subset of HALF_KERNELS, 1 for all of them (the default) or 0 for none (tf32 products of float32
-# operands). wy_bwd's untuned half path runs on 2 warps: fla's WY backward miscompiles on Hopper at C = 64 with half
-# operands on 4 warps and 2-4 stages (fla issue 984, fixed there by 2 warps); TUNED below sets 4 warps, 1 stage.
+# operands). wy_bwd's half path launches as TUNED below says (4 warps, 1 stage): fla's WY backward miscompiles on
+# Hopper at C = 64 with half operands on 4 warps and 2-4 stages (fla issue 984, fixed there by 2 warps).
 HALF_KERNELS = ("wy_fwd", "chunk_h_fwd", "chunk_o_fwd", "chunk_dv_local", "chunk_h_bwd", "chunk_o_bwd", "wy_bwd")
 
 

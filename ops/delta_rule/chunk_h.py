@@ -289,7 +289,7 @@ def chunk_h_bwd(q, k, w, do, dv_local, dht, initial_state, scale_t, offsets, chu
     BK, NK, BV = _blocks(K, V)
     op = operand_type("chunk_h_bwd", k.dtype, chunk_size, BK, BV)
     dh = new_empty((NC, H, K, V), operand_storage(op), k.device)
-    dv_new = new_empty((B, T, H, V), acc, k.device)  # (wy_bwd reads it as an ACC operand)
+    dv_new = new_empty((B, T, H, V), acc, k.device)  # (ACC: chunk_o_bwd and wy_bwd round it to their own OP)
     ds0 = None if initial_state is None else new_empty((N, H, K, V), initial_state.dtype, k.device)
     a, e = torch.finfo(acc).bits // 8, k.element_size()
     stages = pipeline_stages(chunk_size * (NK * BK * (2 * e + a) + BV * (a + e)))  # K, Q, W, dv_local, dO tiles

@@ -19,7 +19,6 @@ from ops.common.utils import (
     operand_storage,
     operand_type,
     pipeline_stages,
-    tl_acc,
 )
 
 
@@ -169,11 +168,8 @@ def wy_bwd(k, v, beta, x, dw, du, dk_in, offsets, cmap, chunk_size):
         BK, BV = _blocks(K, V)
         a, e = x.element_size(), k.element_size()
         stages = pipeline_stages(C * max(BK, BV) * (2 * a + 2 * e))  # K, dW, dk_in in; dK out (or V, dU; dV)
-        op = operand_type("wy_bwd", k.dtype, C, BK, BV)
-        # half operands on 2 warps unless TUNED says otherwise: fla's 4-warp half-operand WY backward miscompiles on
-        # Hopper at C = 64 with 2-4 stages (fla #984); ours passed the GPU's tests at 4 warps, 1 stage (TUNED)
-        warps = 2 if op != tl_acc(k.dtype) else None
-        launch_fitting(
+        launch_fitting(  # (the half-operand path's launch settings: utils.TUNED)
             wy_bwd_kernel, (NC, H), k, v, beta, x, dw, du, dk_in, dk, dv, dbeta, offsets, cmap, H=H, K=K, V=V, C=C,
-            BK=BK, BV=BV, DOT_PREC=dot_precision(k.dtype), OP=op, stages=(stages,), num_warps=warps)
+            BK=BK, BV=BV, DOT_PREC=dot_precision(k.dtype), OP=operand_type("wy_bwd", k.dtype, C, BK, BV),
+            stages=(stages,))
     return dk, dv, dbeta
