@@ -126,19 +126,24 @@ HALF_DTYPES = [d for d in OP_DTYPES if d in (torch.float16, torch.bfloat16)]
 
 
 @given(case=delta_cases(dtypes=HALF_DTYPES, head_sizes=[17, 32, 40, 64] + ([100, 128] if ON_GPU else [])),
-       chunk_size=st.sampled_from((32, 64)), kernels=st.sampled_from(("1",) + U.HALF_KERNELS))
-@example(case=fixed_case(B=2, T=150, H=2, K=64, V=40, dtype=HALF_DTYPES[-1]), chunk_size=64, kernels="1")
-@example(case=fixed_case(seqlens=(0, 67, 49), H=2, K=128, V=32, dtype=torch.float16), chunk_size=64, kernels="1")
+       chunk_size=st.sampled_from((32, 64)), kernels=st.sampled_from(("1",) + U.HALF_KERNELS),
+       half_storage=st.booleans())
+@example(case=fixed_case(B=2, T=150, H=2, K=64, V=40, dtype=HALF_DTYPES[-1]), chunk_size=64, kernels="1",
+         half_storage=True)
+@example(case=fixed_case(seqlens=(0, 67, 49), H=2, K=128, V=32, dtype=torch.float16), chunk_size=64, kernels="1",
+         half_storage=True)
 @example(case=fixed_case(seqlens=(1,), K=64, V=17, dtype=HALF_DTYPES[-1], seed=815351010, unit_keys=False,
-                         beta_max=1.0, initial_state=False), chunk_size=64, kernels="1")
-def test_half_operands_match_reference(case, chunk_size, kernels, record):
+                         beta_max=1.0, initial_state=False), chunk_size=64, kernels="1", half_storage=True)
+def test_half_operands_match_reference(case, chunk_size, kernels, half_storage, record):
     """With half-precision tl.dot operands (DELTACHECK_HALF_OPERANDS) in any one chunk kernel or in all of them,
-    o, the final state and every gradient stay within the dtype's bounds of the float64 reference. Every tile is
-    at least 32 wide here (K, V >= 17, C >= 32); a named kernel takes the half path where its tiles are also
-    equal (at C = 64 and 32 < K, V <= 128 every kernel does), and that is checked."""
+    and U, dv_local and the partial dk stored in half or not (DELTACHECK_HALF_STORAGE), o, the final state and
+    every gradient stay within the dtype's bounds of the float64 reference. Every tile is at least 32 wide here
+    (K, V >= 17, C >= 32); a named kernel takes the half path where its tiles are also equal (at C = 64 and
+    32 < K, V <= 128 every kernel does), and that is checked."""
     named = U.half_kernels(kernels)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(U, "HALF_OPERANDS", named)
+        mp.setattr(U, "HALF_STORAGE", half_storage)
         U.LAST_OPERANDS.clear()
         ours, refs, outs, routs = _run(case, chunk_size)
         rec = _with(record, chunk_size=chunk_size, half=kernels)
@@ -151,6 +156,26 @@ def test_half_operands_match_reference(case, chunk_size, kernels, record):
         assert taken == set(named) & uniform, f"half operands in {sorted(taken)}, asked for {sorted(named)}"
         if chunk_size == 64 and 32 < case.K <= 128 and 32 < case.V <= 128:  # every tile 64 wide: all of them
             assert taken == set(named)
+
+
+@given(case=delta_cases(dtypes=HALF_DTYPES, head_sizes=[17, 32, 64]), chunk_size=st.sampled_from((32, 64)))
+@example(case=fixed_case(B=1, T=150, H=2, K=64, V=64, dtype=HALF_DTYPES[-1]), chunk_size=64)
+def test_operand_storage_of_dv_new_and_dw_changes_nothing(case, chunk_size):
+    """dv_new and dW, read only as dot operands, stored in their readers' half operand type (utils.read_storage)
+    give bit for bit the gradients that float32 storage gives; at K = V = C = 64 they are stored in half."""
+    inp = case.make()
+    runs, chosen = [], []
+    spy = U.read_storage
+    for store in (spy, lambda dtype, *ops: U.acc_dtype(dtype)):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(U, "read_storage", lambda *a, _f=store: chosen.append(_f(*a)) or chosen[-1])
+            ours, _, outs, _ = _run(case, chunk_size, inp=inp)
+            do, dht = _upstream(case, *outs)
+            runs.append([outs[0], *_grads(outs, list(ours.values()), do, dht)])
+    for a, b in zip(*runs):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+    if case.T and chunk_size == case.K == case.V == 64:
+        assert set(chosen[:2]) == {case.dtype}, chosen
 
 
 @given(case=delta_cases())

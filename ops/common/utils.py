@@ -98,6 +98,27 @@ def operand_storage(op) -> torch.dtype:
     return {tl.float16: torch.float16, tl.bfloat16: torch.bfloat16, tl.float64: torch.float64}.get(op, torch.float32)
 
 
+def read_storage(dtype: torch.dtype, *readers) -> torch.dtype:
+    """Storage dtype of an intermediate that its readers (their operand types) use only as tl.dot operands (dW,
+    dv_new): their one shared operand type, so that storing it rounded changes nothing they compute; the
+    accumulation dtype where they differ."""
+    return operand_storage(readers[0]) if len(set(readers)) == 1 else acc_dtype(dtype)
+
+
+# Intermediates a later kernel adds to rather than multiplies (U, dv_local, the partial dk) are stored in the half
+# dot-operand type of the kernel that writes them (fla stores them in the input dtype): one more rounding of each,
+# against half their bytes. DELTACHECK_HALF_STORAGE=0 keeps them in the accumulation dtype.
+HALF_STORAGE = os.environ.get("DELTACHECK_HALF_STORAGE", "1") == "1"
+
+
+def sum_storage(op) -> torch.dtype:
+    """Storage dtype of such an intermediate written by a kernel whose dot operands are `op`."""
+    import triton.language as tl
+    if HALF_STORAGE or op not in (tl.float16, tl.bfloat16):
+        return operand_storage(op)
+    return torch.float32
+
+
 def block_size(n: int, minimum: int = 16) -> int:
     """Power-of-two tile covering n (at least 16: tl.dot's smallest dimension)."""
     return max(minimum, triton.next_power_of_2(n))

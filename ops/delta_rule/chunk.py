@@ -9,6 +9,7 @@ import torch
 
 import ops.common.utils as U
 from ops.common.compile_ahead import first_call
+from ops.delta_rule import chunk_o, wy_fast
 from ops.delta_rule.chunk_h import chunk_h_bwd, chunk_h_fwd
 from ops.delta_rule.chunk_o import chunk_dv_local, chunk_o_bwd, chunk_o_fwd
 from ops.delta_rule.wy_fast import wy_bwd, wy_fwd
@@ -29,10 +30,14 @@ def chunk_delta_rule_fwd(q, k, v, beta, scale_t, initial_state, output_final_sta
 def chunk_delta_rule_bwd(q, k, v, beta, scale_t, initial_state, do, dht, saved, idx, chunk_size):
     offsets, cmap, chunk_offsets, NC = idx
     x, w, h, v_new = saved
+    K, V = k.shape[-1], v.shape[-1]
+    # dv_new and dW are read only as dot operands: stored in their readers' operand type, they compute the same
+    op_o, op_wy = chunk_o.bwd_operands(k.dtype, chunk_size, K, V), wy_fast.bwd_operands(k.dtype, chunk_size, K, V)
     dv_local = chunk_dv_local(q, k, do, scale_t, offsets, cmap, chunk_size)
     dh, dv_new, ds0 = chunk_h_bwd(q, k, w, do, dv_local, dht, initial_state, scale_t, offsets, chunk_offsets, NC,
-                                  chunk_size)
-    dq, dk_part, dw = chunk_o_bwd(q, k, v_new, h, do, dh, dv_new, scale_t, offsets, cmap, chunk_size)
+                                  chunk_size, dv_new_dtype=U.read_storage(k.dtype, op_o, op_wy))
+    dq, dk_part, dw = chunk_o_bwd(q, k, v_new, h, do, dh, dv_new, scale_t, offsets, cmap, chunk_size,
+                                  dw_dtype=U.read_storage(k.dtype, op_wy))
     dk, dv, dbeta = wy_bwd(k, v, beta, x, dw, dv_new, dk_part, offsets, cmap, chunk_size)
     return dq, dk, dv, dbeta, ds0
 

@@ -6,7 +6,8 @@ Backward, reverse over chunks, with dh_N = dht (or 0) and dv_local = scale (Q K^
     store dh_{n+1};   dv_new_n = dv_local_n + K_n dh_{n+1} (store);
     dh_n = dh_{n+1} + scale Q_n^T dO_n - W_n^T dv_new_n;   dS0 = dh_0.
 Grid (V blocks, N * H). The [K, BV] state lives in registers as up to four [64, BV] tiles (K <= 256); states are
-stored per chunk ([NC, H, K, V]), like v_new, in the dtype of their dot operands (utils.operand_storage).
+stored per chunk ([NC, H, K, V]), like v_new, in the dtype of their dot operands (utils.operand_storage); dv_new
+in its readers' (utils.read_storage). U and dv_local may arrive in a half dtype (utils.sum_storage).
 """
 import torch
 import triton
@@ -22,6 +23,7 @@ from ops.common.utils import (
     operand_storage,
     operand_type,
     pipeline_stages,
+    tl_acc,
 )
 
 
@@ -53,7 +55,7 @@ def _fwd_step(t, b_h0, b_h1, b_h2, b_h3, k, w, u, h, v_new, bos, i_h, L, c0, v0,
         tl.store(_st(ph, i_h, H, K, V, 3 * BK, v0, BK, BV), b_h3.to(ph.dtype.element_ty), boundary_check=(0, 1))
 
     # v_new = U - W h
-    b_v = tl.load(_tok(u, bos, i_h, L, H, V, t * C, v0, C, BV), boundary_check=(0, 1))
+    b_v = tl.load(_tok(u, bos, i_h, L, H, V, t * C, v0, C, BV), boundary_check=(0, 1)).to(b_h0.dtype)
     b_w = tl.load(_tok(w, bos, i_h, L, H, K, t * C, 0, C, BK), boundary_check=(0, 1)).to(OP)
     b_v -= tl.dot(b_w, b_h0.to(OP), input_precision=DOT_PREC)
     if NK > 1:
@@ -88,13 +90,12 @@ def chunk_h_fwd_kernel(k, w, u, h, v_new, h0, ht, offsets, chunk_offsets,
                        H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                        BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr,
                        USE_S0: tl.constexpr, STORE_FINAL: tl.constexpr, DOT_PREC: tl.constexpr,
-                       WHILE_LOOP: tl.constexpr, OP: tl.constexpr):
+                       WHILE_LOOP: tl.constexpr, OP: tl.constexpr, ACC: tl.constexpr):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos = tl.load(offsets + i_n).to(tl.int64), tl.load(offsets + i_n + 1).to(tl.int64)
     L = eos - bos
     c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
-    ACC = u.dtype.element_ty
     v0 = i_v * BV
 
     b_h0 = tl.zeros([BK, BV], dtype=ACC)
@@ -151,7 +152,7 @@ def _bwd_step(t, b_h0, b_h1, b_h2, b_h3, q, k, w, do, dv_local, dh, dv_new, scal
         tl.store(_st(ph, i_h, H, K, V, 3 * BK, v0, BK, BV), b_h3.to(ph.dtype.element_ty), boundary_check=(0, 1))
 
     # dv_new = dv_local + K dh
-    b_dv = tl.load(_tok(dv_local, bos, i_h, L, H, V, t * C, v0, C, BV), boundary_check=(0, 1))
+    b_dv = tl.load(_tok(dv_local, bos, i_h, L, H, V, t * C, v0, C, BV), boundary_check=(0, 1)).to(ACC)
     b_k = tl.load(_tok(k, bos, i_h, L, H, K, t * C, 0, C, BK), boundary_check=(0, 1)).to(OP)
     b_dv += tl.dot(b_k, b_h0.to(OP), input_precision=DOT_PREC)
     if NK > 1:
@@ -163,7 +164,8 @@ def _bwd_step(t, b_h0, b_h1, b_h2, b_h3, q, k, w, do, dv_local, dh, dv_new, scal
     if NK > 3:
         b_k = tl.load(_tok(k, bos, i_h, L, H, K, t * C, 3 * BK, C, BK), boundary_check=(0, 1)).to(OP)
         b_dv += tl.dot(b_k, b_h3.to(OP), input_precision=DOT_PREC)
-    tl.store(_tok(dv_new, bos, i_h, L, H, V, t * C, v0, C, BV), b_dv, boundary_check=(0, 1))
+    tl.store(_tok(dv_new, bos, i_h, L, H, V, t * C, v0, C, BV), b_dv.to(dv_new.dtype.element_ty),
+             boundary_check=(0, 1))
     b_dv = b_dv.to(OP)
 
     # dh += scale Q^T dO - W^T dv_new
@@ -201,7 +203,7 @@ def chunk_h_bwd_kernel(q, k, w, do, dv_local, dh, dv_new, dht, ds0, offsets, chu
     bos, eos = tl.load(offsets + i_n).to(tl.int64), tl.load(offsets + i_n + 1).to(tl.int64)
     L = eos - bos
     c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
-    ACC = dv_local.dtype.element_ty
+    ACC = scale_ptr.dtype.element_ty
     v0 = i_v * BV
     NT = tl.cdiv(L, C).to(tl.int32)
     scale = tl.load(scale_ptr)
@@ -260,8 +262,8 @@ def _blocks(K, V):
 
 
 def chunk_h_fwd(k, w, u, initial_state, output_final_state, offsets, chunk_offsets, NC, chunk_size):
-    """Returns h [NC, H, K, V] (state entering each chunk), v_new [B, T, H, V] (both accumulation dtype) and
-    the final state [N, H, K, V] (accumulation dtype) or None."""
+    """Returns h [NC, H, K, V] (state entering each chunk), v_new [B, T, H, V] (both in the kernel's operand
+    storage dtype) and the final state [N, H, K, V] (accumulation dtype) or None."""
     B, T, H, K = k.shape
     V = u.shape[-1]
     N, acc = offsets.numel() - 1, acc_dtype(k.dtype)
@@ -276,20 +278,22 @@ def chunk_h_fwd(k, w, u, initial_state, output_final_state, offsets, chunk_offse
         chunk_h_fwd_kernel, (triton.cdiv(V, BV), N * H), k, w, u, h, v_new, initial_state, ht, offsets, chunk_offsets,
         H=H, K=K, V=V, C=chunk_size, BK=BK, BV=BV, NK=NK, USE_S0=initial_state is not None,
         STORE_FINAL=output_final_state, DOT_PREC=dot_precision(k.dtype), WHILE_LOOP=interpreting(),
-        OP=op, stages=(stages,))
+        OP=op, ACC=tl_acc(k.dtype), stages=(stages,))
     return h, v_new, ht
 
 
-def chunk_h_bwd(q, k, w, do, dv_local, dht, initial_state, scale_t, offsets, chunk_offsets, NC, chunk_size):
-    """Returns dh [NC, H, K, V] (gradient of the state leaving each chunk), dv_new [B, T, H, V] (both
-    accumulation dtype) and dS0 [N, H, K, V] in initial_state's dtype (None without initial_state)."""
+def chunk_h_bwd(q, k, w, do, dv_local, dht, initial_state, scale_t, offsets, chunk_offsets, NC, chunk_size,
+                dv_new_dtype=None):
+    """Returns dh [NC, H, K, V] (gradient of the state leaving each chunk; operand storage dtype), dv_new
+    [B, T, H, V] in dv_new_dtype (default: the accumulation dtype) and dS0 [N, H, K, V] in initial_state's dtype
+    (None without initial_state)."""
     B, T, H, K = k.shape
     V = do.shape[-1]
     N, acc = offsets.numel() - 1, acc_dtype(k.dtype)
     BK, NK, BV = _blocks(K, V)
     op = operand_type("chunk_h_bwd", k.dtype, chunk_size, BK, BV)
     dh = new_empty((NC, H, K, V), operand_storage(op), k.device)
-    dv_new = new_empty((B, T, H, V), acc, k.device)  # (ACC: chunk_o_bwd and wy_bwd round it to their own OP)
+    dv_new = new_empty((B, T, H, V), dv_new_dtype or acc, k.device)
     ds0 = None if initial_state is None else new_empty((N, H, K, V), initial_state.dtype, k.device)
     a, e = torch.finfo(acc).bits // 8, k.element_size()
     stages = pipeline_stages(chunk_size * (NK * BK * (2 * e + a) + BV * (a + e)))  # K, Q, W, dv_local, dO tiles

@@ -21,6 +21,7 @@ from ops.common.utils import (
     new_empty,
     operand_type,
     pipeline_stages,
+    sum_storage,
 )
 from ops.delta_rule.chunk_h import _st, _tok
 
@@ -64,7 +65,7 @@ def chunk_dv_local_kernel(q, k, do, dv, scale_ptr, offsets, cmap,
     i_n, j = tl.load(cmap + i_c * 2), tl.load(cmap + i_c * 2 + 1)
     bos, eos = tl.load(offsets + i_n).to(tl.int64), tl.load(offsets + i_n + 1).to(tl.int64)
     L = eos - bos
-    ACC = dv.dtype.element_ty
+    ACC = scale_ptr.dtype.element_ty
     scale = tl.load(scale_ptr)
 
     b_At = tl.zeros([C, C], dtype=ACC)  # (Q K^T)^T = K Q^T
@@ -76,8 +77,8 @@ def chunk_dv_local_kernel(q, k, do, dv, scale_ptr, offsets, cmap,
     cols = tl.arange(0, C)[None, :]
     b_At = (tl.where(rows <= cols, b_At, 0.0) * scale).to(OP)
     b_do = tl.load(_tok(do, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1)).to(OP)
-    tl.store(_tok(dv, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), tl.dot(b_At, b_do, input_precision=DOT_PREC),
-             boundary_check=(0, 1))
+    p_dv = _tok(dv, bos, i_h, L, H, V, j * C, i_v * BV, C, BV)
+    tl.store(p_dv, tl.dot(b_At, b_do, input_precision=DOT_PREC).to(p_dv.dtype.element_ty), boundary_check=(0, 1))
 
 
 @triton.jit
@@ -118,8 +119,10 @@ def chunk_o_bwd_kernel(q, k, v_new, h, do, dh, dv_new, dq, dk, dw, scale_ptr, of
     b_dk += tl.dot(tl.trans(b_dS), b_q.to(ACC), input_precision=DOT_PREC)
     p_dq = _tok(dq, bos, i_h, L, H, K, j * C, i_k * BK, C, BK)
     tl.store(p_dq, b_dq.to(p_dq.dtype.element_ty), boundary_check=(0, 1))
-    tl.store(_tok(dk, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), b_dk, boundary_check=(0, 1))
-    tl.store(_tok(dw, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), b_dw, boundary_check=(0, 1))
+    p_dk = _tok(dk, bos, i_h, L, H, K, j * C, i_k * BK, C, BK)
+    tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), boundary_check=(0, 1))
+    p_dw = _tok(dw, bos, i_h, L, H, K, j * C, i_k * BK, C, BK)
+    tl.store(p_dw, b_dw.to(p_dw.dtype.element_ty), boundary_check=(0, 1))
 
 
 # Largest K / V tile (tests lower it to reach the multi-tile loops with small head sizes).
@@ -151,37 +154,49 @@ def chunk_o_fwd(q, k, v_new, h, scale_t, offsets, cmap, chunk_size):
 
 
 def chunk_dv_local(q, k, do, scale_t, offsets, cmap, chunk_size):
-    """scale (Q K^T * M)^T dO per chunk, [B, T, H, V] in the accumulation dtype."""
+    """scale (Q K^T * M)^T dO per chunk, [B, T, H, V] in utils.sum_storage of its operand type (chunk_h_bwd adds
+    to it)."""
     B, T, H, K = q.shape
     V = do.shape[-1]
     NC = cmap.shape[0]
-    dv = new_empty((B, T, H, V), acc_dtype(q.dtype), q.device)
+    BK, BV = _blocks(K, V)
+    op = operand_type("chunk_dv_local", q.dtype, chunk_size, BK, BV)
+    dv = new_empty((B, T, H, V), sum_storage(op), q.device)
     if NC:
-        BK, BV = _blocks(K, V)
         stages = pipeline_stages(2 * chunk_size * BK * q.element_size())  # Q, K
         launch_fitting(
             chunk_dv_local_kernel, (triton.cdiv(V, BV), NC, H), q, k, do, dv, scale_t, offsets, cmap, H=H, K=K, V=V,
-            C=chunk_size, BK=BK, BV=BV, DOT_PREC=dot_precision(q.dtype),
-            OP=operand_type("chunk_dv_local", q.dtype, chunk_size, BK, BV), stages=(stages,))
+            C=chunk_size, BK=BK, BV=BV, DOT_PREC=dot_precision(q.dtype), OP=op, stages=(stages,))
     return dv
 
 
-def chunk_o_bwd(q, k, v_new, h, do, dh, dv_new, scale_t, offsets, cmap, chunk_size):
-    """Returns dq (q's dtype) and the partial dk and dw (accumulation dtype), all [B, T, H, K]."""
+def _bwd_blocks(K, V, dtype):
+    BK, BV = _blocks(K, V)
+    return BK, (min(BV, 32) if dtype == torch.float64 else BV)
+
+
+def bwd_operands(dtype, chunk_size, K, V):
+    """chunk_o_bwd_kernel's dot operand type (the one v_new, dv_new, h and dh are rounded to when read)."""
+    return operand_type("chunk_o_bwd", dtype, chunk_size, *_bwd_blocks(K, V, dtype))
+
+
+def chunk_o_bwd(q, k, v_new, h, do, dh, dv_new, scale_t, offsets, cmap, chunk_size, dw_dtype=None):
+    """Returns dq (q's dtype), the partial dk (utils.sum_storage of the operand type: wy_bwd adds to it) and dw
+    (dw_dtype, default the accumulation dtype), all [B, T, H, K]."""
     B, T, H, K = q.shape
     V = do.shape[-1]
     NC, acc = cmap.shape[0], acc_dtype(q.dtype)
+    BK, BV = _bwd_blocks(K, V, q.dtype)
+    op = bwd_operands(q.dtype, chunk_size, K, V)
     dq = new_empty(q.shape, q.dtype, q.device)
-    dk = new_empty(q.shape, acc, q.device)
-    dw = new_empty(q.shape, acc, q.device)
+    dk = new_empty(q.shape, sum_storage(op), q.device)
+    dw = new_empty(q.shape, dw_dtype or acc, q.device)
     if NC:
-        BK, BV = _blocks(K, V)
         a = _bytes(acc)
-        BV = min(BV, 32) if acc == torch.float64 else BV
         stages = pipeline_stages(chunk_size * BV * (do.element_size() + 2 * a) + 2 * BK * BV * a)  # dO v v' h dh
         launch_fitting(
             chunk_o_bwd_kernel, (triton.cdiv(K, BK), NC, H), q, k, v_new, h, do, dh, dv_new, dq, dk, dw, scale_t,
-            offsets, cmap, H=H, K=K, V=V, C=chunk_size, BK=BK, BV=BV, DOT_PREC=dot_precision(q.dtype),
-            OP=operand_type("chunk_o_bwd", q.dtype, chunk_size, BK, BV), stages=(stages,))
+            offsets, cmap, H=H, K=K, V=V, C=chunk_size, BK=BK, BV=BV, DOT_PREC=dot_precision(q.dtype), OP=op,
+            stages=(stages,))
     return dq, dk, dw
 

@@ -3,8 +3,8 @@
 Per chunk (C rows; rows past the sequence end are zero) and head:
     A = tril(diag(beta) K K^T, -1),  X = (I + A)^-1,  T = X diag(beta),  W = T K,  U = T V,
 so that prod_i (I - beta_i k_i k_i^T) = I - K^T W (newest on the left) and the chunk's write is K^T U.
-U and X are kept in the accumulation dtype, W in its dot operands' (utils.operand_storage); X ([NC, H, C, C]) is
-saved for the backward.
+X ([NC, H, C, C], saved for the backward) is kept in the accumulation dtype, W in its dot operands' type
+(utils.operand_storage), U in that type too where it is half (utils.sum_storage: chunk_h_fwd adds to it).
 """
 import triton
 import triton.language as tl
@@ -19,6 +19,7 @@ from ops.common.utils import (
     operand_storage,
     operand_type,
     pipeline_stages,
+    sum_storage,
 )
 
 
@@ -55,7 +56,7 @@ def wy_fwd_kernel(k, v, beta, w, u, x, offsets, cmap,
         p_v = tl.make_block_ptr(v + (bos * H + i_h) * V, (L, V), (H * V, 1), (j * C, i_v * BV), (C, BV), (1, 0))
         p_u = tl.make_block_ptr(u + (bos * H + i_h) * V, (L, V), (H * V, 1), (j * C, i_v * BV), (C, BV), (1, 0))
         b_v = tl.load(p_v, boundary_check=(0, 1)).to(OP)
-        tl.store(p_u, tl.dot(b_T, b_v, input_precision=DOT_PREC), boundary_check=(0, 1))
+        tl.store(p_u, tl.dot(b_T, b_v, input_precision=DOT_PREC).to(p_u.dtype.element_ty), boundary_check=(0, 1))
 
 
 @triton.jit
@@ -67,7 +68,8 @@ def wy_bwd_kernel(k, v, beta, x, dw, du, dk_in, dk, dv, dbeta, offsets, cmap,
         dbeta = rowsum(X^T dW * K) + rowsum(X^T dU * V) + rowsum(dA * K K^T),
     with dX = dW (diag(beta) K)^T + dU (diag(beta) V)^T and dA = tril(-X^T dX X^T, -1).
     The [C, C] x [C, BK or BV] products with a loaded operand (X^T dW, dW (diag(beta) K)^T, K K^T, X^T dU,
-    dU (diag(beta) V)^T) take OP operands; dA's [C, C] chain and M K, whose operands are formed here, keep ACC."""
+    dU (diag(beta) V)^T) take OP operands; dA's [C, C] chain and M K, whose operands are formed here, keep ACC.
+    dW and dU are read only as OP operands (so they may arrive rounded to OP); dk_in is added in ACC."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_n, j = tl.load(cmap + i_c * 2), tl.load(cmap + i_c * 2 + 1)
     bos, eos = tl.load(offsets + i_n).to(tl.int64), tl.load(offsets + i_n + 1).to(tl.int64)
@@ -138,14 +140,15 @@ def _blocks(K, V):
 
 def wy_fwd(k, v, beta, offsets, cmap, chunk_size):
     """k [B, T, H, K], v [B, T, H, V], beta [B, T, H] (contiguous); offsets, cmap from utils.sequence_offsets
-    and utils.chunk_map. Returns W [B, T, H, K], U [B, T, H, V] (accumulation dtype) and X [NC, H, C, C]."""
+    and utils.chunk_map. Returns W [B, T, H, K], U [B, T, H, V] (see the module docstring for their dtypes) and
+    X [NC, H, C, C] (accumulation dtype)."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     C, NC, acc = chunk_size, cmap.shape[0], acc_dtype(k.dtype)
     BK, BV = _blocks(K, V)
     op = operand_type("wy_fwd", k.dtype, C, BK, BV)
     w = new_empty((B, T, H, K), operand_storage(op), k.device)
-    u = new_empty((B, T, H, V), acc, k.device)
+    u = new_empty((B, T, H, V), sum_storage(op), k.device)
     x = new_empty((NC, H, C, C), acc, k.device)
     if NC:
         a, e = u.element_size(), k.element_size()
@@ -155,9 +158,15 @@ def wy_fwd(k, v, beta, offsets, cmap, chunk_size):
     return w, u, x
 
 
+def bwd_operands(dtype, chunk_size, K, V):
+    """wy_bwd_kernel's dot operand type (the one dW and dU are rounded to when read)."""
+    return operand_type("wy_bwd", dtype, chunk_size, *_blocks(K, V))
+
+
 def wy_bwd(k, v, beta, x, dw, du, dk_in, offsets, cmap, chunk_size):
-    """Gradients of the WY stage: dW [B, T, H, K], dU [B, T, H, V] and dk_in (k's other gradient), all in the
-    accumulation dtype. Returns dk, dv, dbeta in the input dtype."""
+    """Gradients of the WY stage: dW [B, T, H, K], dU [B, T, H, V] and dk_in (k's other gradient), each in the
+    accumulation dtype or a half dtype (bwd_operands; dk_in: utils.sum_storage). Returns dk, dv, dbeta in the
+    input dtype."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     C, NC = chunk_size, cmap.shape[0]
@@ -170,6 +179,6 @@ def wy_bwd(k, v, beta, x, dw, du, dk_in, offsets, cmap, chunk_size):
         stages = pipeline_stages(C * max(BK, BV) * (2 * a + 2 * e))  # K, dW, dk_in in; dK out (or V, dU; dV)
         launch_fitting(  # (the half-operand path's launch settings: utils.TUNED)
             wy_bwd_kernel, (NC, H), k, v, beta, x, dw, du, dk_in, dk, dv, dbeta, offsets, cmap, H=H, K=K, V=V, C=C,
-            BK=BK, BV=BV, DOT_PREC=dot_precision(k.dtype), OP=operand_type("wy_bwd", k.dtype, C, BK, BV),
+            BK=BK, BV=BV, DOT_PREC=dot_precision(k.dtype), OP=bwd_operands(k.dtype, C, K, V),
             stages=(stages,))
     return dk, dv, dbeta
