@@ -163,3 +163,28 @@ def test_tuned_launches_apply_to_the_half_operand_path_only(kernel, monkeypatch)
     for x, op in ((half, tl.float32), (torch.ones(4), tl.float32), (torch.ones(4, dtype=torch.float64), tl.float64)):
         U.launch_fitting(k, (1,), x, OP=op, stages=(2, 1))
         assert k.launches[-1] == (None, 2), f"{kernel} with {x.dtype} inputs, {op} operands: {k.launches[-1]}"
+
+
+
+def test_state_pipeline_deepens_only_grids_of_one_program_per_sm(monkeypatch):
+    """utils.STATE_PIPELINE gives chunk_h_bwd two pipeline stages (falling back to one) where its grid of
+    V blocks x sequences x heads leaves the SMs one program each or fewer; elsewhere, or with the switch off, the
+    launch keeps its own stages."""
+    import triton
+
+    import ops.delta_rule.chunk_h as chunk_h
+    asked, grids = [], []
+    monkeypatch.setattr(chunk_h, "launch_fitting", lambda *a, stages, **kw: asked.append(stages))
+    B, T, H, K, V, C = 2, 40, 3, 32, 32, 64
+    q, k, w, do, dv_local = (torch.randn(B, T, H, d) for d in (K, K, K, V, V))
+    idx = U.chunk_index(None, B, T, C, q.device)
+    scale = U.scale_arg(0.5, q.dtype, q.device)
+    for enabled in (False, True):
+        for few in (False, True):
+            monkeypatch.setattr(U, "STATE_PIPELINE", enabled)
+            monkeypatch.setattr(chunk_h, "few_programs", lambda n, device, _f=few: grids.append(n) or _f)
+            chunk_h.chunk_h_bwd(q, k, w, do, dv_local, None, None, scale, idx.offsets, idx.chunk_offsets, idx.NC, C)
+    own = asked[0]
+    assert asked == [own, own, own, (2, 1)] and own != (2, 1), asked
+    assert set(grids) == {B * H * triton.cdiv(V, chunk_h._blocks(K, V)[2])}, grids
+    assert U.few_programs(1, torch.device("cpu")) is False  # off CUDA there are no SMs to leave idle

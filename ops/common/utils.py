@@ -119,6 +119,20 @@ def sum_storage(op) -> torch.dtype:
     return torch.float32
 
 
+# Sequential state passes with at most one program per SM (small B * H, long T) are latency-bound: a deeper software
+# pipeline there prefetches the next chunk's tiles (chunk_h_bwd at B=2, T=16384, H=16: 1.38 -> 0.78 ms at 2 stages
+# on an H200), where with more programs one stage is faster (two programs share an SM). Off until the GPU suite
+# passes with it: DELTACHECK_STATE_PIPELINE=1 turns it on.
+STATE_PIPELINE = os.environ.get("DELTACHECK_STATE_PIPELINE", "0") == "1"
+
+
+def few_programs(n_programs: int, device) -> bool:
+    """Whether a grid of n_programs leaves the GPU's SMs one program each or fewer (False off CUDA)."""
+    if device.type != "cuda":
+        return False
+    return n_programs <= torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def block_size(n: int, minimum: int = 16) -> int:
     """Power-of-two tile covering n (at least 16: tl.dot's smallest dimension)."""
     return max(minimum, triton.next_power_of_2(n))

@@ -13,10 +13,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ops.common import utils
 from ops.common.utils import (
     acc_dtype,
     block_size,
     dot_precision,
+    few_programs,
     interpreting,
     launch_fitting,
     new_empty,
@@ -296,10 +298,12 @@ def chunk_h_bwd(q, k, w, do, dv_local, dht, initial_state, scale_t, offsets, chu
     dv_new = new_empty((B, T, H, V), dv_new_dtype or acc, k.device)
     ds0 = None if initial_state is None else new_empty((N, H, K, V), initial_state.dtype, k.device)
     a, e = torch.finfo(acc).bits // 8, k.element_size()
-    stages = pipeline_stages(chunk_size * (NK * BK * (2 * e + a) + BV * (a + e)))  # K, Q, W, dv_local, dO tiles
+    stages = (pipeline_stages(chunk_size * (NK * BK * (2 * e + a) + BV * (a + e))),)  # K, Q, W, dv_local, dO tiles
+    if utils.STATE_PIPELINE and few_programs(triton.cdiv(V, BV) * N * H, k.device):
+        stages = (2, 1)  # (utils.STATE_PIPELINE: latency-bound with one program per SM)
     launch_fitting(
         chunk_h_bwd_kernel, (triton.cdiv(V, BV), N * H), q, k, w, do, dv_local, dh, dv_new, dht, ds0, offsets,
         chunk_offsets, scale_t, H=H, K=K, V=V, C=chunk_size, BK=BK, BV=BV, NK=NK, USE_DHT=dht is not None,
         STORE_DS0=ds0 is not None, DOT_PREC=dot_precision(k.dtype), WHILE_LOOP=interpreting(),
-        OP=op, stages=(stages,))
+        OP=op, stages=stages)
     return dh, dv_new, ds0
