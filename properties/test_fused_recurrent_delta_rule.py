@@ -40,6 +40,14 @@ EDGE_CASES = [
 
 
 @contextlib.contextmanager
+def _backward(mode):
+    """Run the op's backward as `mode` (fused_recurrent.BACKWARDS)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fr, "BACKWARD", mode)
+        yield
+
+
+@contextlib.contextmanager
 def _split_v(enabled):
     """Shrink the state-tile budgets so V spans several programs (the partial-sum path), which the small
     interpreter head sizes would otherwise never reach."""
@@ -95,19 +103,23 @@ def test_fused_recurrent_matches_reference(case, output_final_state, record):
     assert_close("final_state", ht, rht, case.dtype, "forward", record=record)
 
 
-@given(case=delta_cases(), split_v=st.booleans())
-@with_examples(EDGE_CASES, split_v=True)
-@example(case=fixed_case(B=2, T=6, H=2, K=8, V=24, initial_state=True), split_v=True)  # 3 V blocks
-def test_fused_recurrent_gradients_match_reference(case, split_v, record):
-    """With random upstream gradients for o and the final state, the Triton backward's gradients for q, k, v,
-    beta and initial_state equal the reference's autograd gradients within the gradient bound (also when V is
-    split over several programs, whose partial dq, dk, dbeta are summed)."""
+@given(case=delta_cases(), split_v=st.booleans(), backward=st.sampled_from(fr.BACKWARDS))
+@with_examples(EDGE_CASES, split_v=True, backward="recurrent")
+@with_examples(EDGE_CASES, split_v=False, backward="chunk")
+@example(case=fixed_case(B=2, T=6, H=2, K=8, V=24, initial_state=True), split_v=True, backward="recurrent")
+@example(case=fixed_case(B=1, T=150, H=2, K=20, V=24, seqlens=(0, 70, 1, 79)), split_v=False, backward="chunk")
+def test_fused_recurrent_gradients_match_reference(case, split_v, backward, record):
+    """With random upstream gradients for o and the final state, the backward's gradients for q, k, v, beta and
+    initial_state equal the reference's autograd gradients within the gradient bound: the token-by-token backward
+    (also when V is split over several programs, whose partial dq, dk, dbeta are summed) and the chunkwise one
+    (several chunks, packed sequences)."""
     if case.T == 0:
         # (the empty-input gradients are checked in test_fused_recurrent_empty_input)
         case = dataclasses.replace(case, T=3, seqlens=(1, 0, 2))
-    ours, refs, outs, routs = _run(case, split_v=split_v)
-    assert_close("o", outs[0], routs[0], case.dtype, "forward", record=record)
-    _check_gradients(case, ours, refs, outs, routs, record, split_v=split_v)
+    with _backward(backward):
+        ours, refs, outs, routs = _run(case, split_v=split_v)
+        assert_close("o", outs[0], routs[0], case.dtype, "forward", record=record)
+        _check_gradients(case, ours, refs, outs, routs, record, split_v=split_v)
 
 
 @given(case=delta_cases())
@@ -126,10 +138,12 @@ def test_fused_recurrent_l2norm_in_kernel_matches_reference(case, record):
     _check_gradients(case, ours, refs, outs, routs, record)
 
 
+@pytest.mark.parametrize("backward", fr.BACKWARDS)
 @pytest.mark.parametrize("varlen", [False, True])
-def test_fused_recurrent_gradcheck(varlen):
-    """float64 torch.autograd.gradcheck of the Triton backward: q, k, v, beta, initial_state through o and the
+def test_fused_recurrent_gradcheck(varlen, backward, monkeypatch):
+    """float64 torch.autograd.gradcheck of each Triton backward: q, k, v, beta, initial_state through o and the
     final state, on tiny shapes (one packed layout has an empty and a length-1 segment)."""
+    monkeypatch.setattr(fr, "BACKWARD", backward)
     g = torch.Generator().manual_seed(7)
     if varlen:
         B, T, N, cu = 1, 5, 3, torch.tensor([0, 3, 3, 5], device=DEVICE)
@@ -183,10 +197,12 @@ def test_fused_recurrent_nan_in_q_gives_nan_in_o(dtype):
     assert torch.isfinite(o[~bad]).all() and torch.isfinite(ht).all()
 
 
+@pytest.mark.parametrize("backward", fr.BACKWARDS)
 @pytest.mark.parametrize("varlen", [False, True])
-def test_fused_recurrent_empty_input(varlen):
+def test_fused_recurrent_empty_input(varlen, backward, monkeypatch):
     """T = 0 (or only empty segments): o is empty, the final state is the initial state (zeros without one),
-    and the initial state's gradient is the final state's upstream gradient."""
+    and the initial state's gradient is the final state's upstream gradient (with either backward)."""
+    monkeypatch.setattr(fr, "BACKWARD", backward)
     H, K, V = 2, 3, 5
     B, N, cu = (1, 3, torch.zeros(4, dtype=torch.long, device=DEVICE)) if varlen else (2, 2, None)
     q = torch.randn(B, 0, H, K, device=DEVICE, requires_grad=True)

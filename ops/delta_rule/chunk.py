@@ -19,12 +19,20 @@ CHUNK_SIZES = (16, 32, 64)
 
 
 
-def chunk_delta_rule_fwd(q, k, v, beta, scale_t, initial_state, output_final_state, idx, chunk_size):
+def chunk_delta_rule_states(k, v, beta, initial_state, output_final_state, idx, chunk_size):
+    """The forward up to the output: wy_fwd and chunk_h_fwd. Returns (X, W, h, v_new), what the backward reads,
+    and the final state (or None)."""
     offsets, cmap, chunk_offsets, NC = idx
     w, u, x = wy_fwd(k, v, beta, offsets, cmap, chunk_size)
     h, v_new, ht = chunk_h_fwd(k, w, u, initial_state, output_final_state, offsets, chunk_offsets, NC, chunk_size)
-    o = chunk_o_fwd(q, k, v_new, h, scale_t, offsets, cmap, chunk_size)
-    return o, ht, (x, w, h, v_new)
+    return (x, w, h, v_new), ht
+
+
+def chunk_delta_rule_fwd(q, k, v, beta, scale_t, initial_state, output_final_state, idx, chunk_size):
+    saved, ht = chunk_delta_rule_states(k, v, beta, initial_state, output_final_state, idx, chunk_size)
+    _, _, h, v_new = saved
+    o = chunk_o_fwd(q, k, v_new, h, scale_t, idx.offsets, idx.cmap, chunk_size)
+    return o, ht, saved
 
 
 def chunk_delta_rule_bwd(q, k, v, beta, scale_t, initial_state, do, dht, saved, idx, chunk_size):

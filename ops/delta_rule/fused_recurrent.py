@@ -39,6 +39,15 @@ from ops.common.utils import (
 FWD_TILE = 2048
 BWD_TILE = int(os.environ.get("DELTACHECK_FUSED_RECURRENT_BWD_TILE", "1024"))
 
+# The backward: "recurrent", the two token-by-token passes below (its dq, dk, dbeta are written per V block as
+# [NV, B, T, H, K] float32 partials: at B=8, T=4096, H=16, K=V=128 and [128, 8] tiles 4.3 GB each, summed on the
+# host), or "chunk": the same gradients from the chunkwise form (ops.delta_rule.chunk: its WY stage and state pass
+# recomputed from q, k, v, beta, then its backward kernels), with no per-token state pass and no partials.
+# Off until the GPU suite passes with it: DELTACHECK_FUSED_RECURRENT_BWD=chunk turns it on.
+BACKWARDS = ("recurrent", "chunk")
+BACKWARD = os.environ.get("DELTACHECK_FUSED_RECURRENT_BWD", "recurrent")
+BWD_CHUNK = 64  # the chunk backward's chunk size
+
 
 def _tiles(K: int, V: int, dtype: torch.dtype, backward: bool):
     """(BK, BV, num_warps): all of K in one tile, V in blocks of BV."""
@@ -293,28 +302,49 @@ def fused_recurrent_delta_rule_bwd(q, k, u, beta, scale, initial_state, do, dht,
     return dq.sum(0), dk.sum(0), du, dbeta.sum(0), dh0
 
 
+def chunk_backward(q, k, v, beta, scale, initial_state, do, dht, offsets, packed):
+    """The backward from the chunkwise form: (dq, dk, dv, dbeta, dh0 or None) in the inputs' dtypes. packed: the
+    sequences come from cu_seqlens (offsets), else B sequences of T tokens."""
+    from ops.common import utils
+    from ops.delta_rule.chunk import chunk_delta_rule_bwd, chunk_delta_rule_states
+    B, T = q.shape[:2]
+    with utils.on_device(q.device):
+        idx = utils.chunk_index(offsets if packed else None, B, T, BWD_CHUNK, q.device)
+        saved, _ = chunk_delta_rule_states(k, v, beta, initial_state, False, idx, BWD_CHUNK)
+        return chunk_delta_rule_bwd(q, k, v, beta, utils.scale_arg(scale, q.dtype, q.device), initial_state, do,
+                                    dht, saved, idx, BWD_CHUNK)
+
+
 class FusedRecurrentDeltaRuleFunction(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, q, k, v, beta, scale, initial_state, output_final_state, offsets):
-        o, u, ht = fused_recurrent_delta_rule_fwd(q, k, v, beta, scale, initial_state, output_final_state, offsets)
-        ctx.save_for_backward(q, k, u, beta, initial_state, offsets)
-        ctx.scale = scale
+    def forward(ctx, q, k, v, beta, scale, initial_state, output_final_state, offsets, packed):
+        if BACKWARD not in BACKWARDS:
+            raise ValueError(f"DELTACHECK_FUSED_RECURRENT_BWD must be one of {BACKWARDS}, got {BACKWARD!r}")
+        ctx.chunk = BACKWARD == "chunk" and q.numel() > 0
+        o, u, ht = fused_recurrent_delta_rule_fwd(q, k, v, beta, scale, initial_state, output_final_state, offsets,
+                                                  store_u=not ctx.chunk)
+        ctx.save_for_backward(q, k, v if ctx.chunk else u, beta, initial_state, offsets)
+        ctx.scale, ctx.packed = scale, packed
         ctx.v_dtype = v.dtype
         ctx.set_materialize_grads(False)
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, u, beta, initial_state, offsets = ctx.saved_tensors
+        q, k, vu, beta, initial_state, offsets = ctx.saved_tensors
         if do is None:
-            do = torch.zeros(u.shape, dtype=q.dtype, device=q.device)
+            do = torch.zeros(vu.shape, dtype=q.dtype, device=q.device)
         need_dh0 = initial_state is not None and ctx.needs_input_grad[5]
+        do, dht = do.contiguous(), None if dht is None else dht.contiguous()
+        if ctx.chunk:
+            dq, dk, dv, dbeta, dh0 = chunk_backward(q, k, vu, beta, ctx.scale, initial_state, do, dht, offsets,
+                                                    ctx.packed)
+            return dq, dk, dv, dbeta, None, dh0 if need_dh0 else None, None, None, None
         dq, dk, dv, dbeta, dh0 = fused_recurrent_delta_rule_bwd(
-            q, k, u, beta, ctx.scale, initial_state, do.contiguous(),
-            None if dht is None else dht.contiguous(), offsets, need_dh0)
+            q, k, vu, beta, ctx.scale, initial_state, do, dht, offsets, need_dh0)
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(ctx.v_dtype), dbeta.to(beta.dtype), None,
-                None if dh0 is None else dh0.to(initial_state.dtype), None, None)
+                None if dh0 is None else dh0.to(initial_state.dtype), None, None, None)
 
 
 @first_call
@@ -347,4 +377,4 @@ def fused_recurrent_delta_rule(q, k, v, beta=None, scale=None, initial_state=Non
                                                   store_u=False)
         return o, ht
     return FusedRecurrentDeltaRuleFunction.apply(q, k, v, beta, scale, initial_state, bool(output_final_state),
-                                                 offsets)
+                                                 offsets, cu_seqlens is not None)
