@@ -122,6 +122,19 @@ def test_chunk_gradients_match_reference(case, chunk_size, output_final_state, s
     _check_gradients(case, chunk_size, ours, refs, outs, routs, record, small_tiles)
 
 
+@given(case=delta_cases(), chunk_size=st.sampled_from(CHUNK_SIZES), small_tiles=st.booleans())
+@example(case=fixed_case(B=1, T=50, H=2, K=40, V=24, dtype=torch.float32), chunk_size=16, small_tiles=True)
+def test_state_pass_products_first_match_reference(case, chunk_size, small_tiles, record, monkeypatch):
+    """With the state passes' W h and K dh summed before U and dv_local are added (utils.STATE_DOT_FIRST), o,
+    the final state and every gradient still equal the float64 reference within the dtype's bounds (several K
+    tiles of the state with small_tiles)."""
+    monkeypatch.setattr(U, "STATE_DOT_FIRST", True)
+    ours, refs, outs, routs = _run(case, chunk_size, small_tiles=small_tiles)
+    assert_close("o [dot first]", outs[0], routs[0], case.dtype, record=_with(record, chunk_size=chunk_size))
+    assert_close("final_state [dot first]", outs[1], routs[1], case.dtype, record=_with(record, chunk_size=chunk_size))
+    _check_gradients(case, chunk_size, ours, refs, outs, routs, record, small_tiles, tag=" [dot first]")
+
+
 HALF_DTYPES = [d for d in OP_DTYPES if d in (torch.float16, torch.bfloat16)]
 
 

@@ -125,6 +125,11 @@ def sum_storage(op) -> torch.dtype:
 # passes with it: DELTACHECK_STATE_PIPELINE=1 turns it on.
 STATE_PIPELINE = os.environ.get("DELTACHECK_STATE_PIPELINE", "0") == "1"
 
+# The state passes' per-chunk products W h (chunk_h_fwd) and K dh (chunk_h_bwd) summed from zero, U / dv_local added
+# after them, as fla's kernels order it: the dots need not wait for that load (with one pipeline stage they did).
+# Not yet measured; off until the GPU suite passes with it: DELTACHECK_STATE_DOT_FIRST=1 turns it on.
+STATE_DOT_FIRST = os.environ.get("DELTACHECK_STATE_DOT_FIRST", "0") == "1"
+
 
 def few_programs(n_programs: int, device) -> bool:
     """Whether a grid of n_programs leaves the GPU's SMs one program each or fewer (False off CUDA)."""

@@ -45,8 +45,10 @@ def _st(ptr, i_h, H, K: tl.constexpr, V: tl.constexpr, r0, c0, BR: tl.constexpr,
 @triton.jit
 def _fwd_step(t, b_h0, b_h1, b_h2, b_h3, k, w, u, h, v_new, bos, i_h, L, c0, v0,
               H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-              BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr, DOT_PREC: tl.constexpr, OP: tl.constexpr):
-    """Chunk t: store h_t; v_new = U - W h_t; h_{t+1} = h_t + K^T v_new (dot operands W, h, K, v_new in OP)."""
+              BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr, DOT_PREC: tl.constexpr, OP: tl.constexpr,
+              DOT_FIRST: tl.constexpr):
+    """Chunk t: store h_t; v_new = U - W h_t; h_{t+1} = h_t + K^T v_new (dot operands W, h, K, v_new in OP).
+    DOT_FIRST: W h is summed from zero and U added after it (the dots then need not wait for U's load)."""
     ph = h + (c0 + t) * H * K * V
     tl.store(_st(ph, i_h, H, K, V, 0, v0, BK, BV), b_h0.to(ph.dtype.element_ty), boundary_check=(0, 1))
     if NK > 1:
@@ -57,7 +59,10 @@ def _fwd_step(t, b_h0, b_h1, b_h2, b_h3, k, w, u, h, v_new, bos, i_h, L, c0, v0,
         tl.store(_st(ph, i_h, H, K, V, 3 * BK, v0, BK, BV), b_h3.to(ph.dtype.element_ty), boundary_check=(0, 1))
 
     # v_new = U - W h
-    b_v = tl.load(_tok(u, bos, i_h, L, H, V, t * C, v0, C, BV), boundary_check=(0, 1)).to(b_h0.dtype)
+    if DOT_FIRST:
+        b_v = tl.zeros([C, BV], dtype=b_h0.dtype)
+    else:
+        b_v = tl.load(_tok(u, bos, i_h, L, H, V, t * C, v0, C, BV), boundary_check=(0, 1)).to(b_h0.dtype)
     b_w = tl.load(_tok(w, bos, i_h, L, H, K, t * C, 0, C, BK), boundary_check=(0, 1)).to(OP)
     b_v -= tl.dot(b_w, b_h0.to(OP), input_precision=DOT_PREC)
     if NK > 1:
@@ -69,6 +74,8 @@ def _fwd_step(t, b_h0, b_h1, b_h2, b_h3, k, w, u, h, v_new, bos, i_h, L, c0, v0,
     if NK > 3:
         b_w = tl.load(_tok(w, bos, i_h, L, H, K, t * C, 3 * BK, C, BK), boundary_check=(0, 1)).to(OP)
         b_v -= tl.dot(b_w, b_h3.to(OP), input_precision=DOT_PREC)
+    if DOT_FIRST:
+        b_v += tl.load(_tok(u, bos, i_h, L, H, V, t * C, v0, C, BV), boundary_check=(0, 1)).to(b_h0.dtype)
     tl.store(_tok(v_new, bos, i_h, L, H, V, t * C, v0, C, BV), b_v.to(v_new.dtype.element_ty), boundary_check=(0, 1))
     b_v = b_v.to(OP)
 
@@ -92,7 +99,7 @@ def chunk_h_fwd_kernel(k, w, u, h, v_new, h0, ht, offsets, chunk_offsets,
                        H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                        BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr,
                        USE_S0: tl.constexpr, STORE_FINAL: tl.constexpr, DOT_PREC: tl.constexpr,
-                       WHILE_LOOP: tl.constexpr, OP: tl.constexpr, ACC: tl.constexpr):
+                       WHILE_LOOP: tl.constexpr, OP: tl.constexpr, ACC: tl.constexpr, DOT_FIRST: tl.constexpr):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos = tl.load(offsets + i_n).to(tl.int64), tl.load(offsets + i_n + 1).to(tl.int64)
@@ -119,12 +126,12 @@ def chunk_h_fwd_kernel(k, w, u, h, v_new, h0, ht, offsets, chunk_offsets,
         t = 0
         while t < NT:
             b_h0, b_h1, b_h2, b_h3 = _fwd_step(t, b_h0, b_h1, b_h2, b_h3, k, w, u, h, v_new, bos, i_h, L, c0, v0,
-                                               H, K, V, C, BK, BV, NK, DOT_PREC, OP)
+                                               H, K, V, C, BK, BV, NK, DOT_PREC, OP, DOT_FIRST)
             t += 1
     else:
         for t in range(NT):
             b_h0, b_h1, b_h2, b_h3 = _fwd_step(t, b_h0, b_h1, b_h2, b_h3, k, w, u, h, v_new, bos, i_h, L, c0, v0,
-                                               H, K, V, C, BK, BV, NK, DOT_PREC, OP)
+                                               H, K, V, C, BK, BV, NK, DOT_PREC, OP, DOT_FIRST)
 
     if STORE_FINAL:
         pt = ht + i_n.to(tl.int64) * H * K * V
@@ -140,9 +147,10 @@ def chunk_h_fwd_kernel(k, w, u, h, v_new, h0, ht, offsets, chunk_offsets,
 @triton.jit
 def _bwd_step(t, b_h0, b_h1, b_h2, b_h3, q, k, w, do, dv_local, dh, dv_new, scale, bos, i_h, L, c0, v0,
               H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-              BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr, DOT_PREC: tl.constexpr, OP: tl.constexpr):
+              BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr, DOT_PREC: tl.constexpr, OP: tl.constexpr,
+              DOT_FIRST: tl.constexpr):
     """Chunk t (reverse order): store dh_{t+1}; dv_new = dv_local + K dh; dh_t = dh + scale Q^T dO - W^T dv_new
-    (dot operands K, dh, Q, scale dO, W, dv_new in OP)."""
+    (dot operands K, dh, Q, scale dO, W, dv_new in OP). DOT_FIRST: K dh summed from zero, dv_local added after."""
     ACC = b_h0.dtype
     ph = dh + (c0 + t) * H * K * V
     tl.store(_st(ph, i_h, H, K, V, 0, v0, BK, BV), b_h0.to(ph.dtype.element_ty), boundary_check=(0, 1))
@@ -154,7 +162,10 @@ def _bwd_step(t, b_h0, b_h1, b_h2, b_h3, q, k, w, do, dv_local, dh, dv_new, scal
         tl.store(_st(ph, i_h, H, K, V, 3 * BK, v0, BK, BV), b_h3.to(ph.dtype.element_ty), boundary_check=(0, 1))
 
     # dv_new = dv_local + K dh
-    b_dv = tl.load(_tok(dv_local, bos, i_h, L, H, V, t * C, v0, C, BV), boundary_check=(0, 1)).to(ACC)
+    if DOT_FIRST:
+        b_dv = tl.zeros([C, BV], dtype=ACC)
+    else:
+        b_dv = tl.load(_tok(dv_local, bos, i_h, L, H, V, t * C, v0, C, BV), boundary_check=(0, 1)).to(ACC)
     b_k = tl.load(_tok(k, bos, i_h, L, H, K, t * C, 0, C, BK), boundary_check=(0, 1)).to(OP)
     b_dv += tl.dot(b_k, b_h0.to(OP), input_precision=DOT_PREC)
     if NK > 1:
@@ -166,6 +177,8 @@ def _bwd_step(t, b_h0, b_h1, b_h2, b_h3, q, k, w, do, dv_local, dh, dv_new, scal
     if NK > 3:
         b_k = tl.load(_tok(k, bos, i_h, L, H, K, t * C, 3 * BK, C, BK), boundary_check=(0, 1)).to(OP)
         b_dv += tl.dot(b_k, b_h3.to(OP), input_precision=DOT_PREC)
+    if DOT_FIRST:
+        b_dv += tl.load(_tok(dv_local, bos, i_h, L, H, V, t * C, v0, C, BV), boundary_check=(0, 1)).to(ACC)
     tl.store(_tok(dv_new, bos, i_h, L, H, V, t * C, v0, C, BV), b_dv.to(dv_new.dtype.element_ty),
              boundary_check=(0, 1))
     b_dv = b_dv.to(OP)
@@ -199,7 +212,7 @@ def chunk_h_bwd_kernel(q, k, w, do, dv_local, dh, dv_new, dht, ds0, offsets, chu
                        H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                        BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr,
                        USE_DHT: tl.constexpr, STORE_DS0: tl.constexpr, DOT_PREC: tl.constexpr,
-                       WHILE_LOOP: tl.constexpr, OP: tl.constexpr):
+                       WHILE_LOOP: tl.constexpr, OP: tl.constexpr, DOT_FIRST: tl.constexpr):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos = tl.load(offsets + i_n).to(tl.int64), tl.load(offsets + i_n + 1).to(tl.int64)
@@ -228,13 +241,13 @@ def chunk_h_bwd_kernel(q, k, w, do, dv_local, dh, dv_new, dht, ds0, offsets, chu
         t = NT - 1
         while t >= 0:
             b_h0, b_h1, b_h2, b_h3 = _bwd_step(t, b_h0, b_h1, b_h2, b_h3, q, k, w, do, dv_local, dh, dv_new, scale,
-                                               bos, i_h, L, c0, v0, H, K, V, C, BK, BV, NK, DOT_PREC, OP)
+                                               bos, i_h, L, c0, v0, H, K, V, C, BK, BV, NK, DOT_PREC, OP, DOT_FIRST)
             t -= 1
     else:
         for s in range(NT):
             b_h0, b_h1, b_h2, b_h3 = _bwd_step(NT - 1 - s, b_h0, b_h1, b_h2, b_h3, q, k, w, do, dv_local, dh,
                                                dv_new, scale, bos, i_h, L, c0, v0, H, K, V, C, BK, BV, NK, DOT_PREC,
-                                               OP)
+                                               OP, DOT_FIRST)
 
     if STORE_DS0:
         p0 = ds0 + i_n.to(tl.int64) * H * K * V
@@ -280,7 +293,7 @@ def chunk_h_fwd(k, w, u, initial_state, output_final_state, offsets, chunk_offse
         chunk_h_fwd_kernel, (triton.cdiv(V, BV), N * H), k, w, u, h, v_new, initial_state, ht, offsets, chunk_offsets,
         H=H, K=K, V=V, C=chunk_size, BK=BK, BV=BV, NK=NK, USE_S0=initial_state is not None,
         STORE_FINAL=output_final_state, DOT_PREC=dot_precision(k.dtype), WHILE_LOOP=interpreting(),
-        OP=op, ACC=tl_acc(k.dtype), stages=(stages,))
+        OP=op, ACC=tl_acc(k.dtype), DOT_FIRST=utils.STATE_DOT_FIRST, stages=(stages,))
     return h, v_new, ht
 
 
@@ -305,5 +318,5 @@ def chunk_h_bwd(q, k, w, do, dv_local, dht, initial_state, scale_t, offsets, chu
         chunk_h_bwd_kernel, (triton.cdiv(V, BV), N * H), q, k, w, do, dv_local, dh, dv_new, dht, ds0, offsets,
         chunk_offsets, scale_t, H=H, K=K, V=V, C=chunk_size, BK=BK, BV=BV, NK=NK, USE_DHT=dht is not None,
         STORE_DS0=ds0 is not None, DOT_PREC=dot_precision(k.dtype), WHILE_LOOP=interpreting(),
-        OP=op, stages=stages)
+        OP=op, DOT_FIRST=utils.STATE_DOT_FIRST, stages=stages)
     return dh, dv_new, ds0
