@@ -138,6 +138,20 @@ def test_state_pass_products_first_match_reference(case, chunk_size, small_tiles
 HALF_DTYPES = [d for d in OP_DTYPES if d in (torch.float16, torch.bfloat16)]
 
 
+@given(case=delta_cases(head_sizes=[3, 17, 32, 64]),
+       chunk_size=st.sampled_from(CHUNK_SIZES))
+@example(case=fixed_case(B=1, T=150, H=2, K=64, V=64, dtype=torch.float16), chunk_size=64)
+def test_transposed_dk_product_matches_reference(case, chunk_size, record, monkeypatch):
+    """With chunk_o_bwd's dS^T Q taken as (Q^T dS)^T in its operand type (utils.QT_DS; half operands at
+    K = V = C = 64), every gradient equals the float64 reference within the dtype's gradient bound."""
+    monkeypatch.setattr(U, "QT_DS", True)
+    U.LAST_OPERANDS.clear()
+    ours, refs, outs, routs = _run(case, chunk_size)
+    _check_gradients(case, chunk_size, ours, refs, outs, routs, record, tag=" [Q^T dS]")
+    if case.T and case.dtype in HALF_DTYPES and chunk_size == case.K == case.V == 64:  # the half-operand path ran
+        assert U.LAST_OPERANDS["chunk_o_bwd"][0] != U.tl_acc(case.dtype)
+
+
 @given(case=delta_cases(dtypes=HALF_DTYPES, head_sizes=[17, 32, 40, 64] + ([100, 128] if ON_GPU else [])),
        chunk_size=st.sampled_from((32, 64)), kernels=st.sampled_from(("1",) + U.HALF_KERNELS),
        half_storage=st.booleans())

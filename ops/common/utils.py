@@ -130,6 +130,12 @@ STATE_PIPELINE = os.environ.get("DELTACHECK_STATE_PIPELINE", "0") == "1"
 # Not yet measured; off until the GPU suite passes with it: DELTACHECK_STATE_DOT_FIRST=1 turns it on.
 STATE_DOT_FIRST = os.environ.get("DELTACHECK_STATE_DOT_FIRST", "0") == "1"
 
+# chunk_o_bwd's dS^T Q as (Q^T dS)^T with the kernel's operand type (half on the half path) instead of float32
+# operands: ptxas (sm_90, bf16, K = V = 128, 4 warps, 2 stages) 28 -> 24 wgmma, 64 -> 28 shared stores. The
+# transposed operand is a loaded tile and the dot result is transposed after the product, not fed to another dot
+# (fla PR 826's Hopper miscompile). Not yet measured; DELTACHECK_QT_DS=1 turns it on.
+QT_DS = os.environ.get("DELTACHECK_QT_DS", "0") == "1"
+
 
 def few_programs(n_programs: int, device) -> bool:
     """Whether a grid of n_programs leaves the GPU's SMs one program each or fewer (False off CUDA)."""

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ops.common import utils
 from ops.common.utils import (
     acc_dtype,
     block_size,
@@ -84,9 +85,11 @@ def chunk_dv_local_kernel(q, k, do, dv, scale_ptr, offsets, cmap,
 @triton.jit
 def chunk_o_bwd_kernel(q, k, v_new, h, do, dh, dv_new, dq, dk, dw, scale_ptr, offsets, cmap,
                        H, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-                       BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr, OP: tl.constexpr):
+                       BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr, OP: tl.constexpr,
+                       QT_DS: tl.constexpr):
     """dQ, dK (partial), dW of the module docstring. The products over V take OP operands; dS^T Q takes ACC
-    ones: a transposed dot result rounded to half and fed to tl.dot miscompiles on Hopper (fla PR 826)."""
+    ones: a transposed dot result rounded to half and fed to tl.dot miscompiles on Hopper (fla PR 826). QT_DS
+    (utils.QT_DS): dS^T Q as (Q^T dS)^T instead, OP operands, the transpose on the product."""
     i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, j = tl.load(cmap + i_c * 2), tl.load(cmap + i_c * 2 + 1)
     bos, eos = tl.load(offsets + i_n).to(tl.int64), tl.load(offsets + i_n + 1).to(tl.int64)
@@ -116,7 +119,10 @@ def chunk_o_bwd_kernel(q, k, v_new, h, do, dh, dv_new, dq, dk, dw, scale_ptr, of
     b_q = tl.load(_tok(q, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), boundary_check=(0, 1))
     b_k = tl.load(_tok(k, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), boundary_check=(0, 1)).to(OP)
     b_dq = b_dq * scale + tl.dot(b_dS.to(OP), b_k, input_precision=DOT_PREC)
-    b_dk += tl.dot(tl.trans(b_dS), b_q.to(ACC), input_precision=DOT_PREC)
+    if QT_DS:  # dS^T Q = (Q^T dS)^T: half operands, neither of them a transposed dot result
+        b_dk += tl.trans(tl.dot(tl.trans(b_q.to(OP)), b_dS.to(OP), input_precision=DOT_PREC))
+    else:
+        b_dk += tl.dot(tl.trans(b_dS), b_q.to(ACC), input_precision=DOT_PREC)
     p_dq = _tok(dq, bos, i_h, L, H, K, j * C, i_k * BK, C, BK)
     tl.store(p_dq, b_dq.to(p_dq.dtype.element_ty), boundary_check=(0, 1))
     p_dk = _tok(dk, bos, i_h, L, H, K, j * C, i_k * BK, C, BK)
@@ -197,6 +203,6 @@ def chunk_o_bwd(q, k, v_new, h, do, dh, dv_new, scale_t, offsets, cmap, chunk_si
         launch_fitting(
             chunk_o_bwd_kernel, (triton.cdiv(K, BK), NC, H), q, k, v_new, h, do, dh, dv_new, dq, dk, dw, scale_t,
             offsets, cmap, H=H, K=K, V=V, C=chunk_size, BK=BK, BV=BV, DOT_PREC=dot_precision(q.dtype), OP=op,
-            stages=(stages,))
+            QT_DS=utils.QT_DS, stages=(stages,))
     return dq, dk, dw
 
