@@ -91,6 +91,11 @@ def machine_record() -> dict:
         except Exception:
             commit = None
     rec["commit"] = commit or "unknown"
+    try:
+        from ops.common.utils import switches
+        rec["switches"] = switches()
+    except Exception as e:
+        rec["switches"] = f"not importable: {type(e).__name__}: {_short(e, 160)}"
     rec["python"] = sys.version.split()[0]
     rec["cpu_count"] = os.cpu_count()
     return rec
@@ -112,7 +117,10 @@ def machine_lines(rec) -> list:
                  f"{rec.get('cpu_count')} CPUs")
     lines.append(f"fla-core {rec.get('fla-core')} ({rec.get('fla_module')}), flash-attn {rec.get('flash-attn')}, "
                  f"pytest {rec.get('pytest')}, xdist {rec.get('pytest-xdist')}, hypothesis {rec.get('hypothesis')}")
-    lines.append(f"commit {rec.get('commit')}")
+    sw = rec.get("switches")
+    lines.append(f"commit {rec.get('commit')}; switches: "
+                 + (", ".join(f"{k}={v}" for k, v in sw.items()) or "none (the defaults)" if isinstance(sw, dict)
+                    else str(sw)))
     return lines
 
 

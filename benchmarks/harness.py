@@ -44,6 +44,7 @@ if not torch.cuda.is_available():
 from benchmarks import flops as F  # noqa: E402
 from benchmarks import registry as R  # noqa: E402
 from benchmarks.runner import KILLED_SLOW, Skip, run_job  # noqa: E402
+from ops.common import utils as U  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -138,7 +139,7 @@ def machine_task(task, ctx):
     info = dict(status="ok", torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
                 python=platform.python_version(), platform=platform.platform(),
                 fla=_version(["fla-core", "flash-linear-attention"]), cpu=platform.processor() or platform.machine(),
-                interpreter=os.environ.get("TRITON_INTERPRET") == "1")
+                interpreter=os.environ.get("TRITON_INTERPRET") == "1", switches=U.switches())
     if CUDA:
         p = torch.cuda.get_device_properties(0)
         info.update(gpu=p.name, slug=slug(p.name), sm_count=p.multi_processor_count, total_memory=p.total_memory,

@@ -1,5 +1,6 @@
 """The first call at a new shape compiles the op's forward and backward kernels in a dry run, side by side
 (ops/common/compile_ahead.py): the real call, forward and backward, then compiles nothing itself."""
+import os
 import threading
 import types
 
@@ -188,3 +189,19 @@ def test_state_pipeline_deepens_only_grids_of_one_program_per_sm(monkeypatch):
     assert asked == [own, own, own, (2, 1)] and own != (2, 1), asked
     assert set(grids) == {B * H * triton.cdiv(V, chunk_h._blocks(K, V)[2])}, grids
     assert U.few_programs(1, torch.device("cpu")) is False  # off CUDA there are no SMs to leave idle
+
+
+def test_switches_name_the_settings_a_record_depends_on(monkeypatch):
+    """utils.switches() lists every DELTACHECK_* setting of the ops in the environment (benchmark records carry
+    it) and none of the ones that only say where records go or what runs."""
+    for k in [k for k in os.environ if k.startswith("DELTACHECK_")]:
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("DELTACHECK_STATE_PIPELINE", "1")
+    monkeypatch.setenv("DELTACHECK_HALF_OPERANDS", "wy_fwd")
+    for k in U.NOT_SWITCHES:
+        monkeypatch.setenv(k, "x")
+    assert U.switches() == {"DELTACHECK_HALF_OPERANDS": "wy_fwd", "DELTACHECK_STATE_PIPELINE": "1"}
+    from benchmarks.gpu_summary import machine_lines
+    assert "switches: DELTACHECK_HALF_OPERANDS=wy_fwd, DELTACHECK_STATE_PIPELINE=1" in machine_lines(
+        dict(switches=U.switches()))[-1]
+    assert machine_lines(dict(switches={}))[-1].endswith("switches: none (the defaults)")

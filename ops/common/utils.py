@@ -144,6 +144,17 @@ def few_programs(n_programs: int, device) -> bool:
     return n_programs <= torch.cuda.get_device_properties(device).multi_processor_count
 
 
+# DELTACHECK_* variables that say where records go or what runs, not what the ops compute or how they launch
+NOT_SWITCHES = ("DELTACHECK_COMMIT", "DELTACHECK_RECORD", "DELTACHECK_PROFILE", "DELTACHECK_IMPLS",
+                "DELTACHECK_NOT_REPORTED_IN")
+
+
+def switches() -> dict:
+    """This process's DELTACHECK_* settings of the ops (half operands, storage, the switches that wait for a GPU
+    suite, ...), for benchmark records: a time measured with one on says so."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("DELTACHECK_") and k not in NOT_SWITCHES}
+
+
 def block_size(n: int, minimum: int = 16) -> int:
     """Power-of-two tile covering n (at least 16: tl.dot's smallest dimension)."""
     return max(minimum, triton.next_power_of_2(n))
