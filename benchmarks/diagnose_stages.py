@@ -19,7 +19,7 @@ import sys
 import torch
 
 import ops.common.utils as U
-from ops.delta_rule import chunk_o, wy_fast
+from ops.delta_rule.chunk import backward_storage
 from ops.delta_rule.chunk_h import chunk_h_bwd, chunk_h_fwd
 from ops.delta_rule.chunk_o import chunk_dv_local, chunk_o_bwd, chunk_o_fwd
 from ops.delta_rule.wy_fast import wy_bwd, wy_fwd
@@ -171,9 +171,9 @@ def diagnose(lens, H, K, V, dtype, chunk_size=64, seed=0, initial_state=True, de
         dv_local = chunk_dv_local(qd, kd, dod, scale_t, offsets, cmap, chunk_size)
         _errors(("chunk_dv_local", "dv_local"), up(dv_local), dv_local64(q64, k64, do64, scale, bounds, chunk_size),
                 bounds, out)
-        op_o, op_wy = chunk_o.bwd_operands(dtype, chunk_size, K, V), wy_fast.bwd_operands(dtype, chunk_size, K, V)
+        dv_new_dtype, dw_dtype = backward_storage(dtype, chunk_size, K, V)  # as the op stores them
         dh, dv_new, ds0 = chunk_h_bwd(qd, kd, w, dod, dv_local, dhtd, s0d, scale_t, offsets, chunk_offsets, NC,
-                                      chunk_size, dv_new_dtype=U.read_storage(dtype, op_o, op_wy))
+                                      chunk_size, dv_new_dtype=dv_new_dtype)
         rdh, rdv, rds0 = h_bwd64(q64, k64, up(w), do64, up(dv_local), st(dhtd), scale, bounds, chunk_size,
                                  NC)
         _errors(("chunk_h_bwd", "dh"), st(dh), rdh, bounds, out)
@@ -181,7 +181,7 @@ def diagnose(lens, H, K, V, dtype, chunk_size=64, seed=0, initial_state=True, de
         if ds0 is not None:
             _errors(("chunk_h_bwd", "ds0"), st(ds0), rds0, bounds, out)
         dq, dk_part, dw = chunk_o_bwd(qd, kd, v_new, h, dod, dh, dv_new, scale_t, offsets, cmap, chunk_size,
-                                      dw_dtype=U.read_storage(dtype, op_wy))
+                                      dw_dtype=dw_dtype)
         rq, rk, rw = o_bwd64(q64, k64, up(v_new), st(h), do64, st(dh), up(dv_new), scale,
                              bounds, chunk_size)
         for nm, a, b in (("dq", dq, rq), ("dk_part", dk_part, rk), ("dw", dw, rw)):

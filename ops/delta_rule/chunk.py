@@ -35,17 +35,22 @@ def chunk_delta_rule_fwd(q, k, v, beta, scale_t, initial_state, output_final_sta
     return o, ht, saved
 
 
+def backward_storage(dtype, chunk_size, K, V):
+    """(dv_new's, dW's) storage dtypes: read only as dot operands (dv_new by chunk_o_bwd and wy_bwd, dW by wy_bwd),
+    they are stored in their readers' operand type and compute the same (utils.read_storage)."""
+    op_o, op_wy = chunk_o.bwd_operands(dtype, chunk_size, K, V), wy_fast.bwd_operands(dtype, chunk_size, K, V)
+    return U.read_storage(dtype, op_o, op_wy), U.read_storage(dtype, op_wy)
+
+
 def chunk_delta_rule_bwd(q, k, v, beta, scale_t, initial_state, do, dht, saved, idx, chunk_size):
     offsets, cmap, chunk_offsets, NC = idx
     x, w, h, v_new = saved
-    K, V = k.shape[-1], v.shape[-1]
-    # dv_new and dW are read only as dot operands: stored in their readers' operand type, they compute the same
-    op_o, op_wy = chunk_o.bwd_operands(k.dtype, chunk_size, K, V), wy_fast.bwd_operands(k.dtype, chunk_size, K, V)
+    dv_new_dtype, dw_dtype = backward_storage(k.dtype, chunk_size, k.shape[-1], v.shape[-1])
     dv_local = chunk_dv_local(q, k, do, scale_t, offsets, cmap, chunk_size)
     dh, dv_new, ds0 = chunk_h_bwd(q, k, w, do, dv_local, dht, initial_state, scale_t, offsets, chunk_offsets, NC,
-                                  chunk_size, dv_new_dtype=U.read_storage(k.dtype, op_o, op_wy))
+                                  chunk_size, dv_new_dtype=dv_new_dtype)
     dq, dk_part, dw = chunk_o_bwd(q, k, v_new, h, do, dh, dv_new, scale_t, offsets, cmap, chunk_size,
-                                  dw_dtype=U.read_storage(k.dtype, op_wy))
+                                  dw_dtype=dw_dtype)
     dk, dv, dbeta = wy_bwd(k, v, beta, x, dw, dv_new, dk_part, offsets, cmap, chunk_size)
     return dq, dk, dv, dbeta, ds0
 

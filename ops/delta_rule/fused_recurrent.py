@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ops.common import utils
 from ops.common.compile_ahead import first_call
 from ops.common.utils import (
     acc_dtype,
@@ -29,6 +30,7 @@ from ops.common.utils import (
     sequence_offsets,
     tl_acc,
 )
+from ops.delta_rule.chunk import chunk_delta_rule_bwd, chunk_delta_rule_states
 
 # State-tile budgets (elements of the accumulation dtype per program; halved for float64). The per-token chain
 # is latency bound, so tiles stay small and programs many: the forward runs a [BK, <=2048/BK] tile on one warp
@@ -305,8 +307,6 @@ def fused_recurrent_delta_rule_bwd(q, k, u, beta, scale, initial_state, do, dht,
 def chunk_backward(q, k, v, beta, scale, initial_state, do, dht, offsets, packed):
     """The backward from the chunkwise form: (dq, dk, dv, dbeta, dh0 or None) in the inputs' dtypes. packed: the
     sequences come from cu_seqlens (offsets), else B sequences of T tokens."""
-    from ops.common import utils
-    from ops.delta_rule.chunk import chunk_delta_rule_bwd, chunk_delta_rule_states
     B, T = q.shape[:2]
     with utils.on_device(q.device):
         idx = utils.chunk_index(offsets if packed else None, B, T, BWD_CHUNK, q.device)
