@@ -16,7 +16,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, Phase, settings
 
-from properties import tolerances
+from ops.common.utils import interpreting
+from properties import interpreter_tf32, tolerances
+
+if interpreting():  # the interpreter's tf32 products rounded as the GPU's tensor cores round them
+    interpreter_tf32.install()
 
 _common = dict(deadline=None, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,

@@ -41,9 +41,13 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot precision. Operands are upcast to the accumulation dtype inside kernels (except where
     operand_type gives a kernel half operands); float32 and float64 inputs get exact products ("ieee": no silent
-    tf32); half inputs' float32 operands use tf32, whose unit roundoff 2^-11 is below fp16's and bf16's, so the
-    output rounding still dominates their error."""
-    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+    tf32). Half inputs' float32 operands: the tensor cores truncate a tf32 operand to 10 mantissa bits (relative
+    error up to 2^-10), finer than bf16's rounding (2^-8) but coarser than fp16's (2^-11), so bf16 takes tf32 and
+    fp16 tf32x3 (three tf32 products of each operand's rounded part and remainder, near float32's error); with
+    tf32 an fp16 initial-state gradient at K = 1, where the products cancel, erred 3.7x its bound (visit 13)."""
+    if dtype in (torch.float32, torch.float64):
+        return "ieee"
+    return "tf32x3" if dtype == torch.float16 else "tf32"
 
 
 # Half-precision tl.dot operands in the delta rule's chunk kernels: for float16 / bfloat16 inputs, the kernels named
@@ -121,20 +125,20 @@ def sum_storage(op) -> torch.dtype:
 
 # Sequential state passes with at most one program per SM (small B * H, long T) are latency-bound: a deeper software
 # pipeline there prefetches the next chunk's tiles (chunk_h_bwd at B=2, T=16384, H=16: 1.38 -> 0.78 ms at 2 stages
-# on an H200), where with more programs one stage is faster (two programs share an SM). Off until the GPU suite
-# passes with it: DELTACHECK_STATE_PIPELINE=1 turns it on.
-STATE_PIPELINE = os.environ.get("DELTACHECK_STATE_PIPELINE", "0") == "1"
+# on an H200), where with more programs one stage is faster (two programs share an SM). With the two switches below,
+# delta chunk fwd+bwd at B=2, T=16384 went 3.72 -> 2.92 ms (visit 13). DELTACHECK_STATE_PIPELINE=0 turns it off.
+STATE_PIPELINE = os.environ.get("DELTACHECK_STATE_PIPELINE", "1") == "1"
 
 # The state passes' per-chunk products W h (chunk_h_fwd) and K dh (chunk_h_bwd) summed from zero, U / dv_local added
 # after them, as fla's kernels order it: the dots need not wait for that load (with one pipeline stage they did).
-# Not yet measured; off until the GPU suite passes with it: DELTACHECK_STATE_DOT_FIRST=1 turns it on.
-STATE_DOT_FIRST = os.environ.get("DELTACHECK_STATE_DOT_FIRST", "0") == "1"
+# DELTACHECK_STATE_DOT_FIRST=0 adds them first (the accumulator starts as the loaded term).
+STATE_DOT_FIRST = os.environ.get("DELTACHECK_STATE_DOT_FIRST", "1") == "1"
 
 # chunk_o_bwd's dS^T Q as (Q^T dS)^T with the kernel's operand type (half on the half path) instead of float32
 # operands: ptxas (sm_90, bf16, K = V = 128, 4 warps, 2 stages) 28 -> 24 wgmma, 64 -> 28 shared stores. The
 # transposed operand is a loaded tile and the dot result is transposed after the product, not fed to another dot
-# (fla PR 826's Hopper miscompile). Not yet measured; DELTACHECK_QT_DS=1 turns it on.
-QT_DS = os.environ.get("DELTACHECK_QT_DS", "0") == "1"
+# (fla PR 826's Hopper miscompile). DELTACHECK_QT_DS=0 takes float32 operands for it.
+QT_DS = os.environ.get("DELTACHECK_QT_DS", "1") == "1"
 
 
 def few_programs(n_programs: int, device) -> bool:
