@@ -114,7 +114,7 @@ def test_chunk_matches_recurrent_reference(case, chunk_size, small_tiles, record
 @example(case=fixed_case(seqlens=(0, 1, 19, 0), H=2, K=5, V=7, dtype=torch.float64), chunk_size=16,
          output_final_state=False, small_tiles=False)
 # Drawn on the GPU (visit 13): at K = 1 the initial state's gradient is a small difference of large products, and
-# fp16 inputs' float32 products at tf32 (operands truncated to 10 bits) erred 3.7x the bound; tf32x3 now.
+# fp16 inputs' float32 products at tf32 (operands truncated to 10 bits) erred 3.7x the bound; ieee now.
 @example(case=fixed_case(T=83, H=2, K=1, V=256, dtype=torch.float16, seed=2985, beta_ends=True, seqlens=(82, 1)),
          chunk_size=64, output_final_state=True, small_tiles=True)
 def test_chunk_gradients_match_reference(case, chunk_size, output_final_state, small_tiles, record):

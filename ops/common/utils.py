@@ -43,11 +43,9 @@ def dot_precision(dtype: torch.dtype) -> str:
     operand_type gives a kernel half operands); float32 and float64 inputs get exact products ("ieee": no silent
     tf32). Half inputs' float32 operands: the tensor cores truncate a tf32 operand to 10 mantissa bits (relative
     error up to 2^-10), finer than bf16's rounding (2^-8) but coarser than fp16's (2^-11), so bf16 takes tf32 and
-    fp16 tf32x3 (three tf32 products of each operand's rounded part and remainder, near float32's error); with
-    tf32 an fp16 initial-state gradient at K = 1, where the products cancel, erred 3.7x its bound (visit 13)."""
-    if dtype in (torch.float32, torch.float64):
-        return "ieee"
-    return "tf32x3" if dtype == torch.float16 else "tf32"
+    fp16 exact products; with tf32 an fp16 initial-state gradient at K = 1, where the products cancel, erred 3.7x
+    its bound (visit 13), and tf32x3 faulted (an illegal address) in an fp16 IPLR run on the same visit."""
+    return "tf32" if dtype == torch.bfloat16 else "ieee"
 
 
 # Half-precision tl.dot operands in the delta rule's chunk kernels: for float16 / bfloat16 inputs, the kernels named
