@@ -160,7 +160,7 @@ def diagnose(lens, H, K, V, dtype, chunk_size=64, seed=0, initial_state=True, de
         W64, U64 = wy64(k64, v64, b64, bounds, chunk_size)
         _errors(("wy_fwd", "w"), up(w), W64, bounds, out)
         _errors(("wy_fwd", "u"), up(u), U64, bounds, out)
-        h, v_new, ht = chunk_h_fwd(kd, w, u, s0d, True, offsets, chunk_offsets, NC, chunk_size)
+        h, v_new, ht, _ = chunk_h_fwd(kd, w, u, s0d, True, offsets, chunk_offsets, NC, chunk_size)
         rh, rv, rt = h64(k64, up(w), up(u), None if s0d is None else st(s0d), bounds, chunk_size)
         _errors(("chunk_h_fwd", "h"), st(h), rh, bounds, out)
         _errors(("chunk_h_fwd", "v_new"), up(v_new), rv, bounds, out)

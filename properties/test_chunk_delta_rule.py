@@ -145,6 +145,29 @@ def test_state_pass_in_either_order_matches_reference(case, chunk_size, small_ti
     _check_gradients(case, chunk_size, ours, refs, outs, routs, record, small_tiles, tag=tag)
 
 
+@given(case=delta_cases(), chunk_size=st.sampled_from(CHUNK_SIZES), small_tiles=st.booleans(),
+       fused=st.booleans())
+@example(case=fixed_case(B=1, T=50, H=2, K=40, V=24, dtype=torch.float32), chunk_size=16, small_tiles=True,
+         fused=True)
+@example(case=fixed_case(seqlens=(0, 1, 19, 0), H=2, K=5, V=7, dtype=torch.float64), chunk_size=16,
+         small_tiles=False, fused=True)
+def test_output_and_dv_local_in_the_state_pass_match_reference(case, chunk_size, small_tiles, fused, record,
+                                                                monkeypatch):
+    """With o computed inside the forward state pass and dv_local inside the backward one (utils.FUSED_STATE) or
+    by their own kernels, o, the final state and every gradient equal the float64 reference within the dtype's
+    bounds (several K tiles and V blocks with small_tiles); fused, chunk_o_fwd and chunk_dv_local do not run."""
+    monkeypatch.setattr(U, "FUSED_STATE", fused)
+    U.LAST_OPERANDS.clear()
+    tag = " [fused state pass]" if fused else " [separate o, dv_local]"
+    ours, refs, outs, routs = _run(case, chunk_size, small_tiles=small_tiles)
+    assert_close("o" + tag, outs[0], routs[0], case.dtype, record=_with(record, chunk_size=chunk_size))
+    assert_close("final_state" + tag, outs[1], routs[1], case.dtype, record=_with(record, chunk_size=chunk_size))
+    _check_gradients(case, chunk_size, ours, refs, outs, routs, record, small_tiles, tag=tag)
+    if case.T:
+        assert ("chunk_o_fwd" in U.LAST_OPERANDS) == (not fused)
+        assert ("chunk_dv_local" in U.LAST_OPERANDS) == (not fused)
+
+
 HALF_DTYPES = [d for d in OP_DTYPES if d in (torch.float16, torch.bfloat16)]
 
 
@@ -194,7 +217,7 @@ def test_half_operands_match_reference(case, chunk_size, kernels, half_storage, 
     if case.T:  # (no tokens: no chunk, so nothing launched)
         assert taken == set(named) & uniform, f"half operands in {sorted(taken)}, asked for {sorted(named)}"
         if chunk_size == 64 and 32 < case.K <= 128 and 32 < case.V <= 128:  # every tile 64 wide: all of them
-            assert taken == set(named)
+            assert taken == set(named) & set(U.LAST_OPERANDS)  # (utils.FUSED_STATE: no chunk_o_fwd, dv_local)
 
 
 @given(case=delta_cases(dtypes=HALF_DTYPES, head_sizes=[17, 32, 64]), chunk_size=st.sampled_from((32, 64)))

@@ -138,6 +138,12 @@ STATE_DOT_FIRST = os.environ.get("DELTACHECK_STATE_DOT_FIRST", "1") == "1"
 # (fla PR 826's Hopper miscompile). DELTACHECK_QT_DS=0 takes float32 operands for it.
 QT_DS = os.environ.get("DELTACHECK_QT_DS", "1") == "1"
 
+# The delta chunk's per-chunk output and dv_local computed inside the state passes: chunk_h_fwd also forms
+# O = scale (Q h_n + (Q K^T * M) v_new) from the state and v_new it holds (no chunk_o_fwd, which re-reads h, v_new,
+# Q and K), and chunk_h_bwd forms dv_local = scale (K Q^T * M^T) dO from the Q, K and dO tiles it loads anyway (no
+# chunk_dv_local, no dv_local round trip). Off until a GPU suite passes with it: DELTACHECK_FUSED_STATE=1 turns it on.
+FUSED_STATE = os.environ.get("DELTACHECK_FUSED_STATE", "0") == "1"
+
 
 def few_programs(n_programs: int, device) -> bool:
     """Whether a grid of n_programs leaves the GPU's SMs one program each or fewer (False off CUDA)."""

@@ -4,6 +4,7 @@
 
 Forward:  wy_fwd (W, U, X per chunk) -> chunk_h_fwd (states h_n, v_new, final state) -> chunk_o_fwd (o).
 Backward: chunk_dv_local -> chunk_h_bwd (dh, dv_new, dS0) -> chunk_o_bwd (dq, dk part, dW) -> wy_bwd (dk, dv, dbeta).
+With utils.FUSED_STATE, chunk_h_fwd computes o and chunk_h_bwd dv_local (no chunk_o_fwd, no chunk_dv_local).
 """
 import torch
 
@@ -19,19 +20,23 @@ CHUNK_SIZES = (16, 32, 64)
 
 
 
-def chunk_delta_rule_states(k, v, beta, initial_state, output_final_state, idx, chunk_size):
+def chunk_delta_rule_states(k, v, beta, initial_state, output_final_state, idx, chunk_size, q=None, scale_t=None):
     """The forward up to the output: wy_fwd and chunk_h_fwd. Returns (X, W, h, v_new), what the backward reads,
-    and the final state (or None)."""
+    the final state (or None) and, given q and scale_t, the output o from the state pass (else None)."""
     offsets, cmap, chunk_offsets, NC = idx
     w, u, x = wy_fwd(k, v, beta, offsets, cmap, chunk_size)
-    h, v_new, ht = chunk_h_fwd(k, w, u, initial_state, output_final_state, offsets, chunk_offsets, NC, chunk_size)
-    return (x, w, h, v_new), ht
+    h, v_new, ht, o = chunk_h_fwd(k, w, u, initial_state, output_final_state, offsets, chunk_offsets, NC, chunk_size,
+                                  q=q, scale_t=scale_t)
+    return (x, w, h, v_new), ht, o
 
 
 def chunk_delta_rule_fwd(q, k, v, beta, scale_t, initial_state, output_final_state, idx, chunk_size):
-    saved, ht = chunk_delta_rule_states(k, v, beta, initial_state, output_final_state, idx, chunk_size)
-    _, _, h, v_new = saved
-    o = chunk_o_fwd(q, k, v_new, h, scale_t, idx.offsets, idx.cmap, chunk_size)
+    fused = U.FUSED_STATE
+    saved, ht, o = chunk_delta_rule_states(k, v, beta, initial_state, output_final_state, idx, chunk_size,
+                                           q=q if fused else None, scale_t=scale_t if fused else None)
+    if not fused:
+        _, _, h, v_new = saved
+        o = chunk_o_fwd(q, k, v_new, h, scale_t, idx.offsets, idx.cmap, chunk_size)
     return o, ht, saved
 
 
@@ -46,7 +51,7 @@ def chunk_delta_rule_bwd(q, k, v, beta, scale_t, initial_state, do, dht, saved, 
     offsets, cmap, chunk_offsets, NC = idx
     x, w, h, v_new = saved
     dv_new_dtype, dw_dtype = backward_storage(k.dtype, chunk_size, k.shape[-1], v.shape[-1])
-    dv_local = chunk_dv_local(q, k, do, scale_t, offsets, cmap, chunk_size)
+    dv_local = None if U.FUSED_STATE else chunk_dv_local(q, k, do, scale_t, offsets, cmap, chunk_size)
     dh, dv_new, ds0 = chunk_h_bwd(q, k, w, do, dv_local, dht, initial_state, scale_t, offsets, chunk_offsets, NC,
                                   chunk_size, dv_new_dtype=dv_new_dtype)
     dq, dk_part, dw = chunk_o_bwd(q, k, v_new, h, do, dh, dv_new, scale_t, offsets, cmap, chunk_size,

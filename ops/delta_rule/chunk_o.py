@@ -102,7 +102,7 @@ def chunk_o_bwd_kernel(q, k, v_new, h, do, dh, dv_new, dq, dk, dw, scale_ptr, of
     b_dS = tl.zeros([C, C], dtype=ACC)   # dO v_new^T
     b_dq = tl.zeros([C, BK], dtype=ACC)  # dO h^T
     b_dk = tl.zeros([C, BK], dtype=ACC)  # v_new dh^T
-    b_dw = tl.zeros([C, BK], dtype=ACC)  # -dv_new h^T
+    b_dw = tl.zeros([C, BK], dtype=ACC)  # dv_new h^T (dW = -dv_new h^T: negated when stored)
     for i_v in range(tl.cdiv(V, BV)):
         b_do = tl.load(_tok(do, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1)).to(OP)
         b_v = tl.load(_tok(v_new, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1)).to(OP)
@@ -112,7 +112,7 @@ def chunk_o_bwd_kernel(q, k, v_new, h, do, dh, dv_new, dq, dk, dw, scale_ptr, of
         b_dS += tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC)
         b_dq += tl.dot(b_do, b_ht, input_precision=DOT_PREC)
         b_dk += tl.dot(b_v, b_dht, input_precision=DOT_PREC)
-        b_dw -= tl.dot(b_dv, b_ht, input_precision=DOT_PREC)
+        b_dw += tl.dot(b_dv, b_ht, input_precision=DOT_PREC)
     rows = tl.arange(0, C)[:, None]
     cols = tl.arange(0, C)[None, :]
     b_dS = tl.where(rows >= cols, b_dS, 0.0) * scale
@@ -128,7 +128,7 @@ def chunk_o_bwd_kernel(q, k, v_new, h, do, dh, dv_new, dq, dk, dw, scale_ptr, of
     p_dk = _tok(dk, bos, i_h, L, H, K, j * C, i_k * BK, C, BK)
     tl.store(p_dk, b_dk.to(p_dk.dtype.element_ty), boundary_check=(0, 1))
     p_dw = _tok(dw, bos, i_h, L, H, K, j * C, i_k * BK, C, BK)
-    tl.store(p_dw, b_dw.to(p_dw.dtype.element_ty), boundary_check=(0, 1))
+    tl.store(p_dw, (-b_dw).to(p_dw.dtype.element_ty), boundary_check=(0, 1))
 
 
 # Largest K / V tile (tests lower it to reach the multi-tile loops with small head sizes).

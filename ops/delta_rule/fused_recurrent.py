@@ -310,7 +310,7 @@ def chunk_backward(q, k, v, beta, scale, initial_state, do, dht, offsets, packed
     B, T = q.shape[:2]
     with utils.on_device(q.device):
         idx = utils.chunk_index(offsets if packed else None, B, T, BWD_CHUNK, q.device)
-        saved, _ = chunk_delta_rule_states(k, v, beta, initial_state, False, idx, BWD_CHUNK)
+        saved, _, _ = chunk_delta_rule_states(k, v, beta, initial_state, False, idx, BWD_CHUNK)
         return chunk_delta_rule_bwd(q, k, v, beta, utils.scale_arg(scale, q.dtype, q.device), initial_state, do,
                                     dht, saved, idx, BWD_CHUNK)
 
