@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# A/B of one DELTACHECK_* switch on the GPU, in one device call: the point (beside fla) and a long-T point under
+# both settings, per-kernel profiles under both, and the launch tune of the form under the new setting.
+#
+#   OUT=/folder bash benchmarks/ab_switch.sh SWITCH [FORM] [PEER]     e.g. DELTACHECK_FUSED_STATE chunk fla.chunk
+#
+# Setting 0 is the current default, 1 the candidate. Everything lands in $OUT/d.tgz (logs, point-*.json,
+# profile-*.json, tune-*.json); the point tables and profiles are printed at the end. Carry .whl (fla-core) for the
+# peer. Each step has its own time limit, so the whole stays inside one device call (~560 s).
+set -uo pipefail
+SW=$1; FORM=${2:-chunk}; PEER=${3:-fla.chunk}
+export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=$PWD/.triton_cache
+S=/tmp/site
+ls .whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --target $S .whl/*.whl
+export PYTHONPATH=$S:$PWD
+D=$OUT/d; mkdir -p "$D"
+P=B=8,T=4096,H=16,K=128,V=128,dtype=bf16; L=B=2,T=16384,H=16,K=128,V=128,dtype=bf16
+T0=$SECONDS
+at() { echo "[$((SECONDS - T0)) s] $*"; }
+{ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.limit,driver_version \
+    --format=csv; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  echo "commit ${DELTACHECK_COMMIT:-?} switch $SW"; } > "$D/machine.txt"; cat "$D/machine.txt"
+step() { local limit=$1 name=$2 val=$3; shift 3
+  timeout "$limit" env "$SW=$val" python3 -m "$@" > "$D/$name.log" 2>&1; at "$name (rc $?)"; }
+step 110 pt0 0 benchmarks.harness --point $P --forms $FORM,$PEER --budget-s 100 --out $D/pt0
+step 110 pt1 1 benchmarks.harness --point $P --forms $FORM --accuracy --budget-s 100 --out $D/pt1
+step 50 prof0 0 benchmarks.profile_ops --forms $FORM --point $P --out $D/prof0
+step 50 prof1 1 benchmarks.profile_ops --forms $FORM --point $P --out $D/prof1
+step 60 profpeer 0 benchmarks.profile_ops --forms $PEER --point $P --out $D/profpeer
+step 100 lt0 0 benchmarks.harness --point $L --forms $FORM,$PEER --budget-s 90 --out $D/lt0
+step 60 lt1 1 benchmarks.harness --point $L --forms $FORM --budget-s 55 --out $D/lt1
+R=$((560 - SECONDS + T0))
+[ $R -gt 60 ] && step $R tune1 1 benchmarks.tune_launch --forms $FORM --tiles 0,128 --budget-s $((R - 10)) --out $D/tune1
+for f in pt0 pt1 lt0 lt1; do echo "== $f"; grep -A14 "^| form" "$D/$f.log" | head -16; grep -A8 "error vs" "$D/$f.log"; done
+for f in prof0 prof1 profpeer; do echo "== $f"; head -24 "$D/$f.log"; done
+echo "== tune1"; tail -30 "$D/tune1.log" 2>/dev/null
+(cd "$OUT" && tar czf d.tgz d && rm -rf d)
