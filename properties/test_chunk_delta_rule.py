@@ -146,26 +146,35 @@ def test_state_pass_in_either_order_matches_reference(case, chunk_size, small_ti
 
 
 @given(case=delta_cases(), chunk_size=st.sampled_from(CHUNK_SIZES), small_tiles=st.booleans(),
-       fused=st.booleans())
+       fused=st.booleans(), fills_gpu=st.booleans())
 @example(case=fixed_case(B=1, T=50, H=2, K=40, V=24, dtype=torch.float32), chunk_size=16, small_tiles=True,
-         fused=True)
+         fused=True, fills_gpu=True)
 @example(case=fixed_case(seqlens=(0, 1, 19, 0), H=2, K=5, V=7, dtype=torch.float64), chunk_size=16,
-         small_tiles=False, fused=True)
-def test_output_and_dv_local_in_the_state_pass_match_reference(case, chunk_size, small_tiles, fused, record,
-                                                                monkeypatch):
+         small_tiles=False, fused=True, fills_gpu=True)
+@example(case=fixed_case(seqlens=(0, 67, 49), H=2, K=64, V=64, dtype=torch.bfloat16 if ON_GPU else torch.float16),
+         chunk_size=64, small_tiles=False, fused=True, fills_gpu=False)
+def test_output_and_dv_local_in_the_state_pass_match_reference(case, chunk_size, small_tiles, fused, fills_gpu,
+                                                                record, monkeypatch):
     """With o computed inside the forward state pass and dv_local inside the backward one (utils.FUSED_STATE) or
-    by their own kernels, o, the final state and every gradient equal the float64 reference within the dtype's
-    bounds (several K tiles and V blocks with small_tiles); fused, chunk_o_fwd and chunk_dv_local do not run."""
+    by their own kernels, and with the state passes' grid filling the GPU or not (fewer programs than SMs: o by
+    chunk_o_fwd, V split in 32-wide blocks in the forward pass, two pipeline stages in the backward one), o, the
+    final state and every gradient equal the float64 reference within the dtype's bounds (several K tiles and V
+    blocks with small_tiles). chunk_o_fwd runs exactly where the forward pass does not form o, chunk_dv_local
+    exactly where the backward pass does not form dv_local."""
     monkeypatch.setattr(U, "FUSED_STATE", fused)
+    monkeypatch.setattr(chunk_h, "few_programs", lambda n, device: not fills_gpu)
     U.LAST_OPERANDS.clear()
-    tag = " [fused state pass]" if fused else " [separate o, dv_local]"
+    tag = (" [fused state pass" if fused else " [separate o, dv_local") + ("]" if fills_gpu else ", few programs]")
     ours, refs, outs, routs = _run(case, chunk_size, small_tiles=small_tiles)
     assert_close("o" + tag, outs[0], routs[0], case.dtype, record=_with(record, chunk_size=chunk_size))
     assert_close("final_state" + tag, outs[1], routs[1], case.dtype, record=_with(record, chunk_size=chunk_size))
     _check_gradients(case, chunk_size, ours, refs, outs, routs, record, small_tiles, tag=tag)
     if case.T:
-        assert ("chunk_o_fwd" in U.LAST_OPERANDS) == (not fused)
+        assert ("chunk_o_fwd" in U.LAST_OPERANDS) == (not (fused and fills_gpu))
         assert ("chunk_dv_local" in U.LAST_OPERANDS) == (not fused)
+        with _small_tiles(small_tiles):
+            split = not fills_gpu and U.STATE_SPLIT_V and chunk_h._blocks(case.K, case.V)[2] == 64
+        assert (len(U.LAST_OPERANDS["chunk_h_fwd"][1]) == 2) == split  # (split: tiles C, BK; else C, BK, BV)
 
 
 HALF_DTYPES = [d for d in OP_DTYPES if d in (torch.float16, torch.bfloat16)]

@@ -25,8 +25,8 @@ def test_a_faulty_stage_is_named_and_not_the_stages_after_it(monkeypatch):
     real = D.chunk_h_fwd
 
     def faulty(*a, **kw):
-        h, v_new, ht = real(*a, **kw)
-        return h, v_new * (1 + 1e-3), ht
+        h, v_new, ht, o = real(*a, **kw)
+        return h, v_new * (1 + 1e-3), ht, o
 
     monkeypatch.setattr(D, "chunk_h_fwd", faulty)
     rows = {(r["stage"], r["output"]): r["err"] for r in

@@ -140,9 +140,17 @@ QT_DS = os.environ.get("DELTACHECK_QT_DS", "1") == "1"
 
 # The delta chunk's per-chunk output and dv_local computed inside the state passes: chunk_h_fwd also forms
 # O = scale (Q h_n + (Q K^T * M) v_new) from the state and v_new it holds (no chunk_o_fwd, which re-reads h, v_new,
-# Q and K), and chunk_h_bwd forms dv_local = scale (K Q^T * M^T) dO from the Q, K and dO tiles it loads anyway (no
-# chunk_dv_local, no dv_local round trip). Off until a GPU suite passes with it: DELTACHECK_FUSED_STATE=1 turns it on.
-FUSED_STATE = os.environ.get("DELTACHECK_FUSED_STATE", "0") == "1"
+# Q and K) where its grid has more programs than the GPU has SMs, and chunk_h_bwd forms dv_local =
+# scale (K Q^T * M^T) dO from the Q, K and dO tiles it loads anyway (no chunk_dv_local, no dv_local round trip).
+# H100, bf16, B=8, T=4096, H=16, K=V=128: fwd 1.000 -> 0.898 ms, fwd+bwd 2.887 -> 2.594 (benchmarks/NOTES.md, visit
+# 14). With one program per SM or fewer (B=2, T=16384) the longer chunk step is on the critical path (fwd 1.098 ->
+# 1.253), so there o keeps its own kernel. DELTACHECK_FUSED_STATE=0 turns both off.
+FUSED_STATE = os.environ.get("DELTACHECK_FUSED_STATE", "1") == "1"
+
+# The forward state pass with one program per SM or fewer splits V in 32-wide blocks: twice the programs on the
+# latency-bound chain of chunks (chunk_h_fwd at B=2, T=16384 on an H200: 0.391 -> 0.299 ms, visit 12; at the point,
+# with two programs an SM, it was slower: 0.213 -> 0.294). DELTACHECK_STATE_SPLIT_V=0 keeps 64-wide blocks.
+STATE_SPLIT_V = os.environ.get("DELTACHECK_STATE_SPLIT_V", "1") == "1"
 
 
 def few_programs(n_programs: int, device) -> bool:
@@ -334,13 +342,16 @@ _FITTING_STAGES = {}  # (kernel, constexprs and argument dtypes) -> num_stages t
 # The stages are a ceiling: launch_fitting still steps down where a shape's pipeline does not fit. The entries are
 # the delta chunk kernels' fastest variants with half operands (H200, benchmarks/NOTES.md "GPU visit 11";
 # reports/data/h200/visit11/tune-*.json); the GPU's delta chunk tests in fp16 / bf16 passed with exactly these.
-# Kernels not listed (chunk_h_bwd, chunk_o_fwd) were fastest at their defaults.
+# Kernels not listed (chunk_o_fwd) were fastest at their defaults. chunk_h_bwd with dv_local inside it (FUSED_STATE):
+# 2 stages, 0.501 -> 0.437 ms on an H100 (visit 14, reports/data/h100-80gb-hbm3/visit14/tune-*.json); its 2-stage
+# launch is also what STATE_PIPELINE gives every small grid, the GPU tests' included.
 TUNED = {
     "ops.delta_rule.wy_fast.wy_fwd_kernel": dict(num_warps=2, num_stages=1),
     "ops.delta_rule.wy_fast.wy_bwd_kernel": dict(num_warps=4, num_stages=1),
     "ops.delta_rule.chunk_h.chunk_h_fwd_kernel": dict(num_warps=4, num_stages=3),
     "ops.delta_rule.chunk_o.chunk_dv_local_kernel": dict(num_warps=2, num_stages=3),
     "ops.delta_rule.chunk_o.chunk_o_bwd_kernel": dict(num_warps=4, num_stages=2),
+    "ops.delta_rule.chunk_h.chunk_h_bwd_kernel": dict(num_warps=4, num_stages=2),
 }
 
 # Tuning only: settings every launch_fitting launch takes instead (benchmarks/tune_launch.py sets it), and the

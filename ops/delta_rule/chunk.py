@@ -4,7 +4,8 @@
 
 Forward:  wy_fwd (W, U, X per chunk) -> chunk_h_fwd (states h_n, v_new, final state) -> chunk_o_fwd (o).
 Backward: chunk_dv_local -> chunk_h_bwd (dh, dv_new, dS0) -> chunk_o_bwd (dq, dk part, dW) -> wy_bwd (dk, dv, dbeta).
-With utils.FUSED_STATE, chunk_h_fwd computes o and chunk_h_bwd dv_local (no chunk_o_fwd, no chunk_dv_local).
+With utils.FUSED_STATE (default), chunk_h_bwd computes dv_local (no chunk_dv_local) and, where its grid fills the
+GPU, chunk_h_fwd computes o (no chunk_o_fwd).
 """
 import torch
 
@@ -34,7 +35,7 @@ def chunk_delta_rule_fwd(q, k, v, beta, scale_t, initial_state, output_final_sta
     fused = U.FUSED_STATE
     saved, ht, o = chunk_delta_rule_states(k, v, beta, initial_state, output_final_state, idx, chunk_size,
                                            q=q if fused else None, scale_t=scale_t if fused else None)
-    if not fused:
+    if o is None:  # (not fused, or the state pass's grid leaves SMs idle: chunk_h_fwd's docstring)
         _, _, h, v_new = saved
         o = chunk_o_fwd(q, k, v_new, h, scale_t, idx.offsets, idx.cmap, chunk_size)
     return o, ht, saved

@@ -336,26 +336,33 @@ def _blocks(K, V):
 def chunk_h_fwd(k, w, u, initial_state, output_final_state, offsets, chunk_offsets, NC, chunk_size, q=None,
                 scale_t=None):
     """Returns h [NC, H, K, V] (state entering each chunk), v_new [B, T, H, V] (both in the kernel's operand
-    storage dtype), the final state [N, H, K, V] (accumulation dtype) or None, and, given q and scale_t (a
-    one-element tensor in the accumulation dtype), the output o [B, T, H, V] in q's dtype computed in the same pass
-    (chunk_o_fwd's; else None)."""
+    storage dtype), the final state [N, H, K, V] (accumulation dtype) or None, and o [B, T, H, V] in q's dtype
+    (chunk_o_fwd's) when it was computed in the same pass, else None: given q and scale_t (a one-element tensor in
+    the accumulation dtype), where the grid fills the GPU (more programs than SMs, so a longer chunk step hides
+    behind the other programs). Where it does not (long T, small B * H: a latency-bound chain of chunks), o is left
+    to chunk_o_fwd, and V is split in 32-wide blocks for twice the programs."""
     B, T, H, K = k.shape
     V = u.shape[-1]
     N, acc = offsets.numel() - 1, acc_dtype(k.dtype)
     BK, NK, BV = _blocks(K, V)
-    op = operand_type("chunk_h_fwd", k.dtype, chunk_size, BK, BV)
+    few = few_programs(triton.cdiv(V, BV) * N * H, k.device)
+    fuse_o = q is not None and not few
+    split = few and BV == 64 and utils.STATE_SPLIT_V
+    if split:  # (half operands as at BV = 64: the tile rule holds for C and BK, no N = 64 product precedes one
+        BV = 32  # with N = 32 here; the kernel's products all have N = BV)
+    op = operand_type("chunk_h_fwd", k.dtype, chunk_size, BK, *(() if split else (BV,)))
     h = new_empty((NC, H, K, V), operand_storage(op), k.device)
     v_new = new_empty((B, T, H, V), operand_storage(op), k.device)
     ht = new_empty((N, H, K, V), acc, k.device) if output_final_state else None
-    o = None if q is None else new_empty((B, T, H, V), q.dtype, k.device)
+    o = new_empty((B, T, H, V), q.dtype, k.device) if fuse_o else None
     a, e = torch.finfo(acc).bits // 8, k.element_size()
-    tiles = NK * BK * ((a + e) if q is None else (a + 2 * e))  # W, K (and Q) tiles of one chunk
+    tiles = NK * BK * ((a + 2 * e) if fuse_o else (a + e))  # W, K (and Q) tiles of one chunk
     stages = pipeline_stages(chunk_size * (tiles + BV * a))  # and U's
     launch_fitting(
         chunk_h_fwd_kernel, (triton.cdiv(V, BV), N * H), q, k, w, u, h, v_new, o, initial_state, ht, offsets,
         chunk_offsets, scale_t, H=H, K=K, V=V, C=chunk_size, BK=BK, BV=BV, NK=NK, USE_S0=initial_state is not None,
         STORE_FINAL=output_final_state, DOT_PREC=dot_precision(k.dtype), WHILE_LOOP=interpreting(),
-        OP=op, ACC=tl_acc(k.dtype), DOT_FIRST=utils.STATE_DOT_FIRST, FUSE_O=q is not None, stages=(stages,))
+        OP=op, ACC=tl_acc(k.dtype), DOT_FIRST=utils.STATE_DOT_FIRST, FUSE_O=fuse_o, stages=(stages,))
     return h, v_new, ht, o
 
 
