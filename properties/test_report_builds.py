@@ -238,3 +238,21 @@ def test_fixture_data_is_what_make_writes(tmp_path, monkeypatch):
     assert written == committed
     for rel in written:
         assert (tmp_path / rel).read_bytes() == open(os.path.join(FIXTURES, rel), "rb").read(), rel
+
+
+def _goal_point(created, commit, rows):
+    """A harness --point document at the goals' point shape with rows (form, mode, ms)."""
+    return dict(kind="point", created=created, git=dict(commit=commit),
+                rows=[dict(form=f, mode=m, ms=ms, B=8, T=4096, status="ok", **B.GOAL_SHAPE) for f, m, ms in rows])
+
+
+def test_goals_take_the_newest_run_that_has_both_forms():
+    """A goal's ratio comes from the newest run that timed ours and fla together, not from an older one listed
+    first; a still newer run without fla shows in the 'later run' column, and no ratio mixes two runs."""
+    old = _goal_point("2026-01-01T00:00:00", "aaaaaaa", [("chunk", "fwd", 3.0), ("fla.chunk", "fwd", 1.5)])
+    new = _goal_point("2026-02-01T00:00:00", "bbbbbbb", [("chunk", "fwd", 1.0), ("fla.chunk", "fwd", 1.25)])
+    alone = _goal_point("2026-03-01T00:00:00", "ccccccc", [("chunk", "fwd", 0.9)])
+    text = re.sub(r"<[^>]+>", "|", B.goals_html(None, [old, alone, new]))
+    row = text[text.index("|chunk||fwd||B=8, T=4096|"):text.index("|chunk||fwd+bwd||")]
+    assert "|1||1.25||0.8||0.8|" in row, row  # ours, fla, ratio 1.0 / 1.25 and goal: bbbbbbb's pair
+    assert "|met|" in row and "0.9 at ccccccc" in row and "|3|" not in row, row

@@ -727,9 +727,9 @@ def goals_html(bench, points, cold_calls=()) -> str:
     trs = []
     for form, mode, B, T, peer, goal in SPEED_GOALS:
         best = None
-        for d in docs:  # prefer a run that has both; else the first that has ours
-            ours, theirs = find(d, form, mode, B, T), find(d, peer, mode, B, T)
-            if ours and (theirs or best is None):
+        for d in sorted(docs, key=lambda x: _measured(x, form)[0], reverse=True):
+            ours, theirs = find(d, form, mode, B, T), find(d, peer, mode, B, T)  # the newest run that has both;
+            if ours and (theirs or best is None):  # else the newest that has ours
                 best = (d, ours, theirs)
                 if theirs:
                     break
