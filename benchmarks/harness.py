@@ -666,6 +666,8 @@ def main(argv=None):
                    machine=_machine(rows), git=git_info(), source=source_hash(), ceilings=ceil,
                    forms=_forms_meta(), rows=[_clean(r) for r in rows if r["kind"] == "point"])
         acc_rows = []
+        path = os.path.join(out, f"point-{tag}.json")
+        _dump(path, doc)  # the times first: a run stopped during the accuracy part still leaves them
         if args.accuracy:  # the error at the point (T capped at each reference's limit), inside the same budget
             from benchmarks import accuracy
             acc_forms = [f for f in forms if R.get(f).accuracy]
@@ -677,7 +679,6 @@ def main(argv=None):
             doc["accuracy"] = [_clean(r) for r in acc_rows]
             doc["references"] = {f: R.FAMILIES[f].reference_note for f in dict.fromkeys(R.get(n).family
                                                                                          for n in acc_forms)}
-        path = os.path.join(out, f"point-{tag}.json")
         _dump(path, doc)
         shutil.rmtree(work, ignore_errors=True)
         print("\n" + point_table(rows))
