@@ -109,6 +109,7 @@ def small_tiles(enabled):
         if enabled:
             for mod in (chunk_A, wy_fast, chunk_o):
                 mp.setattr(mod, "TILE", 16)
+            mp.setattr(chunk_A, "FWD_TILE", 16)
             mp.setattr(chunk_h, "BUDGET", 256)
             mp.setattr(fused_recurrent, "FWD_TILE", 64)
             mp.setattr(fused_recurrent, "BWD_TILE", 64)

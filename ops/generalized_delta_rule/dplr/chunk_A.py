@@ -380,6 +380,9 @@ def chunk_A_dgk_kernel(dg_loc, dg_sum, dgk, offsets, cmap, H: tl.constexpr, K: t
 # 15.9 ms over whole chunks -> 6.7 ms + 0.15 ms (dgk carry) per block (NOTES, GPU visit 8).
 TILE = 32
 BWD_WARPS = 4
+# The forward's K tile, apart so the tune can set it alone (benchmarks.tune_launch --forms dplr.chunk --tiles):
+# a wider tile runs the diagonal blocks' token loop over fewer, wider K steps (K / BK loops of 16 tokens each).
+FWD_TILE = 32
 
 
 def _warps(gk):
@@ -395,7 +398,7 @@ def chunk_A_fwd(q, k, a, b, g, gk, offsets, cmap, chunk_size):
     if NC:
         launch_fitting(
             chunk_A_fwd_kernel, (C // BC, NC, H), q, k, a, b, g, gk, *mats, offsets, cmap, H=H, K=K, C=C, BC=BC,
-            BK=min(TILE, block_size(K)), USE_GK=g is not None, DOT_PREC=dot_precision(q.dtype),
+            BK=min(FWD_TILE, block_size(K)), USE_GK=g is not None, DOT_PREC=dot_precision(q.dtype),
             num_warps=_warps(gk))
     return mats
 
