@@ -34,8 +34,8 @@ from properties.tolerances import bound, rel_err
 
 # The (module, constant) pairs a form's tile variants set: the chunk forms' largest K / V tile, the fused
 # recurrent backward's state-tile budget (elements a program; it picks BV and num_warps, see its _tiles).
-_DPLR_TILES = tuple((f"ops.generalized_delta_rule.dplr.{m}", "TILE") for m in ("wy_fast", "chunk_o")) + \
-    (("ops.generalized_delta_rule.dplr.chunk_A", "FWD_TILE"),)  # (chunk_A's backward keeps its TILE)
+_DPLR_TILES = tuple((f"ops.generalized_delta_rule.dplr.{m}", "TILE") for m in ("wy_fast", "chunk_o", "chunk_A")) + \
+    (("ops.generalized_delta_rule.dplr.chunk_A", "FWD_TILE"),)  # (chunk_A's TILE is its backward's)
 TILE_MODULES = {
     "chunk": tuple((f"ops.delta_rule.{m}", "TILE") for m in ("wy_fast", "chunk_h", "chunk_o")),
     "iplr.chunk": _DPLR_TILES,
