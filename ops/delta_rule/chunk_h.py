@@ -5,6 +5,10 @@ Forward, with h_0 = S0 (or 0) and per chunk n (W_n, U_n from the WY stage):
 Backward, reverse over chunks, with dh_N = dht (or 0) and dv_local = scale (Q K^T * M)^T dO from chunk_o:
     store dh_{n+1};   dv_new_n = dv_local_n + K_n dh_{n+1} (store);
     dh_n = dh_{n+1} + scale Q_n^T dO_n - W_n^T dv_new_n;   dS0 = dh_0.
+With utils.FUSED_STATE the backward pass forms dv_local itself, and the forward pass the chunk's output
+    O_n = scale (Q_n h_n + (Q_n K_n^T * M) v_new_n)
+where its grid has more programs than SMs; where it has fewer, V is split in 32-wide blocks instead
+(utils.STATE_SPLIT_V) and o is left to chunk_o_fwd.
 Grid (V blocks, N * H). The [K, BV] state lives in registers as up to four [64, BV] tiles (K <= 256); states are
 stored per chunk ([NC, H, K, V]), like v_new, in the dtype of their dot operands (utils.operand_storage); dv_new
 in its readers' (utils.read_storage). U and dv_local may arrive in a half dtype (utils.sum_storage).
