@@ -20,12 +20,13 @@ from ops.generalized_delta_rule.utils import masked_exp, mat_block, seq_block, s
 
 
 @triton.jit
-def _decays(g, b_x, bos, i_h, L, j, nv, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr):
-    """(exp(gamma) [BK], x exp(gamma - G) [C, BK]) for this chunk's rows x [C, BK]."""
+def _decays(g, bos, i_h, L, j, nv, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr):
+    """(exp(gamma) [BK], exp(G) [C, BK], exp(gamma - G) [C, BK]) for this chunk (0 on rows past its end), from one
+    load of G."""
     b_gam = seq_row(g, bos, i_h, j * C + nv - 1, H, K, 0, BK)
     b_g = tl.load(seq_block(g, bos, i_h, L, H, K, j * C, 0, C, BK), boundary_check=(0, 1))
     vi = (tl.arange(0, C) < nv)[:, None]
-    return tl.exp(b_gam), b_x * masked_exp(b_gam[None, :] - b_g, vi)
+    return tl.exp(b_gam), masked_exp(b_g, vi), masked_exp(b_gam[None, :] - b_g, vi)
 
 
 @triton.jit
@@ -46,8 +47,9 @@ def _fwd_step(t, b_h, k, b, v, g, wm, u, h, w, bos, i_h, L, c0, v0,
     b_v = tl.load(seq_block(v, bos, i_h, L, H, V, t * C, v0, C, BV), boundary_check=(0, 1)).to(ACC)
     if USE_GK:
         nv = tl.minimum(L - t * C, C)
-        b_eg, b_k = _decays(g, b_k, bos, i_h, L, t, nv, H, K, C, BK)
-        _, b_b = _decays(g, b_b, bos, i_h, L, t, nv, H, K, C, BK)
+        b_eg, _, b_f = _decays(g, bos, i_h, L, t, nv, H, K, C, BK)
+        b_k *= b_f
+        b_b *= b_f
         b_h *= b_eg[:, None]
     b_h += tl.dot(tl.trans(b_b), b_w, input_precision=DOT_PREC)
     b_h += tl.dot(tl.trans(b_k), b_v, input_precision=DOT_PREC)
@@ -100,10 +102,10 @@ def _bwd_step(t, b_dh, q, k, b, g, wm, do, dw_loc, dv_loc, dh, dw, dv, scale, bo
     b_b = tl.load(seq_block(b, bos, i_h, L, H, K, t * C, 0, C, BK), boundary_check=(0, 1)).to(ACC)
     if USE_GK:
         nv = tl.minimum(L - t * C, C)
-        b_eg, b_k = _decays(g, b_k, bos, i_h, L, t, nv, H, K, C, BK)
-        _, b_b = _decays(g, b_b, bos, i_h, L, t, nv, H, K, C, BK)
-        b_g = tl.load(seq_block(g, bos, i_h, L, H, K, t * C, 0, C, BK), boundary_check=(0, 1))
-        b_q *= masked_exp(b_g, (tl.arange(0, C) < nv)[:, None])
+        b_eg, b_e, b_f = _decays(g, bos, i_h, L, t, nv, H, K, C, BK)
+        b_k *= b_f
+        b_b *= b_f
+        b_q *= b_e
     b_dw = tl.load(seq_block(dw_loc, bos, i_h, L, H, V, t * C, v0, C, BV), boundary_check=(0, 1))
     b_dw += tl.dot(b_b, b_dh, input_precision=DOT_PREC)
     tl.store(seq_block(dw, bos, i_h, L, H, V, t * C, v0, C, BV), b_dw, boundary_check=(0, 1))
