@@ -164,7 +164,7 @@ def _rows(ptr, bos, i_h, r, m_r, H: tl.constexpr, K: tl.constexpr, c0, BK: tl.co
 @triton.jit
 def chunk_A_fwd_kernel(q, k, a, b, g, gk, Aqk, Aqb, Aak, Aab, offsets, cmap,
                        H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                       USE_GK: tl.constexpr, DOT_PREC: tl.constexpr, DIAG_PAIRS: tl.constexpr):
+                       USE_GK: tl.constexpr, DOT_PREC: tl.constexpr, DIAG_PAIRS: tl.constexpr, DK: tl.constexpr):
     """grid (C // BC, NC, H): block row I of the four matrices, [BC, C] each."""
     i_b, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, j = tl.load(cmap + i_c * 2), tl.load(cmap + i_c * 2 + 1)
@@ -210,12 +210,7 @@ def chunk_A_fwd_kernel(q, k, a, b, g, gk, Aqk, Aqb, Aak, Aab, offsets, cmap,
             b_qb += tl.dot(b_qt, tl.trans(b_bt), input_precision=DOT_PREC)
             b_ak += tl.dot(b_at, tl.trans(b_kt), input_precision=DOT_PREC)
             b_ab += tl.dot(b_at, tl.trans(b_bt), input_precision=DOT_PREC)
-            if DIAG_PAIRS:  # diagonal block, every pair at once
-                b_kD = tl.load(seq_block(k, bos, i_h, L, H, K, t0 + r0, c0, BC, BK), boundary_check=(0, 1)).to(ACC)
-                b_bD = tl.load(seq_block(b, bos, i_h, L, H, K, t0 + r0, c0, BC, BK), boundary_check=(0, 1)).to(ACC)
-                d_qk, d_qb, d_ak, d_ab = _diag_fwd_pairs(b_q, b_a, b_kD, b_bD, g_I, gm_I, g_I, vi, d_qk, d_qb,
-                                                         d_ak, d_ab, BC)
-            else:  # diagonal block, one column jj at a time: A[i, jj] = sum_k x_ik y_jj,k exp(G_ik - G_jj,k)
+            if not DIAG_PAIRS:  # diagonal block, one column jj at a time: A[i, jj] = sum_k x_ik y_jj,k e(G_ik - G_jj,k)
                 d_qk, d_qb, d_ak, d_ab = _diag_fwd_tokens(k, b, g, b_q, b_a, g_I, gm_I, bos, i_h, t0, r0, nv, vi,
                                                           d_qk, d_qb, d_ak, d_ab, H, K, c0, BC, BK)
         else:
@@ -223,6 +218,19 @@ def chunk_A_fwd_kernel(q, k, a, b, g, gk, Aqk, Aqb, Aak, Aab, offsets, cmap,
             b_qb += tl.dot(b_q, tl.trans(b_b), input_precision=DOT_PREC)
             b_ak += tl.dot(b_a, tl.trans(b_k), input_precision=DOT_PREC)
             b_ab += tl.dot(b_a, tl.trans(b_b), input_precision=DOT_PREC)
+
+    if USE_GK and DIAG_PAIRS:  # diagonal block, every pair at once over [BC, BC, DK] tiles
+        vi = (rows < nv)[:, None]
+        for i_d in range(tl.cdiv(K, DK)):
+            d0 = i_d * DK
+            b_q = tl.load(seq_block(q, bos, i_h, L, H, K, t0 + r0, d0, BC, DK), boundary_check=(0, 1)).to(ACC)
+            b_a = tl.load(seq_block(a, bos, i_h, L, H, K, t0 + r0, d0, BC, DK), boundary_check=(0, 1)).to(ACC)
+            b_kD = tl.load(seq_block(k, bos, i_h, L, H, K, t0 + r0, d0, BC, DK), boundary_check=(0, 1)).to(ACC)
+            b_bD = tl.load(seq_block(b, bos, i_h, L, H, K, t0 + r0, d0, BC, DK), boundary_check=(0, 1)).to(ACC)
+            g_I = tl.load(seq_block(g, bos, i_h, L, H, K, t0 + r0, d0, BC, DK), boundary_check=(0, 1))
+            gm_I = g_I - tl.load(seq_block(gk, bos, i_h, L, H, K, t0 + r0, d0, BC, DK), boundary_check=(0, 1)).to(ACC)
+            d_qk, d_qb, d_ak, d_ab = _diag_fwd_pairs(b_q, b_a, b_kD, b_bD, g_I, gm_I, g_I, vi, d_qk, d_qb, d_ak,
+                                                     d_ab, BC)
 
     base = (i_c * H + i_h).to(tl.int64) * C * C
     o_s = base + rows[:, None] * C + cols[None, :]
@@ -442,10 +450,12 @@ BWD_WARPS = 4
 # The forward's K tile, apart so the tune can set it alone (benchmarks.tune_launch --forms dplr.chunk --tiles):
 # a wider tile runs the diagonal blocks' token loop over fewer, wider K steps (K / BK loops of 16 tokens each).
 FWD_TILE = 32
-# The diagonal blocks' pairs all at once ([16, 16, BK] tiles) instead of 16 dependent token steps per K tile; the
-# backward then runs on 8 warps (ptxas, bf16, K = 128, BK = 32: forward 255 registers, backward 255 at 8 warps, no
-# spills; 592 B spilled at 4).
+# The diagonal blocks' pairs all at once ([16, 16, DK] tiles; the forward in a K loop of its own at DK = DIAG_TILE)
+# instead of 16 dependent token steps per K tile; the backward then runs on 8 warps. ptxas (sm_90, bf16, K = 128):
+# forward 157 registers at DK = 16 (255 with the pairs inside the BK = 32 loop), backward 255 at 8 warps, no spills
+# (592 B spilled at 4).
 DIAG_PAIRS = os.environ.get("DELTACHECK_DPLR_DIAG_PAIRS", "0") == "1"
+DIAG_TILE = 16  # the forward's K tile for those pairs
 
 
 def _warps(gk):
@@ -462,7 +472,7 @@ def chunk_A_fwd(q, k, a, b, g, gk, offsets, cmap, chunk_size):
         launch_fitting(
             chunk_A_fwd_kernel, (C // BC, NC, H), q, k, a, b, g, gk, *mats, offsets, cmap, H=H, K=K, C=C, BC=BC,
             BK=min(FWD_TILE, block_size(K)), USE_GK=g is not None, DOT_PREC=dot_precision(q.dtype),
-            DIAG_PAIRS=DIAG_PAIRS, num_warps=_warps(gk))
+            DIAG_PAIRS=DIAG_PAIRS, DK=min(DIAG_TILE, block_size(K)), num_warps=_warps(gk))
     return mats
 
 
