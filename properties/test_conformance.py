@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from benchmarks import registry as R
 from properties.strategies import DEVICE, ON_GPU
-from properties.tolerances import assert_close, bound, keep, rel_err
+from properties.tolerances import assert_close, bound, keep, rel_err, representable_floor
 
 FAMILIES_WITH_REFERENCE = [name for name, fam in R.FAMILIES.items() if fam.reference]
 CPU_DTYPES = ("float32",)  # the interpreter is slow: the rest of the suite covers fp16 / fp64 for our forms
@@ -95,7 +95,7 @@ def _keeper(form, prop):
 
 def _record(form, prop, name, x, ref, dtype, kind):
     """(error, bound) of x against ref, recorded (not asserted: the caller asserts after every quantity)."""
-    err, b = rel_err(x, ref), bound(R.torch_dtype(dtype), kind)
+    err, b = rel_err(x, ref), bound(R.torch_dtype(dtype), kind) + representable_floor(ref, x.dtype)
     _keeper(form, prop)(name, err, b, dtype=dtype, kind=kind)
     return err, b
 
