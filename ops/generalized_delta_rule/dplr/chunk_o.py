@@ -15,6 +15,7 @@ backward (loops over V).
 import triton
 import triton.language as tl
 
+import ops.generalized_delta_rule.utils as GU
 from ops.common.utils import acc_dtype, block_size, dot_precision, launch_fitting, new_empty
 from ops.generalized_delta_rule.utils import masked_exp, mat_block, seq_block, seq_row
 
@@ -156,7 +157,8 @@ def chunk_o_fwd(q, v, g, h, w, Aqk, Aqb, scale_t, offsets, cmap, chunk_size):
         BK, BV = _blocks(K, V)
         launch_fitting(
             chunk_o_fwd_kernel, (triton.cdiv(V, BV), NC, H), q, v, g, h, w, Aqk, Aqb, o, scale_t, offsets, cmap, H=H,
-            K=K, V=V, C=chunk_size, BK=BK, BV=BV, USE_GK=g is not None, DOT_PREC=dot_precision(q.dtype))
+            K=K, V=V, C=chunk_size, BK=BK, BV=BV, USE_GK=g is not None, DOT_PREC=dot_precision(q.dtype),
+            num_warps=GU.PARALLEL_WARPS)
     return o
 
 
@@ -171,7 +173,7 @@ def chunk_o_bwd_local(v, w, do, Aqk, Aqb, scale_t, offsets, cmap, chunk_size):
     if NC:
         launch_fitting(
             chunk_o_bwd_local_kernel, (NC, H), v, w, do, Aqk, Aqb, dAqk, dAqb, dw, dv, scale_t, offsets, cmap, H=H, V=V,
-            C=C, BV=_blocks(1, V)[1], DOT_PREC=dot_precision(v.dtype))
+            C=C, BV=_blocks(1, V)[1], DOT_PREC=dot_precision(v.dtype), num_warps=GU.PARALLEL_WARPS)
     return dAqk, dAqb, dw, dv
 
 
@@ -188,5 +190,5 @@ def chunk_o_bwd_state(k, b, v, g, h, w, do, dh, dw, scale_t, offsets, cmap, chun
         launch_fitting(
             chunk_o_bwd_state_kernel, (triton.cdiv(K, BK), NC, H), k, b, v, g, h, w, do, dh, dw, dq, dk, db, dwm, dgam,
             scale_t, offsets, cmap, H=H, K=K, V=V, C=chunk_size, BK=BK, BV=BV, USE_GK=g is not None,
-            DOT_PREC=dot_precision(k.dtype))
+            DOT_PREC=dot_precision(k.dtype), num_warps=GU.PARALLEL_WARPS)
     return dq, dk, db, dwm, dgam
