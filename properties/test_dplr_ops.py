@@ -8,7 +8,6 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import ops.common.utils as utils
-import ops.generalized_delta_rule.dplr.chunk_A as chunk_A
 import ops.generalized_delta_rule.dplr.fused_recurrent as fused_recurrent
 import reference
 from ops.generalized_delta_rule import chunk_dplr_delta_rule, fused_recurrent_dplr_delta_rule
@@ -47,21 +46,18 @@ def draw_inputs(case, family, decay, gk_f32):
 
 @given(case=delta_cases(), family=st.sampled_from(["stable", "raw"]), decay=st.sampled_from(list(DECAYS)),
        gk_f32=st.booleans(), chunk_size=st.sampled_from(CHUNK_SIZES), tiles=st.booleans(),
-       output_final_state=st.booleans(), diag_pairs=st.booleans())
-@edge_examples(family="stable", decay="strong", gk_f32=False, chunk_size=16, tiles=True, output_final_state=True,
-               diag_pairs=True)
+       output_final_state=st.booleans())
+@edge_examples(family="stable", decay="strong", gk_f32=False, chunk_size=16, tiles=True, output_final_state=True)
 @example(case=EDGE_CASES[2], family="stable", decay="mild", gk_f32=True, chunk_size=64, tiles=False,
-         output_final_state=True, diag_pairs=False)  # several 16-row blocks in one chunk (the dgk carry across blocks)
-def test_chunk_dplr_matches_reference(case, family, decay, gk_f32, chunk_size, tiles, output_final_state, diag_pairs,
-                                      record):
+         output_final_state=True)  # several 16-row blocks in one chunk (the dgk carry across blocks)
+def test_chunk_dplr_matches_reference(case, family, decay, gk_f32, chunk_size, tiles, output_final_state, record):
     """chunk_dplr_delta_rule's o and final state equal the float64 reference within the forward bound, and its
     gradients for q, k, v, a, b, gk and initial_state (random upstream gradients) within the gradient bound: stable
     and raw a, b, mild and strong decay (down to -20 per token), gk in the input dtype or float32, any chunk size
-    and tile split, chunk_A's diagonal blocks token by token or all pairs at once."""
+    and tile split."""
     case = nonempty(case)
     x, family = draw_inputs(case, family, decay, gk_f32)
-    with small_tiles(tiles), pytest.MonkeyPatch.context() as mp:
-        mp.setattr(chunk_A, "DIAG_PAIRS", diag_pairs)
+    with small_tiles(tiles):
         check_op(chunk_op(chunk_size, chunk_dplr_delta_rule), reference.dplr_recurrent, x, case.dtype,
                  with_fields(record, chunk_size=chunk_size, family=family, decay=decay), output_final_state)
 
@@ -79,9 +75,9 @@ def test_fused_recurrent_dplr_matches_reference(case, family, decay, gk_f32, til
                  with_fields(record, family=family, decay=decay), output_final_state)
 
 
-@pytest.mark.parametrize("form", ["chunk", "chunk_pairs", "fused_recurrent"])
+@pytest.mark.parametrize("form", list(OPS))
 @pytest.mark.parametrize("dtype", OP_DTYPES)
-def test_dplr_decay_of_minus_20_stays_finite_and_accurate(form, dtype, record, monkeypatch):
+def test_dplr_decay_of_minus_20_stays_finite_and_accurate(form, dtype, record):
     """gk = -20 on every token and channel (exp(-20 * 64) underflows; any exp(+G) would overflow) over several
     chunks of 32 (two 16-row blocks each): outputs and gradients are finite and within the bounds. dgk is then
     ~exp(-20) times the other gradients, below float16's smallest subnormal, so half-precision inputs take gk in
@@ -89,8 +85,7 @@ def test_dplr_decay_of_minus_20_stays_finite_and_accurate(form, dtype, record, m
     case = fixed_case(T=70, H=2, K=8, V=4, dtype=dtype, seed=21, unit_keys=False)
     x = inputs(case)
     x["gk"] = torch.full(x["q"].shape, -20.0, dtype=utils.acc_dtype(dtype), device=DEVICE)
-    monkeypatch.setattr(chunk_A, "DIAG_PAIRS", form == "chunk_pairs")
-    op = fused_recurrent_dplr_delta_rule if form == "fused_recurrent" else chunk_op(32, chunk_dplr_delta_rule)
+    op = chunk_op(32, chunk_dplr_delta_rule) if form == "chunk" else fused_recurrent_dplr_delta_rule
     check_op(op, reference.dplr_recurrent, x, dtype, record)
 
 

@@ -3,18 +3,11 @@
 Layout: token tensors are [B*T, H, D] (a sequence of L tokens starting at flat token bos), chunk matrices are
 [NC, H, C, C], states [*, H, K, V]; all row-major and contiguous.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 import ops.common.utils as U
-
-# num_warps of the chunk kernels that run in parallel over chunks (chunk_o's three, wy_fast's two). ptxas (sm_90,
-# bf16, K = V = 128, C = 64): at 4 warps chunk_o_bwd_state spills 540 B a thread and wy_bwd 296 B, at 8 none of
-# them spills. DELTACHECK_DPLR_PARALLEL_WARPS=8 runs them on 8 (off until timed).
-PARALLEL_WARPS = int(os.environ.get("DELTACHECK_DPLR_PARALLEL_WARPS", "4"))
 
 
 @triton.jit

@@ -33,8 +33,6 @@ O(exp(gk)). They are kept out of dG and dG^-
 handled as a band with decay 1), a exp(G^-) on the chunk's first row and the last row's b, k terms of the state
 pass (left out of dgam too, in chunk_o.py).
 """
-import os
-
 import triton
 import triton.language as tl
 
@@ -62,53 +60,6 @@ def _diag_fwd_tokens(k, b, g, b_q, b_a, g_I, gm_I, bos, i_h, t0, r0, nv, vi, d_q
         d_ak += tl.where(sel, tl.sum(b_a * k_j * e2, 1)[:, None], 0.0)
         d_ab += tl.where(sel, tl.sum(b_a * b_j * e2, 1)[:, None], 0.0)
     return d_qk, d_qb, d_ak, d_ab
-
-
-@triton.jit
-def _diag_fwd_pairs(b_q, b_a, b_kD, b_bD, g_I, gm_I, g_D, vi, d_qk, d_qb, d_ak, d_ab, BC: tl.constexpr):
-    """The forward's diagonal block, all (i, j) pairs at once over [BC, BC, BK] tiles:
-    A_qk[i, j] += sum_k q_ik k_jk exp(G_ik - G_jk) (i >= j), A_ak[i, j] += sum_k a_ik k_jk exp(G^-_ik - G_jk) (i > j),
-    A_qb, A_ab likewise with b_j. x_D, g_D are the block's own rows (they are the j of the pairs)."""
-    ri = tl.arange(0, BC)
-    m1 = ((ri[:, None] >= ri[None, :]) & vi)[:, :, None]
-    m2 = ((ri[:, None] > ri[None, :]) & vi)[:, :, None]
-    g_j = g_D[None, :, :]
-    e = masked_exp(g_I[:, None, :] - g_j, m1)
-    d_qk += tl.sum(b_q[:, None, :] * b_kD[None, :, :] * e, 2)
-    d_qb += tl.sum(b_q[:, None, :] * b_bD[None, :, :] * e, 2)
-    e = masked_exp(gm_I[:, None, :] - g_j, m2)
-    d_ak += tl.sum(b_a[:, None, :] * b_kD[None, :, :] * e, 2)
-    d_ab += tl.sum(b_a[:, None, :] * b_bD[None, :, :] * e, 2)
-    return d_qk, d_qb, d_ak, d_ab
-
-
-@triton.jit
-def _diag_bwd_pairs(b_qI, b_kI, b_aI, b_bI, g_I, gm_I, dAqk, dAqb, dAak, dAab, base, rows, vi, b_dq, b_da, b_dk,
-                    b_db, C: tl.constexpr, BC: tl.constexpr):
-    """The backward's diagonal block, strictly lower pairs (i > j; the subdiagonal j = i - 1 of dA_ak, dA_ab
-    excluded), all at once over [BC, BC, BK] tiles; e1 = exp(G_i - G_j), e2 = exp(G^-_i - G_j):
-        dq_i += sum_j (dA_qk[i,j] k_j + dA_qb[i,j] b_j) e1,   da_i += sum_j (dA_ak[i,j] k_j + dA_ab[i,j] b_j) e2,
-        dk_j += sum_i dA_qk[i,j] q_i e1 + dA_ak[i,j] a_i e2,  db_j += sum_i dA_qb[i,j] q_i e1 + dA_ab[i,j] a_i e2."""
-    ri = tl.arange(0, BC)
-    m = ((ri[:, None] > ri[None, :]) & vi)[:, :, None]
-    band = ri[:, None] - 1 == ri[None, :]
-    p = base + rows[:, None] * C + rows[None, :]
-    s_qk = tl.load(dAqk + p)[:, :, None]
-    s_qb = tl.load(dAqb + p)[:, :, None]
-    s_ak = tl.where(band, 0.0, tl.load(dAak + p))[:, :, None]
-    s_ab = tl.where(band, 0.0, tl.load(dAab + p))[:, :, None]
-    g_j = g_I[None, :, :]
-    e = masked_exp(g_I[:, None, :] - g_j, m)
-    b_dq += tl.sum((s_qk * b_kI[None, :, :] + s_qb * b_bI[None, :, :]) * e, 1)
-    q_e = b_qI[:, None, :] * e
-    b_dk += tl.sum(s_qk * q_e, 0)
-    b_db += tl.sum(s_qb * q_e, 0)
-    e = masked_exp(gm_I[:, None, :] - g_j, m)
-    b_da += tl.sum((s_ak * b_kI[None, :, :] + s_ab * b_bI[None, :, :]) * e, 1)
-    a_e = b_aI[:, None, :] * e
-    b_dk += tl.sum(s_ak * a_e, 0)
-    b_db += tl.sum(s_ab * a_e, 0)
-    return b_dq, b_da, b_dk, b_db
 
 
 @triton.jit
@@ -164,7 +115,7 @@ def _rows(ptr, bos, i_h, r, m_r, H: tl.constexpr, K: tl.constexpr, c0, BK: tl.co
 @triton.jit
 def chunk_A_fwd_kernel(q, k, a, b, g, gk, Aqk, Aqb, Aak, Aab, offsets, cmap,
                        H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                       USE_GK: tl.constexpr, DOT_PREC: tl.constexpr, DIAG_PAIRS: tl.constexpr, DK: tl.constexpr):
+                       USE_GK: tl.constexpr, DOT_PREC: tl.constexpr):
     """grid (C // BC, NC, H): block row I of the four matrices, [BC, C] each."""
     i_b, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, j = tl.load(cmap + i_c * 2), tl.load(cmap + i_c * 2 + 1)
@@ -210,27 +161,14 @@ def chunk_A_fwd_kernel(q, k, a, b, g, gk, Aqk, Aqb, Aak, Aab, offsets, cmap,
             b_qb += tl.dot(b_qt, tl.trans(b_bt), input_precision=DOT_PREC)
             b_ak += tl.dot(b_at, tl.trans(b_kt), input_precision=DOT_PREC)
             b_ab += tl.dot(b_at, tl.trans(b_bt), input_precision=DOT_PREC)
-            if not DIAG_PAIRS:  # diagonal block, one column jj at a time: A[i, jj] = sum_k x_ik y_jj,k e(G_ik - G_jj,k)
-                d_qk, d_qb, d_ak, d_ab = _diag_fwd_tokens(k, b, g, b_q, b_a, g_I, gm_I, bos, i_h, t0, r0, nv, vi,
-                                                          d_qk, d_qb, d_ak, d_ab, H, K, c0, BC, BK)
+            # diagonal block, one column jj at a time: A[i, jj] = sum_k x_ik y_jj,k exp(G_ik - G_jj,k)
+            d_qk, d_qb, d_ak, d_ab = _diag_fwd_tokens(k, b, g, b_q, b_a, g_I, gm_I, bos, i_h, t0, r0, nv, vi,
+                                                      d_qk, d_qb, d_ak, d_ab, H, K, c0, BC, BK)
         else:
             b_qk += tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC)
             b_qb += tl.dot(b_q, tl.trans(b_b), input_precision=DOT_PREC)
             b_ak += tl.dot(b_a, tl.trans(b_k), input_precision=DOT_PREC)
             b_ab += tl.dot(b_a, tl.trans(b_b), input_precision=DOT_PREC)
-
-    if USE_GK and DIAG_PAIRS:  # diagonal block, every pair at once over [BC, BC, DK] tiles
-        vi = (rows < nv)[:, None]
-        for i_d in range(tl.cdiv(K, DK)):
-            d0 = i_d * DK
-            b_q = tl.load(seq_block(q, bos, i_h, L, H, K, t0 + r0, d0, BC, DK), boundary_check=(0, 1)).to(ACC)
-            b_a = tl.load(seq_block(a, bos, i_h, L, H, K, t0 + r0, d0, BC, DK), boundary_check=(0, 1)).to(ACC)
-            b_kD = tl.load(seq_block(k, bos, i_h, L, H, K, t0 + r0, d0, BC, DK), boundary_check=(0, 1)).to(ACC)
-            b_bD = tl.load(seq_block(b, bos, i_h, L, H, K, t0 + r0, d0, BC, DK), boundary_check=(0, 1)).to(ACC)
-            g_I = tl.load(seq_block(g, bos, i_h, L, H, K, t0 + r0, d0, BC, DK), boundary_check=(0, 1))
-            gm_I = g_I - tl.load(seq_block(gk, bos, i_h, L, H, K, t0 + r0, d0, BC, DK), boundary_check=(0, 1)).to(ACC)
-            d_qk, d_qb, d_ak, d_ab = _diag_fwd_pairs(b_q, b_a, b_kD, b_bD, g_I, gm_I, g_I, vi, d_qk, d_qb, d_ak,
-                                                     d_ab, BC)
 
     base = (i_c * H + i_h).to(tl.int64) * C * C
     o_s = base + rows[:, None] * C + cols[None, :]
@@ -259,7 +197,7 @@ def chunk_A_fwd_kernel(q, k, a, b, g, gk, Aqk, Aqb, Aak, Aab, offsets, cmap,
 def chunk_A_bwd_kernel(q, k, a, b, g, gk, dAqk, dAqb, dAak, dAab, dq_in, dk_in, da_in, db_in, dgam,
                        dq, dk, da, db, dg_loc, dg_sum, offsets, cmap,
                        H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                       USE_GK: tl.constexpr, DOT_PREC: tl.constexpr, DIAG_PAIRS: tl.constexpr):
+                       USE_GK: tl.constexpr, DOT_PREC: tl.constexpr):
     """grid (K blocks, NC * C // BC, H): the gradients of q, k, a, b for one [BC, BK] tile (block I of a chunk), the
     other blocks' terms summed one [BC, BC] x [BC, BK] product at a time. dgk is left in two parts, finished
     by chunk_A_dgk_kernel: dg_loc (this block's reverse cumsum + dgam, accumulation dtype, shaped like gk) and
@@ -338,15 +276,10 @@ def chunk_A_bwd_kernel(q, k, a, b, g, gk, dAqk, dAqb, dAak, dAab, dq_in, dk_in, 
         f_I = masked_exp(g_r2 - g_I, vi)
         b_dk *= f_I
         b_db *= f_I
-        # the diagonal block: strictly lower pairs (subdiagonal of dA_ak, dA_ab excluded), all at once or token
-        # by token ...
-        if DIAG_PAIRS:
-            b_dq, b_da, b_dk, b_db = _diag_bwd_pairs(b_qI, b_kI, b_aI, b_bI, g_I, gm_I, dAqk, dAqb, dAak, dAab, base,
-                                                     rows, vi, b_dq, b_da, b_dk, b_db, C, BC)
-        else:
-            b_dq, b_da, b_dk, b_db = _diag_bwd_tokens(q, k, a, b, g, gk, dAqk, dAqb, dAak, dAab, g_I, gm_I, bos,
-                                                      i_h, t0, r0, rows, nv, vi, base, b_dq, b_da, b_dk, b_db, H, K,
-                                                      C, c0, BC, BK)
+        # the diagonal block: strictly lower pairs (subdiagonal of dA_ak, dA_ab excluded), token by token ...
+        b_dq, b_da, b_dk, b_db = _diag_bwd_tokens(q, k, a, b, g, gk, dAqk, dAqb, dAak, dAab, g_I, gm_I, bos, i_h,
+                                                  t0, r0, rows, nv, vi, base, b_dq, b_da, b_dk, b_db, H, K, C, c0,
+                                                  BC, BK)
         # ... plus the terms with decay exactly 1, kept out of dG: the diagonal of dA_qk, dA_qb ...
         s_qk = tl.load(dAqk + base + rows * C + rows)[:, None]
         s_qb = tl.load(dAqb + base + rows * C + rows)[:, None]
@@ -450,12 +383,6 @@ BWD_WARPS = 4
 # The forward's K tile, apart so the tune can set it alone (benchmarks.tune_launch --forms dplr.chunk --tiles):
 # a wider tile runs the diagonal blocks' token loop over fewer, wider K steps (K / BK loops of 16 tokens each).
 FWD_TILE = 32
-# The diagonal blocks' pairs all at once ([16, 16, DK] tiles; the forward in a K loop of its own at DK = DIAG_TILE)
-# instead of 16 dependent token steps per K tile; the backward then runs on 8 warps. ptxas (sm_90, bf16, K = 128):
-# forward 157 registers at DK = 16 (255 with the pairs inside the BK = 32 loop), backward 255 at 8 warps, no spills
-# (592 B spilled at 4).
-DIAG_PAIRS = os.environ.get("DELTACHECK_DPLR_DIAG_PAIRS", "0") == "1"
-DIAG_TILE = 16  # the forward's K tile for those pairs
 
 
 def _warps(gk):
@@ -472,7 +399,7 @@ def chunk_A_fwd(q, k, a, b, g, gk, offsets, cmap, chunk_size):
         launch_fitting(
             chunk_A_fwd_kernel, (C // BC, NC, H), q, k, a, b, g, gk, *mats, offsets, cmap, H=H, K=K, C=C, BC=BC,
             BK=min(FWD_TILE, block_size(K)), USE_GK=g is not None, DOT_PREC=dot_precision(q.dtype),
-            DIAG_PAIRS=DIAG_PAIRS, DK=min(DIAG_TILE, block_size(K)), num_warps=_warps(gk))
+            num_warps=_warps(gk))
     return mats
 
 
@@ -494,7 +421,7 @@ def chunk_A_bwd(q, k, a, b, g, gk, dA, d_in, dgam, offsets, cmap, chunk_size):
         launch_fitting(
             chunk_A_bwd_kernel, (triton.cdiv(K, BK), NC * (C // BC), H), q, k, a, b, g, gk, *dA, *d_in, dgam,
             *outs, dg_loc, dg_sum, offsets, cmap, H=H, K=K, C=C, BC=BC, BK=BK, USE_GK=gk is not None,
-            DOT_PREC=dot_precision(q.dtype), DIAG_PAIRS=DIAG_PAIRS, num_warps=8 if DIAG_PAIRS else BWD_WARPS)
+            DOT_PREC=dot_precision(q.dtype), num_warps=BWD_WARPS)
         if gk is not None:
             chunk_A_dgk_kernel[(triton.cdiv(K, BK), NC, H)](dg_loc, dg_sum, dgk, offsets, cmap, H=H, K=K, C=C, BC=BC,
                                                            BK=BK)

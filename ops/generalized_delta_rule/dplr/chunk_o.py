@@ -12,10 +12,11 @@ Kt = k exp(gamma - G), M the inclusive causal mask and dh the gradient of the st
 Grids: (V blocks, NC, H) for O, (NC, H) for the local backward (loops over V), (K blocks, NC, H) for the state
 backward (loops over V).
 """
+import os
+
 import triton
 import triton.language as tl
 
-import ops.generalized_delta_rule.utils as GU
 from ops.common.utils import acc_dtype, block_size, dot_precision, launch_fitting, new_empty
 from ops.generalized_delta_rule.utils import masked_exp, mat_block, seq_block, seq_row
 
@@ -141,6 +142,11 @@ def chunk_o_bwd_state_kernel(k, b, v, g, h, w, do, dh, dw, dq, dk, db, dwm, dgam
 
 # Largest K / V tile (tests lower it to reach the multi-tile loops with small head sizes).
 TILE = 64
+# num_warps of chunk_o_bwd_state. ptxas (sm_90, bf16, K = V = 128, C = 64): 540 B spilled a thread at 4 warps, none
+# at 8; H100 at the point: 3.12 -> 1.77 ms (benchmarks/NOTES.md, GPU visit 15, timed with every chunk_o / wy_fast
+# kernel on 8 warps, where the IPLR forward failed bf16 tests at V = 16). 4 until a GPU suite passes with
+# DELTACHECK_DPLR_BWD_STATE_WARPS=8.
+BWD_STATE_WARPS = int(os.environ.get("DELTACHECK_DPLR_BWD_STATE_WARPS", "4"))
 
 
 def _blocks(K, V):
@@ -157,8 +163,7 @@ def chunk_o_fwd(q, v, g, h, w, Aqk, Aqb, scale_t, offsets, cmap, chunk_size):
         BK, BV = _blocks(K, V)
         launch_fitting(
             chunk_o_fwd_kernel, (triton.cdiv(V, BV), NC, H), q, v, g, h, w, Aqk, Aqb, o, scale_t, offsets, cmap, H=H,
-            K=K, V=V, C=chunk_size, BK=BK, BV=BV, USE_GK=g is not None, DOT_PREC=dot_precision(q.dtype),
-            num_warps=GU.PARALLEL_WARPS)
+            K=K, V=V, C=chunk_size, BK=BK, BV=BV, USE_GK=g is not None, DOT_PREC=dot_precision(q.dtype))
     return o
 
 
@@ -173,7 +178,7 @@ def chunk_o_bwd_local(v, w, do, Aqk, Aqb, scale_t, offsets, cmap, chunk_size):
     if NC:
         launch_fitting(
             chunk_o_bwd_local_kernel, (NC, H), v, w, do, Aqk, Aqb, dAqk, dAqb, dw, dv, scale_t, offsets, cmap, H=H, V=V,
-            C=C, BV=_blocks(1, V)[1], DOT_PREC=dot_precision(v.dtype), num_warps=GU.PARALLEL_WARPS)
+            C=C, BV=_blocks(1, V)[1], DOT_PREC=dot_precision(v.dtype))
     return dAqk, dAqb, dw, dv
 
 
@@ -190,5 +195,5 @@ def chunk_o_bwd_state(k, b, v, g, h, w, do, dh, dw, scale_t, offsets, cmap, chun
         launch_fitting(
             chunk_o_bwd_state_kernel, (triton.cdiv(K, BK), NC, H), k, b, v, g, h, w, do, dh, dw, dq, dk, db, dwm, dgam,
             scale_t, offsets, cmap, H=H, K=K, V=V, C=chunk_size, BK=BK, BV=BV, USE_GK=g is not None,
-            DOT_PREC=dot_precision(k.dtype), num_warps=GU.PARALLEL_WARPS)
+            DOT_PREC=dot_precision(k.dtype), num_warps=BWD_STATE_WARPS)
     return dq, dk, db, dwm, dgam

@@ -12,7 +12,6 @@ Backward, given dWm and dU (= dW, from the state pass), with Gv = X^T dU and dAh
 import triton
 import triton.language as tl
 
-import ops.generalized_delta_rule.utils as GU
 from ops.common.solve_tril import solve_unit_lower
 from ops.common.utils import acc_dtype, block_size, dot_precision, launch_fitting, new_empty
 from ops.generalized_delta_rule.utils import masked_exp, mat_block, seq_block
@@ -114,7 +113,7 @@ def wy_fwd(a, g, gk, v, Aak, Aab, offsets, cmap, chunk_size):
         BK, BV = _blocks(K, V)
         launch_fitting(
             wy_fwd_kernel, (NC, H), a, g, gk, v, Aak, Aab, x, wm, u, offsets, cmap, H=H, K=K, V=V, C=C, BK=BK, BV=BV,
-            USE_GK=g is not None, DOT_PREC=dot_precision(a.dtype), num_warps=GU.PARALLEL_WARPS)
+            USE_GK=g is not None, DOT_PREC=dot_precision(a.dtype))
     return x, wm, u
 
 
@@ -131,6 +130,5 @@ def wy_bwd(g, gk, v, Aak, x, wm, u, dwm, du, dv_in, offsets, cmap, chunk_size):
         BK, BV = _blocks(K, V)
         launch_fitting(
             wy_bwd_kernel, (NC, H), g, gk, v, Aak, x, wm, u, dwm, du, dv_in, dv, dAak, dAab, da, offsets, cmap, H=H,
-            K=K, V=V, C=C, BK=BK, BV=BV, USE_GK=g is not None, DOT_PREC=dot_precision(v.dtype),
-            num_warps=GU.PARALLEL_WARPS)
+            K=K, V=V, C=C, BK=BK, BV=BV, USE_GK=g is not None, DOT_PREC=dot_precision(v.dtype))
     return dv, dAak, dAab, da
