@@ -8,6 +8,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import ops.common.utils as utils
+import ops.generalized_delta_rule.dplr.chunk_A as chunk_A
 import ops.generalized_delta_rule.dplr.fused_recurrent as fused_recurrent
 import reference
 from ops.generalized_delta_rule import chunk_dplr_delta_rule, fused_recurrent_dplr_delta_rule
@@ -46,18 +47,21 @@ def draw_inputs(case, family, decay, gk_f32):
 
 @given(case=delta_cases(), family=st.sampled_from(["stable", "raw"]), decay=st.sampled_from(list(DECAYS)),
        gk_f32=st.booleans(), chunk_size=st.sampled_from(CHUNK_SIZES), tiles=st.booleans(),
-       output_final_state=st.booleans())
-@edge_examples(family="stable", decay="strong", gk_f32=False, chunk_size=16, tiles=True, output_final_state=True)
+       output_final_state=st.booleans(), unroll=st.sampled_from([1, 4]))
+@edge_examples(family="stable", decay="strong", gk_f32=False, chunk_size=16, tiles=True, output_final_state=True,
+               unroll=1)
 @example(case=EDGE_CASES[2], family="stable", decay="mild", gk_f32=True, chunk_size=64, tiles=False,
-         output_final_state=True)  # several 16-row blocks in one chunk (the dgk carry across blocks)
-def test_chunk_dplr_matches_reference(case, family, decay, gk_f32, chunk_size, tiles, output_final_state, record):
+         output_final_state=True, unroll=4)  # several 16-row blocks in one chunk (the dgk carry across blocks)
+def test_chunk_dplr_matches_reference(case, family, decay, gk_f32, chunk_size, tiles, output_final_state, unroll,
+                                      record):
     """chunk_dplr_delta_rule's o and final state equal the float64 reference within the forward bound, and its
     gradients for q, k, v, a, b, gk and initial_state (random upstream gradients) within the gradient bound: stable
     and raw a, b, mild and strong decay (down to -20 per token), gk in the input dtype or float32, any chunk size
-    and tile split."""
+    and tile split, chunk_A's token loops one or four tokens a step."""
     case = nonempty(case)
     x, family = draw_inputs(case, family, decay, gk_f32)
-    with small_tiles(tiles):
+    with small_tiles(tiles), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(chunk_A, "TOKEN_UNROLL", unroll)
         check_op(chunk_op(chunk_size, chunk_dplr_delta_rule), reference.dplr_recurrent, x, case.dtype,
                  with_fields(record, chunk_size=chunk_size, family=family, decay=decay), output_final_state)
 

@@ -33,6 +33,8 @@ O(exp(gk)). They are kept out of dG and dG^-
 handled as a band with decay 1), a exp(G^-) on the chunk's first row and the last row's b, k terms of the state
 pass (left out of dgam too, in chunk_o.py).
 """
+import os
+
 import triton
 import triton.language as tl
 
@@ -44,57 +46,63 @@ BC = 16  # rows per diagonal block
 
 @triton.jit
 def _diag_fwd_tokens(k, b, g, b_q, b_a, g_I, gm_I, bos, i_h, t0, r0, nv, vi, d_qk, d_qb, d_ak, d_ab,
-                     H: tl.constexpr, K: tl.constexpr, c0, BC: tl.constexpr, BK: tl.constexpr):
-    """The forward's diagonal block one token jj at a time over [BC, BK] tiles: column jj of each matrix."""
+                     H: tl.constexpr, K: tl.constexpr, c0, BC: tl.constexpr, BK: tl.constexpr,
+                     UNROLL: tl.constexpr):
+    """The forward's diagonal block one token jj at a time over [BC, BK] tiles: column jj of each matrix (UNROLL
+    tokens per loop step, so their loads can be issued together)."""
     ri = tl.arange(0, BC)[:, None]
-    for jj in range(BC):
-        t_j = tl.minimum(r0 + jj, nv - 1)  # a valid row; a column past the sequence end has no valid i >= jj
-        k_j = seq_row(k, bos, i_h, t0 + t_j, H, K, c0, BK).to(b_q.dtype)[None, :]
-        b_j = seq_row(b, bos, i_h, t0 + t_j, H, K, c0, BK).to(b_q.dtype)[None, :]
-        g_j = seq_row(g, bos, i_h, t0 + t_j, H, K, c0, BK)[None, :]
-        e1 = masked_exp(g_I - g_j, (ri >= jj) & vi)
-        e2 = masked_exp(gm_I - g_j, (ri > jj) & vi)
-        sel = (tl.arange(0, BC) == jj)[None, :]
-        d_qk += tl.where(sel, tl.sum(b_q * k_j * e1, 1)[:, None], 0.0)
-        d_qb += tl.where(sel, tl.sum(b_q * b_j * e1, 1)[:, None], 0.0)
-        d_ak += tl.where(sel, tl.sum(b_a * k_j * e2, 1)[:, None], 0.0)
-        d_ab += tl.where(sel, tl.sum(b_a * b_j * e2, 1)[:, None], 0.0)
+    for j0 in range(0, BC, UNROLL):
+        for u in tl.static_range(UNROLL):
+            jj = j0 + u
+            t_j = tl.minimum(r0 + jj, nv - 1)  # a valid row; a column past the sequence end has no valid i >= jj
+            k_j = seq_row(k, bos, i_h, t0 + t_j, H, K, c0, BK).to(b_q.dtype)[None, :]
+            b_j = seq_row(b, bos, i_h, t0 + t_j, H, K, c0, BK).to(b_q.dtype)[None, :]
+            g_j = seq_row(g, bos, i_h, t0 + t_j, H, K, c0, BK)[None, :]
+            e1 = masked_exp(g_I - g_j, (ri >= jj) & vi)
+            e2 = masked_exp(gm_I - g_j, (ri > jj) & vi)
+            sel = (tl.arange(0, BC) == jj)[None, :]
+            d_qk += tl.where(sel, tl.sum(b_q * k_j * e1, 1)[:, None], 0.0)
+            d_qb += tl.where(sel, tl.sum(b_q * b_j * e1, 1)[:, None], 0.0)
+            d_ak += tl.where(sel, tl.sum(b_a * k_j * e2, 1)[:, None], 0.0)
+            d_ab += tl.where(sel, tl.sum(b_a * b_j * e2, 1)[:, None], 0.0)
     return d_qk, d_qb, d_ak, d_ab
 
 
 @triton.jit
 def _diag_bwd_tokens(q, k, a, b, g, gk, dAqk, dAqb, dAak, dAab, g_I, gm_I, bos, i_h, t0, r0, rows, nv, vi, base,
                      b_dq, b_da, b_dk, b_db, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, c0,
-                     BC: tl.constexpr, BK: tl.constexpr):
+                     BC: tl.constexpr, BK: tl.constexpr, UNROLL: tl.constexpr):
     """The backward's diagonal block, strictly lower pairs (the subdiagonal of dA_ak, dA_ab excluded), one token
     tt at a time over [BC, BK] tiles: as the column j of dq_i, da_i (rows i > tt) and as the row i of dk_j, db_j
-    (j < tt)."""
+    (j < tt) (UNROLL tokens per loop step)."""
     rb = tl.arange(0, BC)[:, None]
-    for tt in range(BC):
-        t_t = tl.minimum(r0 + tt, nv - 1)  # a valid row; a token past the sequence end adds nothing
-        m_t = r0 + tt < nv
-        k_t = seq_row(k, bos, i_h, t0 + t_t, H, K, c0, BK).to(g_I.dtype)[None, :]
-        b_t = seq_row(b, bos, i_h, t0 + t_t, H, K, c0, BK).to(g_I.dtype)[None, :]
-        q_t = seq_row(q, bos, i_h, t0 + t_t, H, K, c0, BK).to(g_I.dtype)[None, :]
-        a_t = seq_row(a, bos, i_h, t0 + t_t, H, K, c0, BK).to(g_I.dtype)[None, :]
-        g_t = seq_row(g, bos, i_h, t0 + t_t, H, K, c0, BK)[None, :]
-        gm_t = g_t - seq_row(gk, bos, i_h, t0 + t_t, H, K, c0, BK).to(g_I.dtype)[None, :]
-        p_c = base + rows * C + r0 + tt  # column tt of the block: dA[i, tt]
-        p_r = base + (r0 + tt) * C + rows  # row tt of the block: dA[tt, j]
-        m_c = (rb > tt) & vi  # a valid row i > tt makes tt valid
-        e1 = masked_exp(g_I - g_t, m_c)
-        e2 = masked_exp(gm_I - g_t, m_c)
-        c_ak = tl.where(rows - 1 == r0 + tt, 0.0, tl.load(dAak + p_c))[:, None]
-        c_ab = tl.where(rows - 1 == r0 + tt, 0.0, tl.load(dAab + p_c))[:, None]
-        b_dq += (tl.load(dAqk + p_c)[:, None] * k_t + tl.load(dAqb + p_c)[:, None] * b_t) * e1
-        b_da += (c_ak * k_t + c_ab * b_t) * e2
-        m_r = (rb < tt) & m_t
-        e1 = masked_exp(g_t - g_I, m_r)
-        e2 = masked_exp(gm_t - g_I, m_r)
-        r_ak = tl.where(rows + 1 == r0 + tt, 0.0, tl.load(dAak + p_r))[:, None]
-        r_ab = tl.where(rows + 1 == r0 + tt, 0.0, tl.load(dAab + p_r))[:, None]
-        b_dk += tl.load(dAqk + p_r)[:, None] * e1 * q_t + r_ak * e2 * a_t
-        b_db += tl.load(dAqb + p_r)[:, None] * e1 * q_t + r_ab * e2 * a_t
+    for t_0 in range(0, BC, UNROLL):
+        for u in tl.static_range(UNROLL):
+            tt = t_0 + u
+            t_t = tl.minimum(r0 + tt, nv - 1)  # a valid row; a token past the sequence end adds nothing
+            m_t = r0 + tt < nv
+            k_t = seq_row(k, bos, i_h, t0 + t_t, H, K, c0, BK).to(g_I.dtype)[None, :]
+            b_t = seq_row(b, bos, i_h, t0 + t_t, H, K, c0, BK).to(g_I.dtype)[None, :]
+            q_t = seq_row(q, bos, i_h, t0 + t_t, H, K, c0, BK).to(g_I.dtype)[None, :]
+            a_t = seq_row(a, bos, i_h, t0 + t_t, H, K, c0, BK).to(g_I.dtype)[None, :]
+            g_t = seq_row(g, bos, i_h, t0 + t_t, H, K, c0, BK)[None, :]
+            gm_t = g_t - seq_row(gk, bos, i_h, t0 + t_t, H, K, c0, BK).to(g_I.dtype)[None, :]
+            p_c = base + rows * C + r0 + tt  # column tt of the block: dA[i, tt]
+            p_r = base + (r0 + tt) * C + rows  # row tt of the block: dA[tt, j]
+            m_c = (rb > tt) & vi  # a valid row i > tt makes tt valid
+            e1 = masked_exp(g_I - g_t, m_c)
+            e2 = masked_exp(gm_I - g_t, m_c)
+            c_ak = tl.where(rows - 1 == r0 + tt, 0.0, tl.load(dAak + p_c))[:, None]
+            c_ab = tl.where(rows - 1 == r0 + tt, 0.0, tl.load(dAab + p_c))[:, None]
+            b_dq += (tl.load(dAqk + p_c)[:, None] * k_t + tl.load(dAqb + p_c)[:, None] * b_t) * e1
+            b_da += (c_ak * k_t + c_ab * b_t) * e2
+            m_r = (rb < tt) & m_t
+            e1 = masked_exp(g_t - g_I, m_r)
+            e2 = masked_exp(gm_t - g_I, m_r)
+            r_ak = tl.where(rows + 1 == r0 + tt, 0.0, tl.load(dAak + p_r))[:, None]
+            r_ab = tl.where(rows + 1 == r0 + tt, 0.0, tl.load(dAab + p_r))[:, None]
+            b_dk += tl.load(dAqk + p_r)[:, None] * e1 * q_t + r_ak * e2 * a_t
+            b_db += tl.load(dAqb + p_r)[:, None] * e1 * q_t + r_ab * e2 * a_t
     return b_dq, b_da, b_dk, b_db
 
 
@@ -115,7 +123,7 @@ def _rows(ptr, bos, i_h, r, m_r, H: tl.constexpr, K: tl.constexpr, c0, BK: tl.co
 @triton.jit
 def chunk_A_fwd_kernel(q, k, a, b, g, gk, Aqk, Aqb, Aak, Aab, offsets, cmap,
                        H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                       USE_GK: tl.constexpr, DOT_PREC: tl.constexpr):
+                       USE_GK: tl.constexpr, DOT_PREC: tl.constexpr, UNROLL: tl.constexpr):
     """grid (C // BC, NC, H): block row I of the four matrices, [BC, C] each."""
     i_b, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, j = tl.load(cmap + i_c * 2), tl.load(cmap + i_c * 2 + 1)
@@ -163,7 +171,7 @@ def chunk_A_fwd_kernel(q, k, a, b, g, gk, Aqk, Aqb, Aak, Aab, offsets, cmap,
             b_ab += tl.dot(b_at, tl.trans(b_bt), input_precision=DOT_PREC)
             # diagonal block, one column jj at a time: A[i, jj] = sum_k x_ik y_jj,k exp(G_ik - G_jj,k)
             d_qk, d_qb, d_ak, d_ab = _diag_fwd_tokens(k, b, g, b_q, b_a, g_I, gm_I, bos, i_h, t0, r0, nv, vi,
-                                                      d_qk, d_qb, d_ak, d_ab, H, K, c0, BC, BK)
+                                                      d_qk, d_qb, d_ak, d_ab, H, K, c0, BC, BK, UNROLL)
         else:
             b_qk += tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC)
             b_qb += tl.dot(b_q, tl.trans(b_b), input_precision=DOT_PREC)
@@ -197,7 +205,7 @@ def chunk_A_fwd_kernel(q, k, a, b, g, gk, Aqk, Aqb, Aak, Aab, offsets, cmap,
 def chunk_A_bwd_kernel(q, k, a, b, g, gk, dAqk, dAqb, dAak, dAab, dq_in, dk_in, da_in, db_in, dgam,
                        dq, dk, da, db, dg_loc, dg_sum, offsets, cmap,
                        H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                       USE_GK: tl.constexpr, DOT_PREC: tl.constexpr):
+                       USE_GK: tl.constexpr, DOT_PREC: tl.constexpr, UNROLL: tl.constexpr):
     """grid (K blocks, NC * C // BC, H): the gradients of q, k, a, b for one [BC, BK] tile (block I of a chunk), the
     other blocks' terms summed one [BC, BC] x [BC, BK] product at a time. dgk is left in two parts, finished
     by chunk_A_dgk_kernel: dg_loc (this block's reverse cumsum + dgam, accumulation dtype, shaped like gk) and
@@ -279,7 +287,7 @@ def chunk_A_bwd_kernel(q, k, a, b, g, gk, dAqk, dAqb, dAak, dAab, dq_in, dk_in, 
         # the diagonal block: strictly lower pairs (subdiagonal of dA_ak, dA_ab excluded), token by token ...
         b_dq, b_da, b_dk, b_db = _diag_bwd_tokens(q, k, a, b, g, gk, dAqk, dAqb, dAak, dAab, g_I, gm_I, bos, i_h,
                                                   t0, r0, rows, nv, vi, base, b_dq, b_da, b_dk, b_db, H, K, C, c0,
-                                                  BC, BK)
+                                                  BC, BK, UNROLL)
         # ... plus the terms with decay exactly 1, kept out of dG: the diagonal of dA_qk, dA_qb ...
         s_qk = tl.load(dAqk + base + rows * C + rows)[:, None]
         s_qb = tl.load(dAqb + base + rows * C + rows)[:, None]
@@ -383,6 +391,12 @@ BWD_WARPS = 4
 # The forward's K tile, apart so the tune can set it alone (benchmarks.tune_launch --forms dplr.chunk --tiles):
 # a wider tile runs the diagonal blocks' token loop over fewer, wider K steps (K / BK loops of 16 tokens each).
 FWD_TILE = 32
+# Tokens per step of the diagonal blocks' token loops (a divisor of BC): the loops are chains of 16 dependent steps,
+# each waiting on its row loads; unrolled, a step's loads can be issued together. 1 (as before) until timed:
+# DELTACHECK_DPLR_TOKEN_UNROLL=4 (or 2, 8, 16).
+TOKEN_UNROLL = int(os.environ.get("DELTACHECK_DPLR_TOKEN_UNROLL", "1"))
+if BC % TOKEN_UNROLL:
+    raise ValueError(f"DELTACHECK_DPLR_TOKEN_UNROLL must divide {BC}, got {TOKEN_UNROLL}")
 
 
 def _warps(gk):
@@ -399,7 +413,7 @@ def chunk_A_fwd(q, k, a, b, g, gk, offsets, cmap, chunk_size):
         launch_fitting(
             chunk_A_fwd_kernel, (C // BC, NC, H), q, k, a, b, g, gk, *mats, offsets, cmap, H=H, K=K, C=C, BC=BC,
             BK=min(FWD_TILE, block_size(K)), USE_GK=g is not None, DOT_PREC=dot_precision(q.dtype),
-            num_warps=_warps(gk))
+            UNROLL=TOKEN_UNROLL, num_warps=_warps(gk))
     return mats
 
 
@@ -421,7 +435,7 @@ def chunk_A_bwd(q, k, a, b, g, gk, dA, d_in, dgam, offsets, cmap, chunk_size):
         launch_fitting(
             chunk_A_bwd_kernel, (triton.cdiv(K, BK), NC * (C // BC), H), q, k, a, b, g, gk, *dA, *d_in, dgam,
             *outs, dg_loc, dg_sum, offsets, cmap, H=H, K=K, C=C, BC=BC, BK=BK, USE_GK=gk is not None,
-            DOT_PREC=dot_precision(q.dtype), num_warps=BWD_WARPS)
+            DOT_PREC=dot_precision(q.dtype), UNROLL=TOKEN_UNROLL, num_warps=BWD_WARPS)
         if gk is not None:
             chunk_A_dgk_kernel[(triton.cdiv(K, BK), NC, H)](dg_loc, dg_sum, dgk, offsets, cmap, H=H, K=K, C=C, BC=BC,
                                                            BK=BK)
