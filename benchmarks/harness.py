@@ -568,6 +568,73 @@ def write_point_doc(out_dir, prefix, pt, kind, machine, suffix="", **fields) -> 
     return path
 
 
+def point_doc(rows, pt, config, **fields):
+    """The point-<tag>.json document of a point run's rows (machine, ceilings and point rows) and its ceilings."""
+    ceil = ceilings_of(rows)
+    add_fractions([r for r in rows if r["kind"] == "point"], ceil)
+    doc = dict(schema=1, kind="point", created=now_iso(), config=config, point=pt, machine=_machine(rows),
+               git=git_info(), ceilings=ceil, forms=_forms_meta(),
+               rows=[_clean(r) for r in rows if r["kind"] == "point"], **fields)
+    return doc, ceil
+
+
+def _recovered_rows(work, name):
+    """The rows a stopped run_job left in work/<name>.jsonl, one per task of its job file: the task that was running
+    marked cut off, the others not measured (None when the job never started)."""
+    from benchmarks.runner import read_rows
+    try:
+        with open(os.path.join(work, f"{name}.job.json")) as f:
+            job = json.load(f)
+    except OSError:
+        return None, None
+    by_key = {}
+    for r in read_rows(os.path.join(work, f"{name}.jsonl")):
+        by_key.setdefault(r["key"], r)
+    try:
+        with open(os.path.join(work, f"{name}.current")) as f:
+            current = f.read().strip()
+    except OSError:
+        current = ""
+
+    def missing(t):
+        if t["key"] == current:
+            return {**t, "status": "error", "reason": "cut off: the run was stopped while this point ran"}
+        return {**t, "status": "skipped", "reason": "not measured: the run was stopped before this point finished"}
+    return [by_key.get(t["key"]) or missing(t) for t in job["tasks"]], job
+
+
+def recover_point(run_dir, out=None) -> str:
+    """Write point-<tag>.json from the rows a stopped `--point` run left in run_dir/_work (the runner appends each
+    row as it is measured; the harness assembles them only at the end, so a run killed from outside, e.g. by a
+    device call's time limit, leaves its measurements there and no JSON), with the accuracy rows at the point when
+    that part had started. created is when the last row was written (the rows file's modification time); the
+    commit is DELTACHECK_COMMIT's (the stopped run's, not this checkout's)."""
+    if not os.environ.get("DELTACHECK_COMMIT"):
+        raise SystemExit("--recover needs DELTACHECK_COMMIT=<the stopped run's commit>")
+    work = os.path.join(run_dir, "_work")
+    rows, job = _recovered_rows(work, "point")
+    if rows is None:
+        raise SystemExit(f"no point job in {work}")
+    pt = next({k: t[k] for k in ("B", "T", "H", "K", "V", "dtype")} for t in job["tasks"] if t["kind"] == "point")
+    doc, _ = point_doc(rows, pt, job["config"], argv=None, source=None,
+                       recovered="assembled by `harness --recover` from the runner's rows (_work/point.jsonl): the "
+                                 "harness was stopped before it wrote this file")
+    doc["created"] = datetime.datetime.fromtimestamp(os.path.getmtime(os.path.join(work, "point.jsonl")),
+                                                     datetime.timezone.utc).isoformat(timespec="seconds")
+    acc_rows, _ = _recovered_rows(work, "point-accuracy")
+    if acc_rows:
+        doc["accuracy"] = [_clean(r) for r in acc_rows]
+    os.makedirs(out or run_dir, exist_ok=True)
+    path = os.path.join(out or run_dir, f"point-{point_tag(pt)}.json")
+    _dump(path, doc)
+    print(point_table(rows))
+    if acc_rows:
+        from benchmarks import accuracy
+        print(accuracy.point_table(acc_rows))
+    print(f"wrote {path}")
+    return path
+
+
 def ints(s):
     return [int(x) for x in str(s).split(",") if x]
 
@@ -618,11 +685,17 @@ def build_parser():
     p.add_argument("--plots", action="store_true", help="write PNG plots to OUT/plots (needs matplotlib)")
     p.add_argument("--tar", metavar="PATH", help="also pack the output folder into this .tar.gz")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recover", metavar="RUN_DIR",
+                   help="write the point JSON of a --point run that was stopped before it wrote it, from the rows "
+                        "in RUN_DIR/_work (with DELTACHECK_COMMIT=<that run's commit>; --out: where, default RUN_DIR)")
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.recover:
+        recover_point(args.recover, args.out)
+        return 0
     t_start = time.time()
     deadline = t_start + args.budget_s
     name = device_name()
@@ -659,14 +732,9 @@ def main(argv=None):
         acc_reserve = min(args.accuracy_budget_s, 0.4 * args.budget_s) if args.accuracy else 0.0
         rows = run_job("point", "benchmarks.harness:execute", tasks, config, work, deadline - acc_reserve, env=env,
                        task_limit_s=args.task_limit_s)
-        ceil = ceilings_of(rows)
-        add_fractions([r for r in rows if r["kind"] == "point"], ceil)
-        tag = point_tag(pt)
-        doc = dict(schema=1, kind="point", created=now_iso(), argv=sys.argv[1:], config=config, point=pt,
-                   machine=_machine(rows), git=git_info(), source=source_hash(), ceilings=ceil,
-                   forms=_forms_meta(), rows=[_clean(r) for r in rows if r["kind"] == "point"])
+        doc, ceil = point_doc(rows, pt, config, argv=sys.argv[1:], source=source_hash())
         acc_rows = []
-        path = os.path.join(out, f"point-{tag}.json")
+        path = os.path.join(out, f"point-{point_tag(pt)}.json")
         _dump(path, doc)  # the times first: a run stopped during the accuracy part still leaves them
         if args.accuracy:  # the error at the point (T capped at each reference's limit), inside the same budget
             from benchmarks import accuracy
