@@ -747,7 +747,7 @@ def main(argv=None):
             doc["accuracy"] = [_clean(r) for r in acc_rows]
             doc["references"] = {f: R.FAMILIES[f].reference_note for f in dict.fromkeys(R.get(n).family
                                                                                          for n in acc_forms)}
-        _dump(path, doc)
+            _dump(path, doc)
         shutil.rmtree(work, ignore_errors=True)
         print("\n" + point_table(rows))
         print(f"\nceilings: copy {ceil['copy_gbps'] or float('nan'):.0f} GB/s; matmul "

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from benchmarks import registry as R
 from properties.strategies import DEVICE, ON_GPU
-from properties.tolerances import assert_close, bound, keep, rel_err, representable_floor
+from properties.tolerances import assert_close, keep, rel_err, result_bound
 
 FAMILIES_WITH_REFERENCE = [name for name, fam in R.FAMILIES.items() if fam.reference]
 CPU_DTYPES = ("float32",)  # the interpreter is slow: the rest of the suite covers fp16 / fp64 for our forms
@@ -95,7 +95,7 @@ def _keeper(form, prop):
 
 def _record(form, prop, name, x, ref, dtype, kind):
     """(error, bound) of x against ref, recorded (not asserted: the caller asserts after every quantity)."""
-    err, b = rel_err(x, ref), bound(R.torch_dtype(dtype), kind) + representable_floor(ref, x.dtype)
+    err, b = rel_err(x, ref), result_bound(x, ref, R.torch_dtype(dtype), kind)
     _keeper(form, prop)(name, err, b, dtype=dtype, kind=kind)
     return err, b
 

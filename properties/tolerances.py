@@ -82,13 +82,17 @@ def representable_floor(ref: torch.Tensor, dtype: torch.dtype) -> float:
     return (sub.to(dtype).double() - sub).norm().item() / denom if denom > 0 else 0.0
 
 
+def result_bound(x: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, kind: str = "forward") -> float:
+    """The bound x is held to against ref: bound(dtype, kind) + representable_floor(ref, x.dtype)."""
+    return bound(dtype, kind) + representable_floor(ref, x.dtype)
+
+
 def assert_close(name: str, x: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, kind: str = "forward",
                  record=None) -> float:
-    """Assert rel_err(x, ref) <= bound(dtype, kind) + representable_floor(ref, x.dtype); report the measured
-    error and the bound on failure. Every call is kept in RECORDS (through `record`, the conftest fixture, when a
-    test passes it)."""
+    """Assert rel_err(x, ref) <= result_bound(x, ref, dtype, kind); report the measured error and the bound on
+    failure. Every call is kept in RECORDS (through `record`, the conftest fixture, when a test passes it)."""
     err = rel_err(x, ref)
-    b = bound(dtype, kind) + representable_floor(ref, x.dtype)
+    b = result_bound(x, ref, dtype, kind)
     (record or keep)(name, err, b, dtype=dtype, kind=kind)
     assert err <= b, f"{name}: relative error {err:.3e} > bound {b:.3e} ({kind}, {dtype})"
     return err
