@@ -55,6 +55,9 @@ def dot_precision(dtype: torch.dtype) -> str:
 # operands). wy_bwd's half path launches as TUNED below says (4 warps, 1 stage): fla's WY backward miscompiles on
 # Hopper at C = 64 with half operands on 4 warps and 2-4 stages (fla issue 984, fixed there by 2 warps).
 HALF_KERNELS = ("wy_fwd", "chunk_h_fwd", "chunk_o_fwd", "chunk_dv_local", "chunk_h_bwd", "chunk_o_bwd", "wy_bwd")
+# The DPLR / IPLR chunk kernels under the same rule (dplr/chunk_o.py); off unless DELTACHECK_DPLR_HALF_OPERANDS=1
+# (or DELTACHECK_HALF_OPERANDS names them) until a GPU suite passes with them.
+DPLR_HALF_KERNELS = ("dplr_chunk_o_fwd", "dplr_chunk_o_bwd_local", "dplr_chunk_o_bwd_state")
 
 
 def half_kernels(spec: str) -> frozenset:
@@ -62,14 +65,15 @@ def half_kernels(spec: str) -> frozenset:
     names = {n.strip() for n in spec.split(",") if n.strip() and n.strip() != "0"}
     if "1" in names:
         return frozenset(HALF_KERNELS)
-    unknown = names - set(HALF_KERNELS)
+    unknown = names - set(HALF_KERNELS) - set(DPLR_HALF_KERNELS)
     if unknown:
         raise ValueError(f"DELTACHECK_HALF_OPERANDS names unknown kernels {sorted(unknown)}; expected a subset of "
-                         f"{HALF_KERNELS} or 1")
+                         f"{HALF_KERNELS + DPLR_HALF_KERNELS} or 1")
     return frozenset(names)
 
 
-HALF_OPERANDS = half_kernels(os.environ.get("DELTACHECK_HALF_OPERANDS", "1"))
+HALF_OPERANDS = half_kernels(os.environ.get("DELTACHECK_HALF_OPERANDS", "1")) | (
+    frozenset(DPLR_HALF_KERNELS) if os.environ.get("DELTACHECK_DPLR_HALF_OPERANDS", "0") == "1" else frozenset())
 
 
 def operand_type(kernel: str, dtype: torch.dtype, *tiles: int):

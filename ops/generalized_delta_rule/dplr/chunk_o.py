@@ -17,14 +17,15 @@ import os
 import triton
 import triton.language as tl
 
-from ops.common.utils import acc_dtype, block_size, dot_precision, launch_fitting, new_empty
+from ops.common.utils import acc_dtype, block_size, dot_precision, launch_fitting, new_empty, operand_type
 from ops.generalized_delta_rule.utils import masked_exp, mat_block, seq_block, seq_row
 
 
 @triton.jit
 def chunk_o_fwd_kernel(q, v, g, h, w, Aqk, Aqb, o, scale_ptr, offsets, cmap,
                        H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-                       BK: tl.constexpr, BV: tl.constexpr, USE_GK: tl.constexpr, DOT_PREC: tl.constexpr):
+                       BK: tl.constexpr, BV: tl.constexpr, USE_GK: tl.constexpr, DOT_PREC: tl.constexpr,
+                       OP: tl.constexpr):
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, j = tl.load(cmap + i_c * 2), tl.load(cmap + i_c * 2 + 1)
     bos, eos = tl.load(offsets + i_n).to(tl.int64), tl.load(offsets + i_n + 1).to(tl.int64)
@@ -42,12 +43,14 @@ def chunk_o_fwd_kernel(q, v, g, h, w, Aqk, Aqb, o, scale_ptr, offsets, cmap,
         if USE_GK:
             b_g = tl.load(seq_block(g, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), boundary_check=(0, 1))
             b_q *= masked_exp(b_g, vi)
-        b_h = tl.load(mat_block(ph, K, V, i_k * BK, i_v * BV, BK, BV), boundary_check=(0, 1))
-        b_o += tl.dot(b_q, b_h, input_precision=DOT_PREC)
-    b_w = tl.load(seq_block(w, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1))
-    b_v = tl.load(seq_block(v, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1)).to(ACC)
-    b_o += tl.dot(tl.load(mat_block(Aqb + base, C, C, 0, 0, C, C)), b_w, input_precision=DOT_PREC)
-    b_o += tl.dot(tl.load(mat_block(Aqk + base, C, C, 0, 0, C, C)), b_v, input_precision=DOT_PREC)
+        b_h = tl.load(mat_block(ph, K, V, i_k * BK, i_v * BV, BK, BV), boundary_check=(0, 1)).to(OP)
+        b_o = tl.dot(b_q.to(OP), b_h, b_o, input_precision=DOT_PREC, out_dtype=ACC)
+    b_w = tl.load(seq_block(w, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1)).to(OP)
+    b_v = tl.load(seq_block(v, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1)).to(OP)
+    b_o = tl.dot(tl.load(mat_block(Aqb + base, C, C, 0, 0, C, C)).to(OP), b_w, b_o, input_precision=DOT_PREC,
+                 out_dtype=ACC)
+    b_o = tl.dot(tl.load(mat_block(Aqk + base, C, C, 0, 0, C, C)).to(OP), b_v, b_o, input_precision=DOT_PREC,
+                 out_dtype=ACC)
     p_o = seq_block(o, bos, i_h, L, H, V, j * C, i_v * BV, C, BV)
     tl.store(p_o, (b_o * scale).to(p_o.dtype.element_ty), boundary_check=(0, 1))
 
@@ -55,7 +58,7 @@ def chunk_o_fwd_kernel(q, v, g, h, w, Aqk, Aqb, o, scale_ptr, offsets, cmap,
 @triton.jit
 def chunk_o_bwd_local_kernel(v, w, do, Aqk, Aqb, dAqk, dAqb, dw, dv, scale_ptr, offsets, cmap,
                              H: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
-                             DOT_PREC: tl.constexpr):
+                             DOT_PREC: tl.constexpr, OP: tl.constexpr):
     """grid (NC, H): dA_qk, dA_qb (masked, scaled), dW_loc = scale A_qb^T dO, dV_loc = scale A_qk^T dO."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_n, j = tl.load(cmap + i_c * 2), tl.load(cmap + i_c * 2 + 1)
@@ -65,20 +68,20 @@ def chunk_o_bwd_local_kernel(v, w, do, Aqk, Aqb, dAqk, dAqb, dw, dv, scale_ptr, 
     scale = tl.load(scale_ptr)
     base = (i_c * H + i_h).to(tl.int64) * C * C
 
-    b_Aqk_t = tl.trans(tl.load(mat_block(Aqk + base, C, C, 0, 0, C, C))) * scale
-    b_Aqb_t = tl.trans(tl.load(mat_block(Aqb + base, C, C, 0, 0, C, C))) * scale
+    b_Aqk_t = (tl.trans(tl.load(mat_block(Aqk + base, C, C, 0, 0, C, C))) * scale).to(OP)
+    b_Aqb_t = (tl.trans(tl.load(mat_block(Aqb + base, C, C, 0, 0, C, C))) * scale).to(OP)
     b_dqk = tl.zeros([C, C], dtype=ACC)
     b_dqb = tl.zeros([C, C], dtype=ACC)
     for i_v in range(tl.cdiv(V, BV)):
-        b_do = tl.load(seq_block(do, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1)).to(ACC)
-        b_v = tl.load(seq_block(v, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1)).to(ACC)
-        b_w = tl.load(seq_block(w, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1))
-        b_dqk += tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC)
-        b_dqb += tl.dot(b_do, tl.trans(b_w), input_precision=DOT_PREC)
+        b_do = tl.load(seq_block(do, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1)).to(OP)
+        b_v = tl.load(seq_block(v, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1)).to(OP)
+        b_w = tl.load(seq_block(w, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1)).to(OP)
+        b_dqk = tl.dot(b_do, tl.trans(b_v), b_dqk, input_precision=DOT_PREC, out_dtype=ACC)
+        b_dqb = tl.dot(b_do, tl.trans(b_w), b_dqb, input_precision=DOT_PREC, out_dtype=ACC)
         tl.store(seq_block(dw, bos, i_h, L, H, V, j * C, i_v * BV, C, BV),
-                 tl.dot(b_Aqb_t, b_do, input_precision=DOT_PREC), boundary_check=(0, 1))
+                 tl.dot(b_Aqb_t, b_do, input_precision=DOT_PREC, out_dtype=ACC), boundary_check=(0, 1))
         tl.store(seq_block(dv, bos, i_h, L, H, V, j * C, i_v * BV, C, BV),
-                 tl.dot(b_Aqk_t, b_do, input_precision=DOT_PREC), boundary_check=(0, 1))
+                 tl.dot(b_Aqk_t, b_do, input_precision=DOT_PREC, out_dtype=ACC), boundary_check=(0, 1))
     incl = tl.arange(0, C)[:, None] >= tl.arange(0, C)[None, :]
     tl.store(mat_block(dAqk + base, C, C, 0, 0, C, C), tl.where(incl, b_dqk * scale, 0.0))
     tl.store(mat_block(dAqb + base, C, C, 0, 0, C, C), tl.where(incl, b_dqb * scale, 0.0))
@@ -87,8 +90,10 @@ def chunk_o_bwd_local_kernel(v, w, do, Aqk, Aqb, dAqk, dAqb, dw, dv, scale_ptr, 
 @triton.jit
 def chunk_o_bwd_state_kernel(k, b, v, g, h, w, do, dh, dw, dq, dk, db, dwm, dgam, scale_ptr, offsets, cmap,
                              H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-                             BK: tl.constexpr, BV: tl.constexpr, USE_GK: tl.constexpr, DOT_PREC: tl.constexpr):
-    """grid (K blocks, NC, H): the gradients that flow through the states h (entering) and dh (leaving)."""
+                             BK: tl.constexpr, BV: tl.constexpr, USE_GK: tl.constexpr, DOT_PREC: tl.constexpr,
+                             OP: tl.constexpr):
+    """grid (K blocks, NC, H): the gradients that flow through the states h (entering) and dh (leaving); rowsum(dh * h)
+    from the stored (unrounded) states, the products from their OP copies."""
     i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, j = tl.load(cmap + i_c * 2), tl.load(cmap + i_c * 2 + 1)
     bos, eos = tl.load(offsets + i_n).to(tl.int64), tl.load(offsets + i_n + 1).to(tl.int64)
@@ -107,16 +112,18 @@ def chunk_o_bwd_state_kernel(k, b, v, g, h, w, do, dh, dw, dq, dk, db, dwm, dgam
     for i_v in range(tl.cdiv(V, BV)):
         b_h = tl.load(mat_block(ph, K, V, i_k * BK, i_v * BV, BK, BV), boundary_check=(0, 1))
         b_dh = tl.load(mat_block(pdh, K, V, i_k * BK, i_v * BV, BK, BV), boundary_check=(0, 1))
-        b_do = tl.load(seq_block(do, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1)).to(ACC)
-        b_dw = tl.load(seq_block(dw, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1))
-        b_w = tl.load(seq_block(w, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1))
-        b_v = tl.load(seq_block(v, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1)).to(ACC)
-        b_dq += tl.dot(b_do, tl.trans(b_h), input_precision=DOT_PREC)
-        b_dwm += tl.dot(b_dw, tl.trans(b_h), input_precision=DOT_PREC)
-        b_db += tl.dot(b_w, tl.trans(b_dh), input_precision=DOT_PREC)
-        b_dk += tl.dot(b_v, tl.trans(b_dh), input_precision=DOT_PREC)
+        b_do = tl.load(seq_block(do, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1)).to(OP)
+        b_dw = tl.load(seq_block(dw, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1)).to(OP)
+        b_w = tl.load(seq_block(w, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1)).to(OP)
+        b_v = tl.load(seq_block(v, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1)).to(OP)
         if USE_GK:
             b_hdh += tl.sum(b_h * b_dh, 1)
+        b_ht = tl.trans(b_h.to(OP))
+        b_dht = tl.trans(b_dh.to(OP))
+        b_dq = tl.dot(b_do, b_ht, b_dq, input_precision=DOT_PREC, out_dtype=ACC)
+        b_dwm = tl.dot(b_dw, b_ht, b_dwm, input_precision=DOT_PREC, out_dtype=ACC)
+        b_db = tl.dot(b_w, b_dht, b_db, input_precision=DOT_PREC, out_dtype=ACC)
+        b_dk = tl.dot(b_v, b_dht, b_dk, input_precision=DOT_PREC, out_dtype=ACC)
     b_dq *= scale
     if USE_GK:
         vi = (tl.arange(0, C) < nv)[:, None]
@@ -161,9 +168,10 @@ def chunk_o_fwd(q, v, g, h, w, Aqk, Aqb, scale_t, offsets, cmap, chunk_size):
     o = new_empty((B, T, H, V), q.dtype, q.device)
     if NC:
         BK, BV = _blocks(K, V)
+        op = operand_type("dplr_chunk_o_fwd", q.dtype, chunk_size, BK, BV)
         launch_fitting(
             chunk_o_fwd_kernel, (triton.cdiv(V, BV), NC, H), q, v, g, h, w, Aqk, Aqb, o, scale_t, offsets, cmap, H=H,
-            K=K, V=V, C=chunk_size, BK=BK, BV=BV, USE_GK=g is not None, DOT_PREC=dot_precision(q.dtype))
+            K=K, V=V, C=chunk_size, BK=BK, BV=BV, USE_GK=g is not None, DOT_PREC=dot_precision(q.dtype), OP=op)
     return o
 
 
@@ -176,9 +184,11 @@ def chunk_o_bwd_local(v, w, do, Aqk, Aqb, scale_t, offsets, cmap, chunk_size):
     dw = new_empty((B, T, H, V), acc, v.device)
     dv = new_empty((B, T, H, V), acc, v.device)
     if NC:
+        BV = _blocks(1, V)[1]
+        op = operand_type("dplr_chunk_o_bwd_local", v.dtype, C, BV)
         launch_fitting(
             chunk_o_bwd_local_kernel, (NC, H), v, w, do, Aqk, Aqb, dAqk, dAqb, dw, dv, scale_t, offsets, cmap, H=H, V=V,
-            C=C, BV=_blocks(1, V)[1], DOT_PREC=dot_precision(v.dtype))
+            C=C, BV=BV, DOT_PREC=dot_precision(v.dtype), OP=op)
     return dAqk, dAqb, dw, dv
 
 
@@ -192,8 +202,9 @@ def chunk_o_bwd_state(k, b, v, g, h, w, do, dh, dw, scale_t, offsets, cmap, chun
     dgam = None if g is None else new_empty((NC, H, K), acc, k.device)
     if NC:
         BK, BV = _blocks(K, V)
+        op = operand_type("dplr_chunk_o_bwd_state", k.dtype, chunk_size, BK, BV)
         launch_fitting(
             chunk_o_bwd_state_kernel, (triton.cdiv(K, BK), NC, H), k, b, v, g, h, w, do, dh, dw, dq, dk, db, dwm, dgam,
             scale_t, offsets, cmap, H=H, K=K, V=V, C=chunk_size, BK=BK, BV=BV, USE_GK=g is not None,
-            DOT_PREC=dot_precision(k.dtype), num_warps=BWD_STATE_WARPS)
+            DOT_PREC=dot_precision(k.dtype), OP=op, num_warps=BWD_STATE_WARPS)
     return dq, dk, db, dwm, dgam
