@@ -11,7 +11,7 @@ import ops.common.utils as utils
 import ops.generalized_delta_rule.dplr.chunk_A as chunk_A
 import ops.generalized_delta_rule.dplr.fused_recurrent as fused_recurrent
 import reference
-from ops.generalized_delta_rule import chunk_dplr_delta_rule, fused_recurrent_dplr_delta_rule
+from ops.generalized_delta_rule import chunk_dplr_delta_rule, chunk_iplr_delta_rule, fused_recurrent_dplr_delta_rule
 from properties.generalized_support import (
     BAD_INPUTS,
     CHUNK_SIZES,
@@ -28,7 +28,7 @@ from properties.generalized_support import (
     small_tiles,
     with_fields,
 )
-from properties.strategies import DEVICE, OP_DTYPES, delta_cases, fixed_case
+from properties.strategies import DEVICE, ON_GPU, OP_DTYPES, delta_cases, fixed_case
 from properties.tolerances import assert_close
 
 # decay families: gk = -5 U(0, 1), and strong decay gk = -20 U(0, 1) with 15% of the entries exactly -20 and 15%
@@ -64,6 +64,39 @@ def test_chunk_dplr_matches_reference(case, family, decay, gk_f32, chunk_size, t
         mp.setattr(chunk_A, "TOKEN_UNROLL", unroll)
         check_op(chunk_op(chunk_size, chunk_dplr_delta_rule), reference.dplr_recurrent, x, case.dtype,
                  with_fields(record, chunk_size=chunk_size, family=family, decay=decay), output_final_state)
+
+
+HALF_DTYPES = [d for d in OP_DTYPES if d in (torch.float16, torch.bfloat16)]
+
+
+@given(case=delta_cases(dtypes=HALF_DTYPES, head_sizes=[17, 32, 64] + ([128] if ON_GPU else []), max_T=150),
+       decay=st.sampled_from([None] + list(DECAYS)), chunk_size=st.sampled_from((32, 64)),
+       kernels=st.sampled_from((",".join(utils.DPLR_HALF_KERNELS),) + utils.DPLR_HALF_KERNELS))
+@example(case=fixed_case(B=2, T=150, H=2, K=64, V=64, dtype=HALF_DTYPES[-1]), decay="strong", chunk_size=64,
+         kernels=",".join(utils.DPLR_HALF_KERNELS))
+@example(case=fixed_case(seqlens=(0, 67, 49), H=2, K=64, V=32, dtype=torch.float16), decay="mild", chunk_size=32,
+         kernels=",".join(utils.DPLR_HALF_KERNELS))
+def test_chunk_dplr_half_operands_match_reference(case, decay, chunk_size, kernels, record):
+    """With half-precision tl.dot operands (utils.DPLR_HALF_KERNELS) in any one chunk_o kernel or all of them, the
+    DPLR (mild or strong decay) and IPLR (decay None) chunk forms' o, final state and every gradient stay within the
+    dtype's bounds of the float64 reference. Tiles are at least 32 wide here (K, V >= 17, C >= 32); a named kernel
+    takes the half path exactly where its tiles are also equal, and that is checked."""
+    case = nonempty(case)
+    named = utils.half_kernels(kernels)
+    x = inputs(case, "stable", *DECAYS[decay]) if decay else inputs(case, "stable")
+    op = chunk_dplr_delta_rule if decay else chunk_iplr_delta_rule
+    ref = reference.dplr_recurrent if decay else reference.iplr_recurrent
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(utils, "HALF_OPERANDS", named)
+        utils.LAST_OPERANDS.clear()
+        check_op(chunk_op(chunk_size, op), ref, x, case.dtype, with_fields(record, chunk_size=chunk_size,
+                                                                          decay=decay, half=kernels))
+    dplr = {n: tiles for n, (_, tiles) in utils.LAST_OPERANDS.items() if n.startswith("dplr_")}
+    taken = {n for n in dplr if utils.LAST_OPERANDS[n][0] != utils.tl_acc(case.dtype)}
+    assert set(dplr) == set(utils.DPLR_HALF_KERNELS)
+    assert taken == {n for n in named if len(set(dplr[n])) == 1}, f"half operands in {sorted(taken)}"
+    if chunk_size == 64 and case.K == case.V == 64:
+        assert taken == named
 
 
 @given(case=delta_cases(), family=st.sampled_from(["stable", "raw"]), decay=st.sampled_from(list(DECAYS)),
