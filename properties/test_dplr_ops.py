@@ -61,7 +61,8 @@ def test_chunk_dplr_matches_reference(case, family, decay, gk_f32, chunk_size, t
     case = nonempty(case)
     x, family = draw_inputs(case, family, decay, gk_f32)
     with small_tiles(tiles), pytest.MonkeyPatch.context() as mp:
-        mp.setattr(chunk_A, "TOKEN_UNROLL", unroll)
+        mp.setattr(chunk_A, "FWD_UNROLL", unroll)
+        mp.setattr(chunk_A, "BWD_UNROLL", unroll)
         check_op(chunk_op(chunk_size, chunk_dplr_delta_rule), reference.dplr_recurrent, x, case.dtype,
                  with_fields(record, chunk_size=chunk_size, family=family, decay=decay), output_final_state)
 

@@ -55,8 +55,9 @@ def dot_precision(dtype: torch.dtype) -> str:
 # operands). wy_bwd's half path launches as TUNED below says (4 warps, 1 stage): fla's WY backward miscompiles on
 # Hopper at C = 64 with half operands on 4 warps and 2-4 stages (fla issue 984, fixed there by 2 warps).
 HALF_KERNELS = ("wy_fwd", "chunk_h_fwd", "chunk_o_fwd", "chunk_dv_local", "chunk_h_bwd", "chunk_o_bwd", "wy_bwd")
-# The DPLR / IPLR chunk kernels under the same rule (dplr/chunk_o.py); off unless DELTACHECK_DPLR_HALF_OPERANDS=1
-# (or DELTACHECK_HALF_OPERANDS names them) until a GPU suite passes with them.
+# The DPLR / IPLR chunk kernels under the same rule (dplr/chunk_o.py), on unless DELTACHECK_DPLR_HALF_OPERANDS=0.
+# H100 at the point (GPU visit 16): chunk_o_fwd 1.23 -> 0.71 ms, chunk_o_bwd_local 0.76 -> 0.57, chunk_o_bwd_state
+# (8 warps) 1.77 -> 1.66.
 DPLR_HALF_KERNELS = ("dplr_chunk_o_fwd", "dplr_chunk_o_bwd_local", "dplr_chunk_o_bwd_state")
 
 
@@ -73,7 +74,7 @@ def half_kernels(spec: str) -> frozenset:
 
 
 HALF_OPERANDS = half_kernels(os.environ.get("DELTACHECK_HALF_OPERANDS", "1")) | (
-    frozenset(DPLR_HALF_KERNELS) if os.environ.get("DELTACHECK_DPLR_HALF_OPERANDS", "0") == "1" else frozenset())
+    frozenset(DPLR_HALF_KERNELS) if os.environ.get("DELTACHECK_DPLR_HALF_OPERANDS", "1") == "1" else frozenset())
 
 
 def operand_type(kernel: str, dtype: torch.dtype, *tiles: int):
@@ -356,6 +357,11 @@ TUNED = {
     "ops.delta_rule.chunk_o.chunk_dv_local_kernel": dict(num_warps=2, num_stages=3),
     "ops.delta_rule.chunk_o.chunk_o_bwd_kernel": dict(num_warps=4, num_stages=2),
     "ops.delta_rule.chunk_h.chunk_h_bwd_kernel": dict(num_warps=4, num_stages=2),
+    # DPLR / IPLR (H100 at the point, GPU visit 16, reports/data/h100-80gb-hbm3/visit16/tune-*.json): chunk_h_fwd
+    # 1.75 -> 1.32 ms (8 warps -> 4, 1 stage), chunk_o_fwd 0.71 -> 0.61, wy_bwd 1.75 -> 1.26 (1 stage each)
+    "ops.generalized_delta_rule.dplr.chunk_h.chunk_h_fwd_kernel": dict(num_warps=4, num_stages=1),
+    "ops.generalized_delta_rule.dplr.chunk_o.chunk_o_fwd_kernel": dict(num_warps=4, num_stages=1),
+    "ops.generalized_delta_rule.dplr.wy_fast.wy_bwd_kernel": dict(num_warps=4, num_stages=1),
 }
 
 # Tuning only: settings every launch_fitting launch takes instead (benchmarks/tune_launch.py sets it), and the
@@ -372,14 +378,12 @@ def _kernel_name(kernel) -> str:
 
 def _half(args, kwargs) -> bool:
     """Whether a launch runs the half-precision path TUNED was measured on: half dot operands (the OP argument)
-    where the kernel takes one, else half inputs."""
+    where the kernel takes one, else half inputs (any half tensor argument: a kernel's first may be an
+    accumulation-dtype intermediate, as DPLR wy_bwd's G)."""
     if "OP" in kwargs:
         import triton.language as tl
         return kwargs["OP"] in (tl.float16, tl.bfloat16)
-    for a in args:
-        if isinstance(a, torch.Tensor) and a.is_floating_point():
-            return a.dtype in (torch.float16, torch.bfloat16)
-    return False
+    return any(isinstance(a, torch.Tensor) and a.dtype in (torch.float16, torch.bfloat16) for a in args)
 
 
 def launch_fitting(kernel, grid, *args, stages=(3, 2, 1), num_warps=None, **kwargs):

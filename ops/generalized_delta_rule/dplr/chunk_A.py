@@ -33,7 +33,6 @@ O(exp(gk)). They are kept out of dG and dG^-
 handled as a band with decay 1), a exp(G^-) on the chunk's first row and the last row's b, k terms of the state
 pass (left out of dgam too, in chunk_o.py).
 """
-import os
 
 import triton
 import triton.language as tl
@@ -392,9 +391,11 @@ BWD_WARPS = 4
 # a wider tile runs the diagonal blocks' token loop over fewer, wider K steps (K / BK loops of 16 tokens each).
 FWD_TILE = 32
 # Tokens per step of the diagonal blocks' token loops (a divisor of BC): the loops are chains of 16 dependent steps,
-# each waiting on its row loads; unrolled, a step's loads can be issued together. 1 (as before) until timed;
-# DELTACHECK_DPLR_TOKEN_UNROLL=1 takes 4 (ptxas, bf16, K = V = 128: forward 111 registers, backward 168, no spills).
-TOKEN_UNROLL = 4 if os.environ.get("DELTACHECK_DPLR_TOKEN_UNROLL", "0") == "1" else 1
+# each waiting on its row loads; unrolled, a step's loads can be issued together (ptxas, bf16, K = V = 128, at 4:
+# forward 111 registers, backward 168, no spills). H100 at the point (NOTES, GPU visit 16): the forward 3.88 ->
+# 3.48 ms at 4, the backward 6.61 -> 8.40 ms, so the forward takes 4 and the backward 1.
+FWD_UNROLL = 4
+BWD_UNROLL = 1
 
 
 def _warps(gk):
@@ -411,7 +412,7 @@ def chunk_A_fwd(q, k, a, b, g, gk, offsets, cmap, chunk_size):
         launch_fitting(
             chunk_A_fwd_kernel, (C // BC, NC, H), q, k, a, b, g, gk, *mats, offsets, cmap, H=H, K=K, C=C, BC=BC,
             BK=min(FWD_TILE, block_size(K)), USE_GK=g is not None, DOT_PREC=dot_precision(q.dtype),
-            UNROLL=TOKEN_UNROLL, num_warps=_warps(gk))
+            UNROLL=FWD_UNROLL, num_warps=_warps(gk))
     return mats
 
 
@@ -433,7 +434,7 @@ def chunk_A_bwd(q, k, a, b, g, gk, dA, d_in, dgam, offsets, cmap, chunk_size):
         launch_fitting(
             chunk_A_bwd_kernel, (triton.cdiv(K, BK), NC * (C // BC), H), q, k, a, b, g, gk, *dA, *d_in, dgam,
             *outs, dg_loc, dg_sum, offsets, cmap, H=H, K=K, C=C, BC=BC, BK=BK, USE_GK=gk is not None,
-            DOT_PREC=dot_precision(q.dtype), UNROLL=TOKEN_UNROLL, num_warps=BWD_WARPS)
+            DOT_PREC=dot_precision(q.dtype), UNROLL=BWD_UNROLL, num_warps=BWD_WARPS)
         if gk is not None:
             chunk_A_dgk_kernel[(triton.cdiv(K, BK), NC, H)](dg_loc, dg_sum, dgk, offsets, cmap, H=H, K=K, C=C, BC=BC,
                                                            BK=BK)

@@ -12,7 +12,6 @@ Kt = k exp(gamma - G), M the inclusive causal mask and dh the gradient of the st
 Grids: (V blocks, NC, H) for O, (NC, H) for the local backward (loops over V), (K blocks, NC, H) for the state
 backward (loops over V).
 """
-import os
 
 import triton
 import triton.language as tl
@@ -150,10 +149,9 @@ def chunk_o_bwd_state_kernel(k, b, v, g, h, w, do, dh, dw, dq, dk, db, dwm, dgam
 # Largest K / V tile (tests lower it to reach the multi-tile loops with small head sizes).
 TILE = 64
 # num_warps of chunk_o_bwd_state. ptxas (sm_90, bf16, K = V = 128, C = 64): 540 B spilled a thread at 4 warps, none
-# at 8; H100 at the point: 3.12 -> 1.77 ms (benchmarks/NOTES.md, GPU visit 15, timed with every chunk_o / wy_fast
-# kernel on 8 warps, where the IPLR forward failed bf16 tests at V = 16). 4 until a GPU suite passes with
-# DELTACHECK_DPLR_BWD_STATE_WARPS=8.
-BWD_STATE_WARPS = int(os.environ.get("DELTACHECK_DPLR_BWD_STATE_WARPS", "4"))
+# at 8. H100 at the point: 3.12 ms at 4 -> 1.77 at 8 (float32 operands, GPU visit 15); with half operands 1.90 at 4,
+# 1.66 at 8 (visit 16).
+BWD_STATE_WARPS = 8
 
 
 def _blocks(K, V):
