@@ -167,6 +167,25 @@ def test_tuned_launches_apply_to_the_half_operand_path_only(kernel, monkeypatch)
 
 
 
+@pytest.mark.parametrize("kernel", sorted(U.DPLR_TUNED))
+def test_tuned_launches_without_an_operand_argument_follow_half_inputs(kernel, monkeypatch):
+    """A TUNED entry of a kernel that takes no OP argument (the DPLR entries, DELTACHECK_DPLR_TUNED=1) applies where
+    any tensor argument is half precision, also behind a float32 first one (DPLR wy_bwd's G), and nowhere else."""
+    monkeypatch.setattr(U, "_FITTING_STAGES", {})
+    monkeypatch.setattr(U, "OVERRIDE", {})
+    monkeypatch.setattr(U, "TUNED", {**U.TUNED, **U.DPLR_TUNED})
+    k = _NamedKernel(*kernel.rsplit(".", 1))
+    want = (U.DPLR_TUNED[kernel]["num_warps"], U.DPLR_TUNED[kernel]["num_stages"])
+    f32, f64 = torch.ones(4), torch.ones(4, dtype=torch.float64)
+    for half in (torch.float16, torch.bfloat16):
+        U.launch_fitting(k, (1,), f32, torch.ones(4, dtype=half), None, stages=(2, 1))
+        assert k.launches[-1] == want, f"{kernel} with {half} inputs launched at {k.launches[-1]}"
+    for args in ((f32, f32), (f64, None)):
+        U.launch_fitting(k, (1,), *args, stages=(2, 1))
+        assert k.launches[-1] == (None, 2), f"{kernel} with {[getattr(a, 'dtype', a) for a in args]}"
+
+
+
 def test_state_pipeline_deepens_only_grids_of_one_program_per_sm(monkeypatch):
     """utils.STATE_PIPELINE gives chunk_h_bwd two pipeline stages (falling back to one) where its grid of
     V blocks x sequences x heads leaves the SMs one program each or fewer; elsewhere, or with the switch off, the
