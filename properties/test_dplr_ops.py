@@ -127,6 +127,21 @@ def test_dplr_decay_of_minus_20_stays_finite_and_accurate(form, dtype, record):
     check_op(op, reference.dplr_recurrent, x, dtype, record)
 
 
+@pytest.mark.parametrize("form", list(OPS))
+@pytest.mark.parametrize("dtype", OP_DTYPES)
+@pytest.mark.parametrize("chunk_size", [32, 64])
+def test_dplr_decay_past_exp_range_at_chunk_starts_stays_finite(form, dtype, chunk_size, record):
+    """gk = -200 (exp(200) overflows float32; exp(-200) underflows it) on the first token of every chunk and on a
+    few others, mild decay elsewhere: outputs and gradients are finite and within the bounds. (chunk_A's
+    factor exp(G^-_i - G_r) is exp(-gk_0) on a chunk's first row, where no column j < 0 needs it.)"""
+    case = fixed_case(T=150, H=2, K=24, V=8, dtype=dtype, seed=22, unit_keys=False)
+    x = inputs(case, decay=-1.0, gk_dtype=utils.acc_dtype(dtype))
+    x["gk"][:, ::chunk_size] = -200.0
+    x["gk"][:, 5::37] = -200.0
+    op = chunk_op(chunk_size, chunk_dplr_delta_rule) if form == "chunk" else fused_recurrent_dplr_delta_rule
+    check_op(op, reference.dplr_recurrent, x, dtype, with_fields(record, chunk_size=chunk_size))
+
+
 def test_fused_recurrent_dplr_checkpoint_segments(monkeypatch, record):
     """With a short checkpoint segment (4 tokens) sequences span many segments, segment ends fall inside packed
     sequences, and the recomputed states still give the reference gradients."""

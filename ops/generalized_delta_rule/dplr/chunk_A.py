@@ -161,7 +161,7 @@ def chunk_A_fwd_kernel(q, k, a, b, g, gk, Aqk, Aqb, Aak, Aab, offsets, cmap,
             mj = ((cols <= r) & (cols < r0))[:, None]
             f_j = masked_exp(g_r - g_all, mj)
             b_qt = b_q * masked_exp(g_I - g_r, vi)
-            b_at = b_a * masked_exp(gm_I - g_r, vi)
+            b_at = b_a * masked_exp(gm_I - g_r, vi & (rows > r)[:, None])  # (row r = 0 of block 0: -gk_0 > 0)
             b_kt = b_k * f_j
             b_bt = b_b * f_j
             b_qk += tl.dot(b_qt, tl.trans(b_kt), input_precision=DOT_PREC)
@@ -257,7 +257,7 @@ def chunk_A_bwd_kernel(q, k, a, b, g, gk, dAqk, dAqb, dAak, dAab, dq_in, dk_in, 
                 b_dq += tl.dot(d_qk, b_kt, input_precision=DOT_PREC) + tl.dot(d_qb, b_bt, input_precision=DOT_PREC)
                 b_da += tl.dot(d_ak, b_kt, input_precision=DOT_PREC) + tl.dot(d_ab, b_bt, input_precision=DOT_PREC)
         b_dq *= masked_exp(g_I - g_r, vi)
-        b_da *= masked_exp(gm_I - g_r, vi)
+        b_da *= masked_exp(gm_I - g_r, vi & (rows > r)[:, None])  # (row r = 0 of block 0 has no earlier column)
         # column sums over later blocks J, factored around r2 (the last valid row of block I)
         r2 = tl.minimum(r0 + BC - 1, nv - 1)
         g_r2 = seq_row(g, bos, i_h, t0 + r2, H, K, c0, BK)[None, :]
