@@ -24,6 +24,7 @@ from properties.generalized_support import (
     gradcheck_fast,
     gradcheck_inputs,
     inputs,
+    leaves,
     nonempty,
     small_tiles,
     with_fields,
@@ -31,9 +32,10 @@ from properties.generalized_support import (
 from properties.strategies import DEVICE, ON_GPU, OP_DTYPES, delta_cases, fixed_case
 from properties.tolerances import assert_close
 
-# decay families: gk = -5 U(0, 1), and strong decay gk = -20 U(0, 1) with 15% of the entries exactly -20 and 15%
-# exactly 0 (non-decaying channels next to ones that forget within a token)
-DECAYS = {"mild": (-5.0, False), "strong": (-20.0, True)}
+# decay families: gk = -0.5 U(0, 1) (a 16-token block's decay stays within chunk_A.DIAG_MAX: its diagonal blocks as
+# products), -5 U(0, 1), and strong decay gk = -20 U(0, 1) with 15% of the entries exactly -20 and 15% exactly 0
+# (non-decaying channels next to ones that forget within a token)
+DECAYS = {"weak": (-0.5, False), "mild": (-5.0, False), "strong": (-20.0, True)}
 OPS = {"chunk": chunk_dplr_delta_rule, "fused_recurrent": fused_recurrent_dplr_delta_rule}
 
 
@@ -47,22 +49,26 @@ def draw_inputs(case, family, decay, gk_f32):
 
 @given(case=delta_cases(), family=st.sampled_from(["stable", "raw"]), decay=st.sampled_from(list(DECAYS)),
        gk_f32=st.booleans(), chunk_size=st.sampled_from(CHUNK_SIZES), tiles=st.booleans(),
-       output_final_state=st.booleans(), unroll=st.sampled_from([1, 4]))
+       output_final_state=st.booleans(), unroll=st.sampled_from([1, 4]), diag_max=st.sampled_from([-1.0, 30.0]))
 @edge_examples(family="stable", decay="strong", gk_f32=False, chunk_size=16, tiles=True, output_final_state=True,
-               unroll=1)
+               unroll=1, diag_max=30.0)
 @example(case=EDGE_CASES[2], family="stable", decay="mild", gk_f32=True, chunk_size=64, tiles=False,
-         output_final_state=True, unroll=4)  # several 16-row blocks in one chunk (the dgk carry across blocks)
+         output_final_state=True, unroll=4, diag_max=-1.0)  # several 16-row blocks in one chunk (the dgk carry)
+@example(case=EDGE_CASES[2], family="stable", decay="weak", gk_f32=False, chunk_size=64, tiles=True,
+         output_final_state=True, unroll=4, diag_max=30.0)  # diagonal blocks as products
 def test_chunk_dplr_matches_reference(case, family, decay, gk_f32, chunk_size, tiles, output_final_state, unroll,
-                                      record):
+                                      diag_max, record):
     """chunk_dplr_delta_rule's o and final state equal the float64 reference within the forward bound, and its
     gradients for q, k, v, a, b, gk and initial_state (random upstream gradients) within the gradient bound: stable
-    and raw a, b, mild and strong decay (down to -20 per token), gk in the input dtype or float32, any chunk size
-    and tile split, chunk_A's token loops one or four tokens a step."""
+    and raw a, b, weak, mild and strong decay (down to -20 per token), gk in the input dtype or float32, any chunk
+    size and tile split, chunk_A's token loops one or four tokens a step, its forward's diagonal blocks token by
+    token or (where the decays allow) as products."""
     case = nonempty(case)
     x, family = draw_inputs(case, family, decay, gk_f32)
     with small_tiles(tiles), pytest.MonkeyPatch.context() as mp:
         mp.setattr(chunk_A, "FWD_UNROLL", unroll)
         mp.setattr(chunk_A, "BWD_UNROLL", unroll)
+        mp.setattr(chunk_A, "DIAG_MAX", diag_max)
         check_op(chunk_op(chunk_size, chunk_dplr_delta_rule), reference.dplr_recurrent, x, case.dtype,
                  with_fields(record, chunk_size=chunk_size, family=family, decay=decay), output_final_state)
 
@@ -125,6 +131,25 @@ def test_dplr_decay_of_minus_20_stays_finite_and_accurate(form, dtype, record):
     x["gk"] = torch.full(x["q"].shape, -20.0, dtype=utils.acc_dtype(dtype), device=DEVICE)
     op = chunk_op(32, chunk_dplr_delta_rule) if form == "chunk" else fused_recurrent_dplr_delta_rule
     check_op(op, reference.dplr_recurrent, x, dtype, record)
+
+
+@pytest.mark.parametrize("dtype", OP_DTYPES)
+def test_chunk_dplr_diagonal_products_match_reference(dtype, record):
+    """chunk_A's forward diagonal blocks as products (chunk_A.DIAG_MAX = 30, weak decay: every block takes them;
+    the result differs from the token loop's, so they ran) match the float64 reference like the token loop, with
+    a 16-token block past DIAG_MAX (gk = -20 on a few tokens) taking the token loop in the same call."""
+    case = fixed_case(T=150, H=2, K=24, V=16, dtype=dtype, seed=23, unit_keys=False)
+    x = inputs(case, "stable", *DECAYS["weak"])
+    x["gk"][:, 100:103] = -20.0
+    out = {}
+    for diag_max in (-1.0, 30.0):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(chunk_A, "DIAG_MAX", diag_max)
+            check_op(chunk_op(64, chunk_dplr_delta_rule), reference.dplr_recurrent, x, dtype,
+                     with_fields(record, diag_max=diag_max))
+            out[diag_max] = chunk_dplr_delta_rule(**leaves(x)[0], scale=x["scale"], cu_seqlens=x["cu_seqlens"],
+                                                  chunk_size=64)[0]
+    assert not torch.equal(out[-1.0], out[30.0])
 
 
 @pytest.mark.parametrize("form", list(OPS))

@@ -34,6 +34,8 @@ handled as a band with decay 1), a exp(G^-) on the chunk's first row and the las
 pass (left out of dgam too, in chunk_o.py).
 """
 
+import os
+
 import triton
 import triton.language as tl
 
@@ -120,9 +122,38 @@ def _rows(ptr, bos, i_h, r, m_r, H: tl.constexpr, K: tl.constexpr, c0, BK: tl.co
 
 
 @triton.jit
+def _store_causal(Aqk, Aqb, Aak, Aab, o_s, rows, cols, b_qk, b_qb, b_ak, b_ab):
+    """Block row of the four matrices with the causal masks: i >= j for A_qk, A_qb, i > j for A_ak, A_ab."""
+    incl = rows[:, None] >= cols[None, :]
+    strict = rows[:, None] > cols[None, :]
+    tl.store(Aqk + o_s, tl.where(incl, b_qk, 0.0))
+    tl.store(Aqb + o_s, tl.where(incl, b_qb, 0.0))
+    tl.store(Aak + o_s, tl.where(strict, b_ak, 0.0))
+    tl.store(Aab + o_s, tl.where(strict, b_ab, 0.0))
+
+
+@triton.jit
+def _spread(g, gk, bos, i_h, L, t0, r0, r, nv, H: tl.constexpr, K: tl.constexpr, BC: tl.constexpr,
+            BK: tl.constexpr):
+    """max |G_ik - G_rk| and |G^-_ik - G_rk| over block I's valid rows i (> r for G^-) and all K channels."""
+    rows = r0 + tl.arange(0, BC)
+    vi = (rows < nv)[:, None]
+    m = tl.zeros([BC, BK], dtype=g.dtype.element_ty)
+    for i_k in range(tl.cdiv(K, BK)):
+        c0 = i_k * BK
+        g_I = tl.load(seq_block(g, bos, i_h, L, H, K, t0 + r0, c0, BC, BK), boundary_check=(0, 1))
+        gm_I = g_I - tl.load(seq_block(gk, bos, i_h, L, H, K, t0 + r0, c0, BC, BK), boundary_check=(0, 1)).to(m.dtype)
+        g_r = seq_row(g, bos, i_h, t0 + r, H, K, c0, BK)[None, :]
+        m = tl.maximum(m, tl.where(vi, tl.abs(g_I - g_r), 0.0))
+        m = tl.maximum(m, tl.where(vi & (rows > r)[:, None], tl.abs(gm_I - g_r), 0.0))
+    return tl.max(tl.max(m, 1), 0)
+
+
+@triton.jit
 def chunk_A_fwd_kernel(q, k, a, b, g, gk, Aqk, Aqb, Aak, Aab, offsets, cmap,
                        H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                       USE_GK: tl.constexpr, DOT_PREC: tl.constexpr, UNROLL: tl.constexpr):
+                       USE_GK: tl.constexpr, DOT_PREC: tl.constexpr, UNROLL: tl.constexpr,
+                       DIAG_MAX: tl.constexpr):
     """grid (C // BC, NC, H): block row I of the four matrices, [BC, C] each."""
     i_b, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, j = tl.load(cmap + i_c * 2), tl.load(cmap + i_c * 2 + 1)
@@ -135,6 +166,15 @@ def chunk_A_fwd_kernel(q, k, a, b, g, gk, Aqk, Aqb, Aak, Aab, offsets, cmap,
     rows = r0 + tl.arange(0, BC)
     cols = tl.arange(0, C)
     r = tl.minimum(tl.maximum(r0 - 1, 0), nv - 1)  # reference row of the off-diagonal blocks
+    # columns j < lim take part in the products: the off-diagonal blocks (j <= r), and with DIAG the diagonal block
+    # too, where every log decay of this block row lies within DIAG_MAX of row r's (all K channels): its column
+    # factors exp(G_r - G_j) are then at most exp(DIAG_MAX) and the row factors at least exp(-DIAG_MAX)
+    DIAG = False
+    lim = tl.minimum(r + 1, r0)
+    if USE_GK:
+        if DIAG_MAX >= 0:
+            DIAG = _spread(g, gk, bos, i_h, L, t0, r0, r, nv, H, K, BC, BK) <= DIAG_MAX
+            lim = tl.where(DIAG, tl.minimum(r0 + BC, nv), lim)
 
     b_qk = tl.zeros([BC, C], dtype=ACC)
     b_qb = tl.zeros([BC, C], dtype=ACC)
@@ -158,7 +198,7 @@ def chunk_A_fwd_kernel(q, k, a, b, g, gk, Aqk, Aqb, Aak, Aab, offsets, cmap,
             g_r = seq_row(g, bos, i_h, t0 + r, H, K, c0, BK)[None, :]
             # off-diagonal blocks: rows rescaled by exp(G_i - G_r), columns j <= r by exp(G_r - G_j)
             vi = (rows < nv)[:, None]
-            mj = ((cols <= r) & (cols < r0))[:, None]
+            mj = (cols < lim)[:, None]
             f_j = masked_exp(g_r - g_all, mj)
             b_qt = b_q * masked_exp(g_I - g_r, vi)
             b_at = b_a * masked_exp(gm_I - g_r, vi & (rows > r)[:, None])  # (row r = 0 of block 0: -gk_0 > 0)
@@ -168,9 +208,9 @@ def chunk_A_fwd_kernel(q, k, a, b, g, gk, Aqk, Aqb, Aak, Aab, offsets, cmap,
             b_qb += tl.dot(b_qt, tl.trans(b_bt), input_precision=DOT_PREC)
             b_ak += tl.dot(b_at, tl.trans(b_kt), input_precision=DOT_PREC)
             b_ab += tl.dot(b_at, tl.trans(b_bt), input_precision=DOT_PREC)
-            # diagonal block, one column jj at a time: A[i, jj] = sum_k x_ik y_jj,k exp(G_ik - G_jj,k)
-            d_qk, d_qb, d_ak, d_ab = _diag_fwd_tokens(k, b, g, b_q, b_a, g_I, gm_I, bos, i_h, t0, r0, nv, vi,
-                                                      d_qk, d_qb, d_ak, d_ab, H, K, c0, BC, BK, UNROLL)
+            if not DIAG:  # the diagonal block, one column jj at a time: A[i, jj] = sum_k x_ik y_jj,k exp(G_ik - G_jj,k)
+                d_qk, d_qb, d_ak, d_ab = _diag_fwd_tokens(k, b, g, b_q, b_a, g_I, gm_I, bos, i_h, t0, r0, nv, vi,
+                                                          d_qk, d_qb, d_ak, d_ab, H, K, c0, BC, BK, UNROLL)
         else:
             b_qk += tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC)
             b_qb += tl.dot(b_q, tl.trans(b_b), input_precision=DOT_PREC)
@@ -180,24 +220,22 @@ def chunk_A_fwd_kernel(q, k, a, b, g, gk, Aqk, Aqb, Aak, Aab, offsets, cmap,
     base = (i_c * H + i_h).to(tl.int64) * C * C
     o_s = base + rows[:, None] * C + cols[None, :]
     if USE_GK:
-        # the strip outside the diagonal block (zero right of it), then the diagonal block: disjoint stores
-        m_s = ((cols < r0) | (cols >= r0 + BC))[None, :]
-        tl.store(Aqk + o_s, b_qk, mask=m_s)
-        tl.store(Aqb + o_s, b_qb, mask=m_s)
-        tl.store(Aak + o_s, b_ak, mask=m_s)
-        tl.store(Aab + o_s, b_ab, mask=m_s)
-        o_d = base + rows[:, None] * C + (r0 + tl.arange(0, BC))[None, :]
-        tl.store(Aqk + o_d, d_qk)
-        tl.store(Aqb + o_d, d_qb)
-        tl.store(Aak + o_d, d_ak)
-        tl.store(Aab + o_d, d_ab)
+        if DIAG:
+            _store_causal(Aqk, Aqb, Aak, Aab, o_s, rows, cols, b_qk, b_qb, b_ak, b_ab)
+        else:
+            # the strip outside the diagonal block (zero right of it), then the diagonal block: disjoint stores
+            m_s = ((cols < r0) | (cols >= r0 + BC))[None, :]
+            tl.store(Aqk + o_s, b_qk, mask=m_s)
+            tl.store(Aqb + o_s, b_qb, mask=m_s)
+            tl.store(Aak + o_s, b_ak, mask=m_s)
+            tl.store(Aab + o_s, b_ab, mask=m_s)
+            o_d = base + rows[:, None] * C + (r0 + tl.arange(0, BC))[None, :]
+            tl.store(Aqk + o_d, d_qk)
+            tl.store(Aqb + o_d, d_qb)
+            tl.store(Aak + o_d, d_ak)
+            tl.store(Aab + o_d, d_ab)
     else:
-        incl = rows[:, None] >= cols[None, :]
-        strict = rows[:, None] > cols[None, :]
-        tl.store(Aqk + o_s, tl.where(incl, b_qk, 0.0))
-        tl.store(Aqb + o_s, tl.where(incl, b_qb, 0.0))
-        tl.store(Aak + o_s, tl.where(strict, b_ak, 0.0))
-        tl.store(Aab + o_s, tl.where(strict, b_ab, 0.0))
+        _store_causal(Aqk, Aqb, Aak, Aab, o_s, rows, cols, b_qk, b_qb, b_ak, b_ab)
 
 
 @triton.jit
@@ -396,6 +434,11 @@ FWD_TILE = 32
 # 3.48 ms at 4, the backward 6.61 -> 8.40 ms, so the forward takes 4 and the backward 1.
 FWD_UNROLL = 4
 BWD_UNROLL = 1
+# The forward's diagonal blocks formed by the off-diagonal blocks' products where a block row's log decays lie within
+# DIAG_MAX of its reference row's (the factors stay within exp(+-DIAG_MAX): finite, and their products far from
+# float32's underflow); -1: always token by token. DELTACHECK_DPLR_DIAG_DOT=1 takes 30, until timed on a GPU
+# (the token loop is most of chunk_A_fwd's 3.5 ms at the point on an H100).
+DIAG_MAX = 30.0 if os.environ.get("DELTACHECK_DPLR_DIAG_DOT", "0") == "1" else -1.0
 
 
 def _warps(gk):
@@ -412,7 +455,7 @@ def chunk_A_fwd(q, k, a, b, g, gk, offsets, cmap, chunk_size):
         launch_fitting(
             chunk_A_fwd_kernel, (C // BC, NC, H), q, k, a, b, g, gk, *mats, offsets, cmap, H=H, K=K, C=C, BC=BC,
             BK=min(FWD_TILE, block_size(K)), USE_GK=g is not None, DOT_PREC=dot_precision(q.dtype),
-            UNROLL=FWD_UNROLL, num_warps=_warps(gk))
+            UNROLL=FWD_UNROLL, DIAG_MAX=DIAG_MAX, num_warps=_warps(gk))
     return mats
 
 
