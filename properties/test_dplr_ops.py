@@ -135,9 +135,10 @@ def test_dplr_decay_of_minus_20_stays_finite_and_accurate(form, dtype, record):
 
 @pytest.mark.parametrize("dtype", OP_DTYPES)
 def test_chunk_dplr_diagonal_products_match_reference(dtype, record):
-    """chunk_A's forward diagonal blocks as products (chunk_A.DIAG_MAX = 30, weak decay: every block takes them;
-    the result differs from the token loop's, so they ran) match the float64 reference like the token loop, with
-    a 16-token block past DIAG_MAX (gk = -20 on a few tokens) taking the token loop in the same call."""
+    """chunk_A's diagonal blocks as products (chunk_A.DIAG_MAX = 30, weak decay: every block takes them; the output
+    differs from the token loops', so they ran) give o, the final state and every gradient within the bounds of
+    the float64 reference, like the token loops, with a 16-token block past DIAG_MAX (gk = -20 on a few tokens)
+    taking the token loops in the same call."""
     case = fixed_case(T=150, H=2, K=24, V=16, dtype=dtype, seed=23, unit_keys=False)
     x = inputs(case, "stable", *DECAYS["weak"])
     x["gk"][:, 100:103] = -20.0

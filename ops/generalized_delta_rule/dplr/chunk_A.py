@@ -242,7 +242,8 @@ def chunk_A_fwd_kernel(q, k, a, b, g, gk, Aqk, Aqb, Aak, Aab, offsets, cmap,
 def chunk_A_bwd_kernel(q, k, a, b, g, gk, dAqk, dAqb, dAak, dAab, dq_in, dk_in, da_in, db_in, dgam,
                        dq, dk, da, db, dg_loc, dg_sum, offsets, cmap,
                        H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                       USE_GK: tl.constexpr, DOT_PREC: tl.constexpr, UNROLL: tl.constexpr):
+                       USE_GK: tl.constexpr, DOT_PREC: tl.constexpr, UNROLL: tl.constexpr,
+                       DIAG_MAX: tl.constexpr):
     """grid (K blocks, NC * C // BC, H): the gradients of q, k, a, b for one [BC, BK] tile (block I of a chunk), the
     other blocks' terms summed one [BC, BC] x [BC, BK] product at a time. dgk is left in two parts, finished
     by chunk_A_dgk_kernel: dg_loc (this block's reverse cumsum + dgam, accumulation dtype, shaped like gk) and
@@ -277,17 +278,34 @@ def chunk_A_bwd_kernel(q, k, a, b, g, gk, dAqk, dAqb, dAak, dAab, dq_in, dk_in, 
         # of dA_ak, dA_ab (in block J = I - 1) is left to the band below
         r = tl.minimum(tl.maximum(r0 - 1, 0), nv - 1)
         g_r = seq_row(g, bos, i_h, t0 + r, H, K, c0, BK)[None, :]
+        # column sums factored around r2 (the last valid row of block I)
+        r2 = tl.minimum(r0 + BC - 1, nv - 1)
+        g_r2 = seq_row(g, bos, i_h, t0 + r2, H, K, c0, BK)[None, :]
+        # DIAG: the diagonal block's strictly lower pairs summed by the same products (J = I in both loops), where
+        # this tile's log decays in it lie within DIAG_MAX of rows r and r2 (factors within exp(+-DIAG_MAX));
+        # else token by token below
+        DIAG = False
+        j_hi = I
+        j_lo = I
+        if DIAG_MAX >= 0:
+            m = tl.maximum(tl.where(vi, tl.maximum(tl.abs(g_I - g_r), tl.abs(g_I - g_r2)), 0.0),
+                           tl.where(vi & (rows > r)[:, None], tl.abs(gm_I - g_r), 0.0))
+            m = tl.maximum(m, tl.where(vi & (rows > r0)[:, None], tl.abs(gm_I - g_r2), 0.0))
+            DIAG = tl.max(tl.max(m, 1), 0) <= DIAG_MAX
+            j_hi = tl.where(DIAG, I + 1, I)
+            j_lo = tl.where(DIAG, I - 1, I)
         for J in range(NB):  # a loop over a program-dependent range does not run in the interpreter
-            if J < I:
+            if J < j_hi:
                 cj = J * BC + ar
                 p_d = base + rows[:, None] * C + cj[None, :]
                 band = rows[:, None] - 1 == cj[None, :]
-                d_qk = tl.load(dAqk + p_d)
-                d_qb = tl.load(dAqb + p_d)
-                d_ak = tl.where(band, 0.0, tl.load(dAak + p_d))
-                d_ab = tl.where(band, 0.0, tl.load(dAab + p_d))
+                low = rows[:, None] > cj[None, :]  # (every pair of an earlier block)
+                d_qk = tl.where(low, tl.load(dAqk + p_d), 0.0)
+                d_qb = tl.where(low, tl.load(dAqb + p_d), 0.0)
+                d_ak = tl.where(band | ~low, 0.0, tl.load(dAak + p_d))
+                d_ab = tl.where(band | ~low, 0.0, tl.load(dAab + p_d))
                 f_j = masked_exp(g_r - tl.load(seq_block(g, bos, i_h, L, H, K, t0 + J * BC, c0, BC, BK),
-                                               boundary_check=(0, 1)), (cj <= r)[:, None])
+                                               boundary_check=(0, 1)), (cj < nv)[:, None])
                 b_kt = f_j * tl.load(seq_block(k, bos, i_h, L, H, K, t0 + J * BC, c0, BC, BK),
                                      boundary_check=(0, 1)).to(ACC)
                 b_bt = f_j * tl.load(seq_block(b, bos, i_h, L, H, K, t0 + J * BC, c0, BC, BK),
@@ -296,18 +314,17 @@ def chunk_A_bwd_kernel(q, k, a, b, g, gk, dAqk, dAqb, dAak, dAab, dq_in, dk_in, 
                 b_da += tl.dot(d_ak, b_kt, input_precision=DOT_PREC) + tl.dot(d_ab, b_bt, input_precision=DOT_PREC)
         b_dq *= masked_exp(g_I - g_r, vi)
         b_da *= masked_exp(gm_I - g_r, vi & (rows > r)[:, None])  # (row r = 0 of block 0 has no earlier column)
-        # column sums over later blocks J, factored around r2 (the last valid row of block I)
-        r2 = tl.minimum(r0 + BC - 1, nv - 1)
-        g_r2 = seq_row(g, bos, i_h, t0 + r2, H, K, c0, BK)[None, :]
+        # column sums over later blocks J (and with DIAG block I), factored around r2
         for J in range(NB):  # a loop over a program-dependent range does not run in the interpreter
-            if J > I:
+            if J > j_lo:
                 cj = J * BC + ar
                 p_d = base + cj[None, :] * C + rows[:, None]  # [i, c] = dA[J's row c, I's row i]
                 band = cj[None, :] - 1 == rows[:, None]
-                d_qk = tl.load(dAqk + p_d)
-                d_qb = tl.load(dAqb + p_d)
-                d_ak = tl.where(band, 0.0, tl.load(dAak + p_d))
-                d_ab = tl.where(band, 0.0, tl.load(dAab + p_d))
+                low = cj[None, :] > rows[:, None]  # (every pair of a later block)
+                d_qk = tl.where(low, tl.load(dAqk + p_d), 0.0)
+                d_qb = tl.where(low, tl.load(dAqb + p_d), 0.0)
+                d_ak = tl.where(band | ~low, 0.0, tl.load(dAak + p_d))
+                d_ab = tl.where(band | ~low, 0.0, tl.load(dAab + p_d))
                 g_J = tl.load(seq_block(g, bos, i_h, L, H, K, t0 + J * BC, c0, BC, BK), boundary_check=(0, 1))
                 gm_J = g_J - tl.load(seq_block(gk, bos, i_h, L, H, K, t0 + J * BC, c0, BC, BK),
                                      boundary_check=(0, 1)).to(ACC)
@@ -315,16 +332,17 @@ def chunk_A_bwd_kernel(q, k, a, b, g, gk, dAqk, dAqb, dAak, dAab, dq_in, dk_in, 
                 b_qt = tl.load(seq_block(q, bos, i_h, L, H, K, t0 + J * BC, c0, BC, BK),
                                boundary_check=(0, 1)).to(ACC) * masked_exp(g_J - g_r2, mi)
                 b_at = tl.load(seq_block(a, bos, i_h, L, H, K, t0 + J * BC, c0, BC, BK),
-                               boundary_check=(0, 1)).to(ACC) * masked_exp(gm_J - g_r2, mi)
+                               boundary_check=(0, 1)).to(ACC) * masked_exp(gm_J - g_r2, mi & (cj > r0)[:, None])
                 b_dk += tl.dot(d_qk, b_qt, input_precision=DOT_PREC) + tl.dot(d_ak, b_at, input_precision=DOT_PREC)
                 b_db += tl.dot(d_qb, b_qt, input_precision=DOT_PREC) + tl.dot(d_ab, b_at, input_precision=DOT_PREC)
         f_I = masked_exp(g_r2 - g_I, vi)
         b_dk *= f_I
         b_db *= f_I
         # the diagonal block: strictly lower pairs (subdiagonal of dA_ak, dA_ab excluded), token by token ...
-        b_dq, b_da, b_dk, b_db = _diag_bwd_tokens(q, k, a, b, g, gk, dAqk, dAqb, dAak, dAab, g_I, gm_I, bos, i_h,
-                                                  t0, r0, rows, nv, vi, base, b_dq, b_da, b_dk, b_db, H, K, C, c0,
-                                                  BC, BK, UNROLL)
+        if not DIAG:
+            b_dq, b_da, b_dk, b_db = _diag_bwd_tokens(q, k, a, b, g, gk, dAqk, dAqb, dAak, dAab, g_I, gm_I, bos,
+                                                      i_h, t0, r0, rows, nv, vi, base, b_dq, b_da, b_dk, b_db, H, K,
+                                                      C, c0, BC, BK, UNROLL)
         # ... plus the terms with decay exactly 1, kept out of dG: the diagonal of dA_qk, dA_qb ...
         s_qk = tl.load(dAqk + base + rows * C + rows)[:, None]
         s_qb = tl.load(dAqb + base + rows * C + rows)[:, None]
@@ -434,10 +452,12 @@ FWD_TILE = 32
 # 3.48 ms at 4, the backward 6.61 -> 8.40 ms, so the forward takes 4 and the backward 1.
 FWD_UNROLL = 4
 BWD_UNROLL = 1
-# The forward's diagonal blocks formed by the off-diagonal blocks' products where a block row's log decays lie within
-# DIAG_MAX of its reference row's (the factors stay within exp(+-DIAG_MAX): finite, and their products far from
-# float32's underflow); -1: always token by token. DELTACHECK_DPLR_DIAG_DOT=1 takes 30, until timed on a GPU
-# (the token loop is most of chunk_A_fwd's 3.5 ms at the point on an H100).
+# The diagonal blocks formed by the off-diagonal blocks' products (forward: per block row; backward: per [BC, BK]
+# tile) where the block's log decays lie within DIAG_MAX of the reference rows' (the factors stay within
+# exp(+-DIAG_MAX): finite, and their products far from float32's underflow); -1: always token by token.
+# DELTACHECK_DPLR_DIAG_DOT=1 takes 30, until timed on a GPU (the token loops are most of chunk_A's 3.5 + 6.6 ms at
+# the point on an H100). ptxas (sm_90, bf16, K = V = 128): forward 114 -> 128 registers (8 warps), backward 126
+# (4 warps), no spills.
 DIAG_MAX = 30.0 if os.environ.get("DELTACHECK_DPLR_DIAG_DOT", "0") == "1" else -1.0
 
 
@@ -477,7 +497,7 @@ def chunk_A_bwd(q, k, a, b, g, gk, dA, d_in, dgam, offsets, cmap, chunk_size):
         launch_fitting(
             chunk_A_bwd_kernel, (triton.cdiv(K, BK), NC * (C // BC), H), q, k, a, b, g, gk, *dA, *d_in, dgam,
             *outs, dg_loc, dg_sum, offsets, cmap, H=H, K=K, C=C, BC=BC, BK=BK, USE_GK=gk is not None,
-            DOT_PREC=dot_precision(q.dtype), UNROLL=BWD_UNROLL, num_warps=BWD_WARPS)
+            DOT_PREC=dot_precision(q.dtype), UNROLL=BWD_UNROLL, DIAG_MAX=DIAG_MAX, num_warps=BWD_WARPS)
         if gk is not None:
             chunk_A_dgk_kernel[(triton.cdiv(K, BK), NC, H)](dg_loc, dg_sum, dgk, offsets, cmap, H=H, K=K, C=C, BC=BC,
                                                            BK=BK)
