@@ -168,9 +168,11 @@ def test_tuned_launches_apply_to_the_half_operand_path_only(kernel, monkeypatch)
 
 
 @pytest.mark.parametrize("kernel", sorted(U.DPLR_TUNED))
-def test_tuned_launches_without_an_operand_argument_follow_half_inputs(kernel, monkeypatch):
-    """A TUNED entry of a kernel that takes no OP argument (the DPLR entries, DELTACHECK_DPLR_TUNED=1) applies where
-    any tensor argument is half precision, also behind a float32 first one (DPLR wy_bwd's G), and nowhere else."""
+def test_tuned_launches_marked_half_inputs_follow_half_inputs(kernel, monkeypatch):
+    """A TUNED entry marked half_inputs (the DPLR entries, DELTACHECK_DPLR_TUNED=1, measured on bf16 inputs) applies
+    where any tensor argument is half precision, also behind a float32 first one (DPLR wy_bwd's G) and with float32
+    dot operands, and nowhere else."""
+    import triton.language as tl
     monkeypatch.setattr(U, "_FITTING_STAGES", {})
     monkeypatch.setattr(U, "OVERRIDE", {})
     monkeypatch.setattr(U, "TUNED", {**U.TUNED, **U.DPLR_TUNED})
@@ -180,6 +182,8 @@ def test_tuned_launches_without_an_operand_argument_follow_half_inputs(kernel, m
     for half in (torch.float16, torch.bfloat16):
         U.launch_fitting(k, (1,), f32, torch.ones(4, dtype=half), None, stages=(2, 1))
         assert k.launches[-1] == want, f"{kernel} with {half} inputs launched at {k.launches[-1]}"
+        U.launch_fitting(k, (1,), torch.ones(4, dtype=half), OP=tl.float32, stages=(2, 1))  # (half_inputs)
+        assert k.launches[-1] == want, f"{kernel} with {half} inputs, float32 operands: {k.launches[-1]}"
     for args in ((f32, f32), (f64, None)):
         U.launch_fitting(k, (1,), *args, stages=(2, 1))
         assert k.launches[-1] == (None, 2), f"{kernel} with {[getattr(a, 'dtype', a) for a in args]}"

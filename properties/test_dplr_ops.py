@@ -76,17 +76,30 @@ def test_chunk_dplr_matches_reference(case, family, decay, gk_f32, chunk_size, t
 HALF_DTYPES = [d for d in OP_DTYPES if d in (torch.float16, torch.bfloat16)]
 
 
+def test_dplr_half_operand_switch_names_its_kernel_sets():
+    """DELTACHECK_DPLR_HALF_OPERANDS: 0 names no kernel, 1 the chunk_o kernels, all adds wy_fast's candidates; any
+    other value is refused with the variable's name."""
+    assert utils.dplr_half_kernels("0") == frozenset()
+    assert utils.dplr_half_kernels("1") == frozenset(utils.DPLR_HALF_KERNELS)
+    assert utils.dplr_half_kernels("all") == frozenset(utils.DPLR_HALF_KERNELS + utils.DPLR_HALF_CANDIDATES)
+    with pytest.raises(ValueError, match="DELTACHECK_DPLR_HALF_OPERANDS"):
+        utils.dplr_half_kernels("yes")
+
+
 @given(case=delta_cases(dtypes=HALF_DTYPES, head_sizes=[17, 32, 64] + ([128] if ON_GPU else []), max_T=150),
        decay=st.sampled_from([None] + list(DECAYS)), chunk_size=st.sampled_from((32, 64)),
-       kernels=st.sampled_from((",".join(utils.DPLR_HALF_KERNELS),) + utils.DPLR_HALF_KERNELS))
+       kernels=st.sampled_from((",".join(utils.DPLR_HALF_KERNELS),
+                                ",".join(utils.DPLR_HALF_KERNELS + utils.DPLR_HALF_CANDIDATES))
+                               + utils.DPLR_HALF_KERNELS + utils.DPLR_HALF_CANDIDATES))
 @example(case=fixed_case(B=2, T=150, H=2, K=64, V=64, dtype=HALF_DTYPES[-1]), decay="strong", chunk_size=64,
-         kernels=",".join(utils.DPLR_HALF_KERNELS))
+         kernels=",".join(utils.DPLR_HALF_KERNELS + utils.DPLR_HALF_CANDIDATES))
 @example(case=fixed_case(seqlens=(0, 67, 49), H=2, K=64, V=32, dtype=torch.float16), decay="mild", chunk_size=32,
-         kernels=",".join(utils.DPLR_HALF_KERNELS))
+         kernels=",".join(utils.DPLR_HALF_KERNELS + utils.DPLR_HALF_CANDIDATES))
 def test_chunk_dplr_half_operands_match_reference(case, decay, chunk_size, kernels, record):
-    """With half-precision tl.dot operands (utils.DPLR_HALF_KERNELS) in any one chunk_o kernel or all of them, the
-    DPLR (mild or strong decay) and IPLR (decay None) chunk forms' o, final state and every gradient stay within the
-    dtype's bounds of the float64 reference. Tiles are at least 32 wide here (K, V >= 17, C >= 32); a named kernel
+    """With half-precision tl.dot operands (utils.DPLR_HALF_KERNELS, the chunk_o kernels, and the candidates
+    utils.DPLR_HALF_CANDIDATES, wy_fast's) in any one of them, the chunk_o ones or all of them, the DPLR (weak, mild
+    or strong decay) and IPLR (decay None) chunk forms' o, final state and every gradient stay within the dtype's
+    bounds of the float64 reference. Tiles are at least 32 wide here (K, V >= 17, C >= 32); a named kernel
     takes the half path exactly where its tiles are also equal, and that is checked."""
     case = nonempty(case)
     named = utils.half_kernels(kernels)
@@ -100,7 +113,7 @@ def test_chunk_dplr_half_operands_match_reference(case, decay, chunk_size, kerne
                                                                           decay=decay, half=kernels))
     dplr = {n: tiles for n, (_, tiles) in utils.LAST_OPERANDS.items() if n.startswith("dplr_")}
     taken = {n for n in dplr if utils.LAST_OPERANDS[n][0] != utils.tl_acc(case.dtype)}
-    assert set(dplr) == set(utils.DPLR_HALF_KERNELS)
+    assert set(dplr) == set(utils.DPLR_HALF_KERNELS + utils.DPLR_HALF_CANDIDATES)
     assert taken == {n for n in named if len(set(dplr[n])) == 1}, f"half operands in {sorted(taken)}"
     if chunk_size == 64 and case.K == case.V == 64:
         assert taken == named

@@ -57,8 +57,10 @@ def dot_precision(dtype: torch.dtype) -> str:
 HALF_KERNELS = ("wy_fwd", "chunk_h_fwd", "chunk_o_fwd", "chunk_dv_local", "chunk_h_bwd", "chunk_o_bwd", "wy_bwd")
 # The DPLR / IPLR chunk kernels under the same rule (dplr/chunk_o.py), on unless DELTACHECK_DPLR_HALF_OPERANDS=0.
 # H100 at the point (GPU visit 16): chunk_o_fwd 1.23 -> 0.71 ms, chunk_o_bwd_local 0.76 -> 0.57, chunk_o_bwd_state
-# (8 warps) 1.77 -> 1.66.
+# (8 warps) 1.77 -> 1.66. DPLR_HALF_CANDIDATES (dplr/wy_fast.py; the inverse X stays in the accumulation dtype, its
+# products take half operands) join them with DELTACHECK_DPLR_HALF_OPERANDS=all, until timed and GPU-tested.
 DPLR_HALF_KERNELS = ("dplr_chunk_o_fwd", "dplr_chunk_o_bwd_local", "dplr_chunk_o_bwd_state")
+DPLR_HALF_CANDIDATES = ("dplr_wy_fwd", "dplr_wy_bwd")
 
 
 def half_kernels(spec: str) -> frozenset:
@@ -66,15 +68,25 @@ def half_kernels(spec: str) -> frozenset:
     names = {n.strip() for n in spec.split(",") if n.strip() and n.strip() != "0"}
     if "1" in names:
         return frozenset(HALF_KERNELS)
-    unknown = names - set(HALF_KERNELS) - set(DPLR_HALF_KERNELS)
+    known = HALF_KERNELS + DPLR_HALF_KERNELS + DPLR_HALF_CANDIDATES
+    unknown = names - set(known)
     if unknown:
         raise ValueError(f"DELTACHECK_HALF_OPERANDS names unknown kernels {sorted(unknown)}; expected a subset of "
-                         f"{HALF_KERNELS + DPLR_HALF_KERNELS} or 1")
+                         f"{known} or 1")
     return frozenset(names)
 
 
-HALF_OPERANDS = half_kernels(os.environ.get("DELTACHECK_HALF_OPERANDS", "1")) | (
-    frozenset(DPLR_HALF_KERNELS) if os.environ.get("DELTACHECK_DPLR_HALF_OPERANDS", "1") == "1" else frozenset())
+def dplr_half_kernels(spec: str) -> frozenset:
+    """The DPLR kernels a DELTACHECK_DPLR_HALF_OPERANDS value names: 0 none, 1 DPLR_HALF_KERNELS, all with the
+    candidates."""
+    sets = {"0": (), "1": DPLR_HALF_KERNELS, "all": DPLR_HALF_KERNELS + DPLR_HALF_CANDIDATES}
+    if spec not in sets:
+        raise ValueError(f"DELTACHECK_DPLR_HALF_OPERANDS must be 0, 1 or all, got {spec!r}")
+    return frozenset(sets[spec])
+
+
+HALF_OPERANDS = half_kernels(os.environ.get("DELTACHECK_HALF_OPERANDS", "1")) | dplr_half_kernels(
+    os.environ.get("DELTACHECK_DPLR_HALF_OPERANDS", "1"))
 
 
 def operand_type(kernel: str, dtype: torch.dtype, *tiles: int):
@@ -360,11 +372,12 @@ TUNED = {
 }
 # DPLR / IPLR (H100 at the point, GPU visit 16, reports/data/h100-80gb-hbm3/visit16/tune-*.json): chunk_h_fwd
 # 1.75 -> 1.32 ms (8 warps -> 4, 1 stage), chunk_o_fwd 0.71 -> 0.61, wy_bwd 1.75 -> 1.26 (1 stage each); the tune's
-# results equalled the defaults'. Taken with DELTACHECK_DPLR_TUNED=1 until a GPU suite passes with them.
+# results equalled the defaults'. Measured on bf16 inputs (wy_bwd on float32 operands): they apply to half inputs
+# whatever the operands (half_inputs). Taken with DELTACHECK_DPLR_TUNED=1 until a GPU suite passes with them.
 DPLR_TUNED = {
-    "ops.generalized_delta_rule.dplr.chunk_h.chunk_h_fwd_kernel": dict(num_warps=4, num_stages=1),
-    "ops.generalized_delta_rule.dplr.chunk_o.chunk_o_fwd_kernel": dict(num_warps=4, num_stages=1),
-    "ops.generalized_delta_rule.dplr.wy_fast.wy_bwd_kernel": dict(num_warps=4, num_stages=1),
+    "ops.generalized_delta_rule.dplr.chunk_h.chunk_h_fwd_kernel": dict(num_warps=4, num_stages=1, half_inputs=True),
+    "ops.generalized_delta_rule.dplr.chunk_o.chunk_o_fwd_kernel": dict(num_warps=4, num_stages=1, half_inputs=True),
+    "ops.generalized_delta_rule.dplr.wy_fast.wy_bwd_kernel": dict(num_warps=4, num_stages=1, half_inputs=True),
 }
 if os.environ.get("DELTACHECK_DPLR_TUNED", "0") == "1":
     TUNED.update(DPLR_TUNED)
@@ -381,11 +394,11 @@ def _kernel_name(kernel) -> str:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__name__', str(kernel))}"
 
 
-def _half(args, kwargs) -> bool:
+def _half(args, kwargs, by_inputs=False) -> bool:
     """Whether a launch runs the half-precision path TUNED was measured on: half dot operands (the OP argument)
-    where the kernel takes one, else half inputs (any half tensor argument: a kernel's first may be an
-    accumulation-dtype intermediate, as DPLR wy_bwd's G)."""
-    if "OP" in kwargs:
+    where the kernel takes one and its entry is not marked half_inputs, else half inputs (any half tensor argument:
+    a kernel's first may be an accumulation-dtype intermediate, as DPLR wy_bwd's G)."""
+    if "OP" in kwargs and not by_inputs:
         import triton.language as tl
         return kwargs["OP"] in (tl.float16, tl.bfloat16)
     return any(isinstance(a, torch.Tensor) and a.dtype in (torch.float16, torch.bfloat16) for a in args)
@@ -399,7 +412,7 @@ def launch_fitting(kernel, grid, *args, stages=(3, 2, 1), num_warps=None, **kwar
     A TUNED entry (half-precision path, _half) sets num_warps and caps the stages; OVERRIDE replaces both."""
     name = _kernel_name(kernel)
     entry = TUNED.get(name)
-    cfg = OVERRIDE or (entry if entry and _half(args, kwargs) else None)
+    cfg = OVERRIDE or (entry if entry and _half(args, kwargs, entry.get("half_inputs", False)) else None)
     if cfg:
         num_warps = cfg.get("num_warps", num_warps)
         if "num_stages" in cfg:

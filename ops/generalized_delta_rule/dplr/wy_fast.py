@@ -13,15 +13,17 @@ import triton
 import triton.language as tl
 
 from ops.common.solve_tril import solve_unit_lower
-from ops.common.utils import acc_dtype, block_size, dot_precision, launch_fitting, new_empty
+from ops.common.utils import acc_dtype, block_size, dot_precision, launch_fitting, new_empty, operand_type
 from ops.generalized_delta_rule.utils import masked_exp, mat_block, seq_block
 
 
 @triton.jit
 def wy_fwd_kernel(a, g, gk, v, Aak, Aab, x, wm, u, offsets, cmap,
                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-                  BK: tl.constexpr, BV: tl.constexpr, USE_GK: tl.constexpr, DOT_PREC: tl.constexpr):
-    """grid (NC, H): X = (I - A_ab)^-1; Wm = X (a exp(G^-)); U = X (A_ak V)."""
+                  BK: tl.constexpr, BV: tl.constexpr, USE_GK: tl.constexpr, DOT_PREC: tl.constexpr,
+                  OP: tl.constexpr):
+    """grid (NC, H): X = (I - A_ab)^-1 (in the accumulation dtype); Wm = X (a exp(G^-)); U = X (A_ak V) (products
+    on OP operands)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_n, j = tl.load(cmap + i_c * 2), tl.load(cmap + i_c * 2 + 1)
     bos, eos = tl.load(offsets + i_n).to(tl.int64), tl.load(offsets + i_n + 1).to(tl.int64)
@@ -32,7 +34,8 @@ def wy_fwd_kernel(a, g, gk, v, Aak, Aab, x, wm, u, offsets, cmap,
 
     b_X = solve_unit_lower(-tl.load(mat_block(Aab + base, C, C, 0, 0, C, C)), C, DOT_PREC)
     tl.store(mat_block(x + base, C, C, 0, 0, C, C), b_X)
-    b_Aak = tl.load(mat_block(Aak + base, C, C, 0, 0, C, C))
+    b_Aak = tl.load(mat_block(Aak + base, C, C, 0, 0, C, C)).to(OP)
+    b_Xo = b_X.to(OP)
 
     vi = (tl.arange(0, C) < nv)[:, None]
     for i_k in range(tl.cdiv(K, BK)):
@@ -42,18 +45,21 @@ def wy_fwd_kernel(a, g, gk, v, Aak, Aab, x, wm, u, offsets, cmap,
             b_g -= tl.load(seq_block(gk, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), boundary_check=(0, 1)).to(ACC)
             b_a *= masked_exp(b_g, vi)
         tl.store(seq_block(wm, bos, i_h, L, H, K, j * C, i_k * BK, C, BK),
-                 tl.dot(b_X, b_a, input_precision=DOT_PREC), boundary_check=(0, 1))
+                 tl.dot(b_Xo, b_a.to(OP), input_precision=DOT_PREC, out_dtype=ACC), boundary_check=(0, 1))
     for i_v in range(tl.cdiv(V, BV)):
-        b_v = tl.load(seq_block(v, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1)).to(ACC)
-        b_u = tl.dot(b_X, tl.dot(b_Aak, b_v, input_precision=DOT_PREC), input_precision=DOT_PREC)
+        b_v = tl.load(seq_block(v, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1)).to(OP)
+        b_av = tl.dot(b_Aak, b_v, input_precision=DOT_PREC, out_dtype=ACC).to(OP)
+        b_u = tl.dot(b_Xo, b_av, input_precision=DOT_PREC, out_dtype=ACC)
         tl.store(seq_block(u, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), b_u, boundary_check=(0, 1))
 
 
 @triton.jit
 def wy_bwd_kernel(g, gk, v, Aak, x, wm, u, dwm, du, dv_in, dv, dAak, dAab, da, offsets, cmap,
                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-                  BK: tl.constexpr, BV: tl.constexpr, USE_GK: tl.constexpr, DOT_PREC: tl.constexpr):
-    """grid (NC, H): dv (final, v's dtype), dA_ak, dA_ab (masked) and da's WY part (accumulation dtype)."""
+                  BK: tl.constexpr, BV: tl.constexpr, USE_GK: tl.constexpr, DOT_PREC: tl.constexpr,
+                  OP: tl.constexpr):
+    """grid (NC, H): dv (final, v's dtype), dA_ak, dA_ab (masked) and da's WY part (accumulation dtype); products
+    on OP operands."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_n, j = tl.load(cmap + i_c * 2), tl.load(cmap + i_c * 2 + 1)
     bos, eos = tl.load(offsets + i_n).to(tl.int64), tl.load(offsets + i_n + 1).to(tl.int64)
@@ -62,27 +68,27 @@ def wy_bwd_kernel(g, gk, v, Aak, x, wm, u, dwm, du, dv_in, dv, dAak, dAab, da, o
     ACC = x.dtype.element_ty
     base = (i_c * H + i_h).to(tl.int64) * C * C
 
-    b_Xt = tl.trans(tl.load(mat_block(x + base, C, C, 0, 0, C, C)))
-    b_Aak_t = tl.trans(tl.load(mat_block(Aak + base, C, C, 0, 0, C, C)))
+    b_Xt = tl.trans(tl.load(mat_block(x + base, C, C, 0, 0, C, C)).to(OP))
+    b_Aak_t = tl.trans(tl.load(mat_block(Aak + base, C, C, 0, 0, C, C)).to(OP))
     b_dAak = tl.zeros([C, C], dtype=ACC)
     b_dAab = tl.zeros([C, C], dtype=ACC)
     for i_v in range(tl.cdiv(V, BV)):
-        b_du = tl.load(seq_block(du, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1))
-        b_v = tl.load(seq_block(v, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1)).to(ACC)
-        b_u = tl.load(seq_block(u, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1))
-        b_gv = tl.dot(b_Xt, b_du, input_precision=DOT_PREC)
-        b_dAak += tl.dot(b_gv, tl.trans(b_v), input_precision=DOT_PREC)
-        b_dAab += tl.dot(b_gv, tl.trans(b_u), input_precision=DOT_PREC)
+        b_du = tl.load(seq_block(du, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1)).to(OP)
+        b_v = tl.load(seq_block(v, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1)).to(OP)
+        b_u = tl.load(seq_block(u, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1)).to(OP)
+        b_gv = tl.dot(b_Xt, b_du, input_precision=DOT_PREC, out_dtype=ACC).to(OP)
+        b_dAak = tl.dot(b_gv, tl.trans(b_v), b_dAak, input_precision=DOT_PREC, out_dtype=ACC)
+        b_dAab = tl.dot(b_gv, tl.trans(b_u), b_dAab, input_precision=DOT_PREC, out_dtype=ACC)
         b_dv = tl.load(seq_block(dv_in, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1))
-        b_dv += tl.dot(b_Aak_t, b_gv, input_precision=DOT_PREC)
+        b_dv = tl.dot(b_Aak_t, b_gv, b_dv.to(ACC), input_precision=DOT_PREC, out_dtype=ACC)
         p_dv = seq_block(dv, bos, i_h, L, H, V, j * C, i_v * BV, C, BV)
         tl.store(p_dv, b_dv.to(p_dv.dtype.element_ty), boundary_check=(0, 1))
     vi = (tl.arange(0, C) < nv)[:, None]
     for i_k in range(tl.cdiv(K, BK)):
-        b_dwm = tl.load(seq_block(dwm, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), boundary_check=(0, 1))
-        b_wm = tl.load(seq_block(wm, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), boundary_check=(0, 1))
-        b_dah = tl.dot(b_Xt, b_dwm, input_precision=DOT_PREC)
-        b_dAab += tl.dot(b_dah, tl.trans(b_wm), input_precision=DOT_PREC)
+        b_dwm = tl.load(seq_block(dwm, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), boundary_check=(0, 1)).to(OP)
+        b_wm = tl.load(seq_block(wm, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), boundary_check=(0, 1)).to(OP)
+        b_dah = tl.dot(b_Xt, b_dwm, input_precision=DOT_PREC, out_dtype=ACC)
+        b_dAab = tl.dot(b_dah.to(OP), tl.trans(b_wm), b_dAab, input_precision=DOT_PREC, out_dtype=ACC)
         if USE_GK:
             b_g = tl.load(seq_block(g, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), boundary_check=(0, 1))
             b_g -= tl.load(seq_block(gk, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), boundary_check=(0, 1)).to(ACC)
@@ -113,7 +119,7 @@ def wy_fwd(a, g, gk, v, Aak, Aab, offsets, cmap, chunk_size):
         BK, BV = _blocks(K, V)
         launch_fitting(
             wy_fwd_kernel, (NC, H), a, g, gk, v, Aak, Aab, x, wm, u, offsets, cmap, H=H, K=K, V=V, C=C, BK=BK, BV=BV,
-            USE_GK=g is not None, DOT_PREC=dot_precision(a.dtype))
+            USE_GK=g is not None, DOT_PREC=dot_precision(a.dtype), OP=operand_type("dplr_wy_fwd", a.dtype, C, BK, BV))
     return x, wm, u
 
 
@@ -130,5 +136,6 @@ def wy_bwd(g, gk, v, Aak, x, wm, u, dwm, du, dv_in, offsets, cmap, chunk_size):
         BK, BV = _blocks(K, V)
         launch_fitting(
             wy_bwd_kernel, (NC, H), g, gk, v, Aak, x, wm, u, dwm, du, dv_in, dv, dAak, dAab, da, offsets, cmap, H=H,
-            K=K, V=V, C=C, BK=BK, BV=BV, USE_GK=g is not None, DOT_PREC=dot_precision(v.dtype))
+            K=K, V=V, C=C, BK=BK, BV=BV, USE_GK=g is not None, DOT_PREC=dot_precision(v.dtype),
+            OP=operand_type("dplr_wy_bwd", v.dtype, C, BK, BV))
     return dv, dAak, dAab, da
