@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The DPLR candidates' visit in one device call: the DPLR chunk at the point under the defaults, each candidate
+# switch alone and all together, a per-kernel profile with all on, then the DPLR / IPLR tests (and their conformance
+# and generalized-form cases, every dtype, bf16 included) with all on in the time left.
+#
+#   OUT=/folder DELTACHECK_COMMIT=<sha> bash benchmarks/dplr_switches.sh [TOTAL_S]     (carry .whl for fla)
+#
+# Everything lands in $OUT/d.tgz: point-*.json per setting (under d/<name>/), the profile, the tests' junit and
+# records (merge them into verification-gpu.* with benchmarks.gpu_summary merge-runs). TOTAL_S (default 560) bounds
+# the whole call; the tests get what the timings leave.
+set -uo pipefail
+TOTAL=${1:-560}
+export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=$PWD/.triton_cache
+mkdir -p "$TRITON_CACHE_DIR"
+ls .whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD
+DATA=reports/data/$(python3 -c 'from benchmarks.harness import device_name, slug; print(slug(device_name()))' \
+  2>/dev/null | tail -n 1)
+[ -s "$DATA/autotune-cache.tgz" ] && tar xzf "$DATA/autotune-cache.tgz" -C "$TRITON_CACHE_DIR"
+D=$OUT/d; mkdir -p "$D"; T0=$SECONDS; at() { echo "[$((SECONDS - T0)) s] $*"; }
+P=B=8,T=4096,H=16,K=128,V=128,dtype=bf16
+{ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.limit,driver_version \
+    --format=csv; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  echo "commit ${DELTACHECK_COMMIT:-?}"; } > "$D/machine.txt"; cat "$D/machine.txt"
+ALL="DELTACHECK_DPLR_DIAG_DOT=1 DELTACHECK_DPLR_TUNED=1 DELTACHECK_DPLR_HALF_OPERANDS=all"
+point() { local name=$1; shift; env "$@" timeout 70 python3 -m benchmarks.harness --point $P --forms dplr.chunk \
+  --budget-s 20 --task-limit-s 30 --out "$D/$name" > "$D/$name.log" 2>&1; at "$name (rc $?)"; }
+point default DELTACHECK_DPLR_DIAG_DOT=0
+point diag DELTACHECK_DPLR_DIAG_DOT=1
+point tuned DELTACHECK_DPLR_TUNED=1
+point wyhalf DELTACHECK_DPLR_HALF_OPERANDS=all
+point all $ALL
+env $ALL timeout 40 python3 -m benchmarks.profile_ops --forms dplr.chunk --point $P --out "$D/prof" \
+  > "$D/prof.log" 2>&1; at "profile (rc $?)"
+R=$((TOTAL - SECONDS + T0))
+env $ALL DELTACHECK_PROFILE=gpu DELTACHECK_RECORD=$D/verification-dplr.json timeout -s INT -k 15 $R \
+  python3 -m pytest -p no:cacheprovider -n 16 -q properties/test_dplr_ops.py properties/test_iplr_ops.py \
+  properties/test_conformance.py properties/test_generalized_forms_agree.py -k "dplr or iplr or generalized" \
+  --junitxml=$D/tests.junit.xml > "$D/tests.log" 2>&1; at "tests (rc $?)"
+for f in default diag tuned wyhalf all; do echo "== $f"; grep -A3 "^form " "$D/$f.log"; done
+grep " ms " "$D/prof.log" | head -14; grep -E "passed|failed|FAILED" "$D/tests.log" | tail -12
+(cd "$OUT" && tar czf d.tgz d && rm -rf d)
