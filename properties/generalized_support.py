@@ -77,7 +77,8 @@ def upstream(o, ht, seed):
 
 def check_op(op, ref, x, dtype, record, output_final_state=True, gradients=True):
     """op and the float64 reference on the same inputs: o and the final state within the forward bound (and in
-    the right dtypes); with random upstream gradients, every input's gradient within the gradient bound."""
+    the right dtypes); with random upstream gradients, every input's gradient within the gradient bound.
+    Returns the op's o."""
     ours, refs = leaves(x)
     kw = dict(scale=x["scale"], output_final_state=output_final_state, cu_seqlens=x["cu_seqlens"])
     o, ht = op(**ours, **kw)
@@ -90,7 +91,7 @@ def check_op(op, ref, x, dtype, record, output_final_state=True, gradients=True)
     else:
         assert ht is None
     if not gradients:
-        return
+        return o
     outs, grads_out = upstream(o, ht, 0)
     grads = torch.autograd.grad(outs, list(ours.values()), grads_out)
     routs = (ro, rht) if output_final_state else (ro,)
@@ -99,6 +100,7 @@ def check_op(op, ref, x, dtype, record, output_final_state=True, gradients=True)
     for name, xx, gx, rgx in zip(ours, ours.values(), grads, rgrads):
         assert gx.dtype == xx.dtype and gx.shape == xx.shape, name
         assert_close(f"d{name}", gx, rgx, dtype, "gradient", record=record)
+    return o
 
 
 @contextlib.contextmanager

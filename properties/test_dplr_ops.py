@@ -24,7 +24,6 @@ from properties.generalized_support import (
     gradcheck_fast,
     gradcheck_inputs,
     inputs,
-    leaves,
     nonempty,
     small_tiles,
     with_fields,
@@ -61,8 +60,8 @@ def test_chunk_dplr_matches_reference(case, family, decay, gk_f32, chunk_size, t
     """chunk_dplr_delta_rule's o and final state equal the float64 reference within the forward bound, and its
     gradients for q, k, v, a, b, gk and initial_state (random upstream gradients) within the gradient bound: stable
     and raw a, b, weak, mild and strong decay (down to -20 per token), gk in the input dtype or float32, any chunk
-    size and tile split, chunk_A's token loops one or four tokens a step, its forward's diagonal blocks token by
-    token or (where the decays allow) as products."""
+    size and tile split, chunk_A's token loops one or four tokens a step, its diagonal blocks (forward and
+    backward) token by token or (where the decays allow) as products."""
     case = nonempty(case)
     x, family = draw_inputs(case, family, decay, gk_f32)
     with small_tiles(tiles), pytest.MonkeyPatch.context() as mp:
@@ -160,10 +159,8 @@ def test_chunk_dplr_diagonal_products_match_reference(dtype, record):
     for diag_max in (-1.0, 30.0):
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(chunk_A, "DIAG_MAX", diag_max)
-            check_op(chunk_op(64, chunk_dplr_delta_rule), reference.dplr_recurrent, x, dtype,
-                     with_fields(record, diag_max=diag_max))
-            out[diag_max] = chunk_dplr_delta_rule(**leaves(x)[0], scale=x["scale"], cu_seqlens=x["cu_seqlens"],
-                                                  chunk_size=64)[0]
+            out[diag_max] = check_op(chunk_op(64, chunk_dplr_delta_rule), reference.dplr_recurrent, x, dtype,
+                                     with_fields(record, diag_max=diag_max))
     assert not torch.equal(out[-1.0], out[30.0])
 
 

@@ -133,6 +133,12 @@ def _store_causal(Aqk, Aqb, Aak, Aab, o_s, rows, cols, b_qk, b_qb, b_ak, b_ab):
 
 
 @triton.jit
+def _deviation(g_I, gm_I, g_ref, vi, vm):
+    """|G_ik - G_ref,k| on the rows vi and |G^-_ik - G_ref,k| on the rows vm, elementwise ([BC, BK]; 0 elsewhere)."""
+    return tl.maximum(tl.where(vi, tl.abs(g_I - g_ref), 0.0), tl.where(vm, tl.abs(gm_I - g_ref), 0.0))
+
+
+@triton.jit
 def _spread(g, gk, bos, i_h, L, t0, r0, r, nv, H: tl.constexpr, K: tl.constexpr, BC: tl.constexpr,
             BK: tl.constexpr):
     """max |G_ik - G_rk| and |G^-_ik - G_rk| over block I's valid rows i (> r for G^-) and all K channels."""
@@ -144,8 +150,7 @@ def _spread(g, gk, bos, i_h, L, t0, r0, r, nv, H: tl.constexpr, K: tl.constexpr,
         g_I = tl.load(seq_block(g, bos, i_h, L, H, K, t0 + r0, c0, BC, BK), boundary_check=(0, 1))
         gm_I = g_I - tl.load(seq_block(gk, bos, i_h, L, H, K, t0 + r0, c0, BC, BK), boundary_check=(0, 1)).to(m.dtype)
         g_r = seq_row(g, bos, i_h, t0 + r, H, K, c0, BK)[None, :]
-        m = tl.maximum(m, tl.where(vi, tl.abs(g_I - g_r), 0.0))
-        m = tl.maximum(m, tl.where(vi & (rows > r)[:, None], tl.abs(gm_I - g_r), 0.0))
+        m = tl.maximum(m, _deviation(g_I, gm_I, g_r, vi, vi & (rows > r)[:, None]))
     return tl.max(tl.max(m, 1), 0)
 
 
@@ -288,9 +293,8 @@ def chunk_A_bwd_kernel(q, k, a, b, g, gk, dAqk, dAqb, dAak, dAab, dq_in, dk_in, 
         j_hi = I
         j_lo = I
         if DIAG_MAX >= 0:
-            m = tl.maximum(tl.where(vi, tl.maximum(tl.abs(g_I - g_r), tl.abs(g_I - g_r2)), 0.0),
-                           tl.where(vi & (rows > r)[:, None], tl.abs(gm_I - g_r), 0.0))
-            m = tl.maximum(m, tl.where(vi & (rows > r0)[:, None], tl.abs(gm_I - g_r2), 0.0))
+            m = tl.maximum(_deviation(g_I, gm_I, g_r, vi, vi & (rows > r)[:, None]),
+                           _deviation(g_I, gm_I, g_r2, vi, vi & (rows > r0)[:, None]))
             DIAG = tl.max(tl.max(m, 1), 0) <= DIAG_MAX
             j_hi = tl.where(DIAG, I + 1, I)
             j_lo = tl.where(DIAG, I - 1, I)
