@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The DPLR candidates' visit in one device call: the DPLR chunk at the point under the defaults, each candidate
-# switch alone and all together, a per-kernel profile with all on, then the DPLR / IPLR tests (and their conformance
-# and generalized-form cases, every dtype, bf16 included) with all on in the time left.
+# The DPLR candidates' visit in one device call: the DPLR chunk at the point (beside fla's) under the defaults, each
+# candidate switch alone and all together (beside fla's again), a per-kernel profile with all on, then the DPLR /
+# IPLR tests (and their conformance and generalized-form cases, every dtype, bf16 included) with all on in the time
+# left.
 #
 #   OUT=/folder DELTACHECK_COMMIT=<sha> bash benchmarks/dplr_switches.sh [TOTAL_S]     (carry .whl for fla)
 #
@@ -23,13 +24,13 @@ P=B=8,T=4096,H=16,K=128,V=128,dtype=bf16
     --format=csv; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   echo "commit ${DELTACHECK_COMMIT:-?}"; } > "$D/machine.txt"; cat "$D/machine.txt"
 ALL="DELTACHECK_DPLR_DIAG_DOT=1 DELTACHECK_DPLR_TUNED=1 DELTACHECK_DPLR_HALF_OPERANDS=all"
-point() { local name=$1; shift; env "$@" timeout 70 python3 -m benchmarks.harness --point $P --forms dplr.chunk \
-  --budget-s 20 --task-limit-s 30 --out "$D/$name" > "$D/$name.log" 2>&1; at "$name (rc $?)"; }
-point default DELTACHECK_DPLR_DIAG_DOT=0
-point diag DELTACHECK_DPLR_DIAG_DOT=1
-point tuned DELTACHECK_DPLR_TUNED=1
-point wyhalf DELTACHECK_DPLR_HALF_OPERANDS=all
-point all $ALL
+point() { local name=$1 forms=$2; shift 2; env "$@" timeout 100 python3 -m benchmarks.harness --point $P \
+  --forms "$forms" --budget-s 40 --task-limit-s 45 --out "$D/$name" > "$D/$name.log" 2>&1; at "$name (rc $?)"; }
+point default dplr.chunk,fla.dplr.chunk DELTACHECK_DPLR_DIAG_DOT=0
+point diag dplr.chunk DELTACHECK_DPLR_DIAG_DOT=1
+point tuned dplr.chunk DELTACHECK_DPLR_TUNED=1
+point wyhalf dplr.chunk DELTACHECK_DPLR_HALF_OPERANDS=all
+point all dplr.chunk,fla.dplr.chunk $ALL
 env $ALL timeout 40 python3 -m benchmarks.profile_ops --forms dplr.chunk --point $P --out "$D/prof" \
   > "$D/prof.log" 2>&1; at "profile (rc $?)"
 R=$((TOTAL - SECONDS + T0))
