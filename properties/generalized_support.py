@@ -109,10 +109,9 @@ def small_tiles(enabled):
     several V blocks of the state, partial sums over V blocks in the fused recurrent backward)."""
     with pytest.MonkeyPatch.context() as mp:
         if enabled:
-            for mod in (chunk_A, wy_fast, chunk_o):
+            for mod in (chunk_A, wy_fast, chunk_o, chunk_h):
                 mp.setattr(mod, "TILE", 16)
             mp.setattr(chunk_A, "FWD_TILE", 16)
-            mp.setattr(chunk_h, "BUDGET", 256)
             mp.setattr(fused_recurrent, "FWD_TILE", 64)
             mp.setattr(fused_recurrent, "BWD_TILE", 64)
         yield

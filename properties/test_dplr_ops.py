@@ -76,11 +76,13 @@ HALF_DTYPES = [d for d in OP_DTYPES if d in (torch.float16, torch.bfloat16)]
 
 
 def test_dplr_half_operand_switch_names_its_kernel_sets():
-    """DELTACHECK_DPLR_HALF_OPERANDS: 0 names no kernel, 1 the chunk_o kernels, all adds wy_fast's candidates; any
-    other value is refused with the variable's name."""
+    """DELTACHECK_DPLR_HALF_OPERANDS: 0 names no kernel, 1 the chunk_o kernels, all adds the candidates (wy_fast's
+    and chunk_h's); any other value is refused with the variable's name."""
     assert utils.dplr_half_kernels("0") == frozenset()
     assert utils.dplr_half_kernels("1") == frozenset(utils.DPLR_HALF_KERNELS)
     assert utils.dplr_half_kernels("all") == frozenset(utils.DPLR_HALF_KERNELS + utils.DPLR_HALF_CANDIDATES)
+    assert {"dplr_wy_fwd", "dplr_wy_bwd", "dplr_chunk_h_fwd", "dplr_chunk_h_bwd"} <= set(utils.DPLR_HALF_CANDIDATES)
+    assert not set(utils.DPLR_HALF_CANDIDATES) & utils.dplr_half_kernels("1")
     with pytest.raises(ValueError, match="DELTACHECK_DPLR_HALF_OPERANDS"):
         utils.dplr_half_kernels("yes")
 
@@ -97,10 +99,11 @@ def test_dplr_half_operand_switch_names_its_kernel_sets():
          kernels=",".join(utils.DPLR_HALF_KERNELS + utils.DPLR_HALF_CANDIDATES))
 def test_chunk_dplr_half_operands_match_reference(case, decay, chunk_size, kernels, record):
     """With half-precision tl.dot operands (utils.DPLR_HALF_KERNELS, the chunk_o kernels, and the candidates
-    utils.DPLR_HALF_CANDIDATES, wy_fast's) in any one of them, the chunk_o ones or all of them, the DPLR (weak, mild
-    or strong decay) and IPLR (decay None) chunk forms' o, final state and every gradient stay within the dtype's
-    bounds of the float64 reference. Tiles are at least 32 wide here (K, V >= 17, C >= 32); a named kernel
-    takes the half path exactly where its tiles are also equal, and that is checked."""
+    utils.DPLR_HALF_CANDIDATES, wy_fast's and chunk_h's) in any one of them, the chunk_o ones or all of them, the
+    DPLR (weak, mild or strong decay) and IPLR (decay None) chunk forms' o, final state and every gradient stay
+    within the dtype's bounds of the float64 reference. Tiles are at least 32 wide here (K, V >= 17, C >= 32); a
+    named kernel takes the half path exactly where its tiles are also equal, and that is checked (at C = K = V = 64
+    every named kernel takes it, the first example's chunk_h included)."""
     case = nonempty(case)
     named = utils.half_kernels(kernels)
     x = inputs(case, "stable", *DECAYS[decay]) if decay else inputs(case, "stable")

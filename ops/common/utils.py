@@ -57,10 +57,12 @@ def dot_precision(dtype: torch.dtype) -> str:
 HALF_KERNELS = ("wy_fwd", "chunk_h_fwd", "chunk_o_fwd", "chunk_dv_local", "chunk_h_bwd", "chunk_o_bwd", "wy_bwd")
 # The DPLR / IPLR chunk kernels under the same rule (dplr/chunk_o.py), on unless DELTACHECK_DPLR_HALF_OPERANDS=0.
 # H100 at the point (GPU visit 16): chunk_o_fwd 1.23 -> 0.71 ms, chunk_o_bwd_local 0.76 -> 0.57, chunk_o_bwd_state
-# (8 warps) 1.77 -> 1.66. DPLR_HALF_CANDIDATES (dplr/wy_fast.py; the inverse X stays in the accumulation dtype, its
-# products take half operands) join them with DELTACHECK_DPLR_HALF_OPERANDS=all, until timed and GPU-tested.
+# (8 warps) 1.77 -> 1.66. DPLR_HALF_CANDIDATES join them with DELTACHECK_DPLR_HALF_OPERANDS=all, until timed and
+# GPU-tested: dplr/wy_fast.py (the inverse X stays in the accumulation dtype, its products take half operands) and
+# dplr/chunk_h.py (the state stays in float32 registers as [64, 64] tiles; the decayed Bt, Kt, Qh, the state tiles
+# and W, dW as dot operands are rounded to half).
 DPLR_HALF_KERNELS = ("dplr_chunk_o_fwd", "dplr_chunk_o_bwd_local", "dplr_chunk_o_bwd_state")
-DPLR_HALF_CANDIDATES = ("dplr_wy_fwd", "dplr_wy_bwd")
+DPLR_HALF_CANDIDATES = ("dplr_wy_fwd", "dplr_wy_bwd", "dplr_chunk_h_fwd", "dplr_chunk_h_bwd")
 
 
 def half_kernels(spec: str) -> frozenset:

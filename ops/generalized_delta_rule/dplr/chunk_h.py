@@ -8,60 +8,133 @@ Backward, reverse over chunks, dh = dht (or 0); dW_loc, dV_loc from chunk_o's lo
     store dh (the gradient of the state leaving the chunk);
     dW = dW_loc + Bt dh (store);   dV = dV_loc + Kt dh (store);
     dh <- exp(gamma) * dh + scale Qh^T dO + Wm^T dW;   dS0 = dh.
-Grid (V blocks, N * H); a program keeps all K rows and BV columns of the state in registers ([BK, BV] with
-BK * BV <= 4096 fp32 elements: K = 128 gives BV = 32) on 8 warps and stores per-chunk states [NC, H, K, V] in
-the accumulation dtype.
+The decays act per key channel, so each K tile of the state takes its own columns of G, k, b, q and Wm.
+Grid (V blocks, N * H). A program holds BV columns of the [K, V] state in registers as up to four [BK, BV] tiles
+(BK = BV = 64 for K, V >= 64; BK doubles past K = 256), in the accumulation dtype, on 4 warps (8 backward); states
+[NC, H, K, V], W, dW and dV are stored in the accumulation dtype. tl.dot operands are OP (utils.operand_type: the
+half input dtype where the switch names the kernel and C = BK = BV >= 32, else the accumulation dtype), accumulated
+in the accumulation dtype.
 """
 import triton
 import triton.language as tl
 
-from ops.common.utils import acc_dtype, dot_precision, interpreting, launch_fitting, new_empty
-from ops.generalized_delta_rule.utils import masked_exp, mat_block, seq_block, seq_row, state_tile
+from ops.common.utils import (
+    acc_dtype,
+    block_size,
+    dot_precision,
+    interpreting,
+    launch_fitting,
+    new_empty,
+    operand_type,
+)
+from ops.generalized_delta_rule.utils import masked_exp, mat_block, seq_block, seq_row
 
 
 @triton.jit
-def _decays(g, bos, i_h, L, j, nv, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr):
-    """(exp(gamma) [BK], exp(G) [C, BK], exp(gamma - G) [C, BK]) for this chunk (0 on rows past its end), from one
-    load of G."""
-    b_gam = seq_row(g, bos, i_h, j * C + nv - 1, H, K, 0, BK)
-    b_g = tl.load(seq_block(g, bos, i_h, L, H, K, j * C, 0, C, BK), boundary_check=(0, 1))
+def _decays(g, bos, i_h, L, j, nv, k0, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr):
+    """(exp(gamma) [BK], exp(G) [C, BK], exp(gamma - G) [C, BK]) on K columns k0.. of chunk j (0 on rows past its
+    end), from one load of G."""
+    b_gam = seq_row(g, bos, i_h, j * C + nv - 1, H, K, k0, BK)
+    b_g = tl.load(seq_block(g, bos, i_h, L, H, K, j * C, k0, C, BK), boundary_check=(0, 1))
     vi = (tl.arange(0, C) < nv)[:, None]
     return tl.exp(b_gam), masked_exp(b_g, vi), masked_exp(b_gam[None, :] - b_g, vi)
 
 
 @triton.jit
-def _fwd_step(t, b_h, k, b, v, g, wm, u, h, w, bos, i_h, L, c0, v0,
-              H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-              BK: tl.constexpr, BV: tl.constexpr, USE_GK: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Chunk t: store h; W = U + Wm h (store); h = exp(gamma) h + Bt^T W + Kt^T V."""
-    ACC = b_h.dtype
-    ph = h + ((c0 + t) * H + i_h) * K * V
-    tl.store(mat_block(ph, K, V, 0, v0, BK, BV), b_h, boundary_check=(0, 1))
-    b_wm = tl.load(seq_block(wm, bos, i_h, L, H, K, t * C, 0, C, BK), boundary_check=(0, 1))
-    b_w = tl.load(seq_block(u, bos, i_h, L, H, V, t * C, v0, C, BV), boundary_check=(0, 1))
-    b_w += tl.dot(b_wm, b_h, input_precision=DOT_PREC)
-    tl.store(seq_block(w, bos, i_h, L, H, V, t * C, v0, C, BV), b_w, boundary_check=(0, 1))
+def _add_state(b_h0, b_h1, b_h2, b_h3, p, K: tl.constexpr, V: tl.constexpr, v0, BK: tl.constexpr,
+               BV: tl.constexpr, NK: tl.constexpr):
+    """The NK state tiles plus rows i BK.., columns v0.. of the [K, V] matrix at p."""
+    ACC = b_h0.dtype
+    b_h0 += tl.load(mat_block(p, K, V, 0, v0, BK, BV), boundary_check=(0, 1)).to(ACC)
+    if NK > 1:
+        b_h1 += tl.load(mat_block(p, K, V, BK, v0, BK, BV), boundary_check=(0, 1)).to(ACC)
+    if NK > 2:
+        b_h2 += tl.load(mat_block(p, K, V, 2 * BK, v0, BK, BV), boundary_check=(0, 1)).to(ACC)
+    if NK > 3:
+        b_h3 += tl.load(mat_block(p, K, V, 3 * BK, v0, BK, BV), boundary_check=(0, 1)).to(ACC)
+    return b_h0, b_h1, b_h2, b_h3
 
-    b_k = tl.load(seq_block(k, bos, i_h, L, H, K, t * C, 0, C, BK), boundary_check=(0, 1)).to(ACC)
-    b_b = tl.load(seq_block(b, bos, i_h, L, H, K, t * C, 0, C, BK), boundary_check=(0, 1)).to(ACC)
-    b_v = tl.load(seq_block(v, bos, i_h, L, H, V, t * C, v0, C, BV), boundary_check=(0, 1)).to(ACC)
+
+@triton.jit
+def _store_state(p, b_h0, b_h1, b_h2, b_h3, K: tl.constexpr, V: tl.constexpr, v0, BK: tl.constexpr,
+                 BV: tl.constexpr, NK: tl.constexpr):
+    """Stores the NK state tiles as rows i BK.., columns v0.. of the [K, V] matrix at p (in its dtype)."""
+    DT = p.dtype.element_ty
+    tl.store(mat_block(p, K, V, 0, v0, BK, BV), b_h0.to(DT), boundary_check=(0, 1))
+    if NK > 1:
+        tl.store(mat_block(p, K, V, BK, v0, BK, BV), b_h1.to(DT), boundary_check=(0, 1))
+    if NK > 2:
+        tl.store(mat_block(p, K, V, 2 * BK, v0, BK, BV), b_h2.to(DT), boundary_check=(0, 1))
+    if NK > 3:
+        tl.store(mat_block(p, K, V, 3 * BK, v0, BK, BV), b_h3.to(DT), boundary_check=(0, 1))
+
+
+@triton.jit
+def _wm_dot(b_acc, b_x, wm, bos, i_h, L, t, k0, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
+            BK: tl.constexpr, TRANS: tl.constexpr, DOT_PREC: tl.constexpr, OP: tl.constexpr):
+    """b_acc + Wm b_x [C, BV] (b_x a state tile), or with TRANS b_acc + Wm^T b_x [BK, BV] (b_x = dW), Wm's K
+    columns k0..; operands in OP."""
+    if TRANS:  # (a column-major view of the same rows: a transposed register tile loads element by element)
+        p_wm = tl.make_block_ptr(wm + (bos * H + i_h) * K, (K, L), (1, H * K), (k0, t * C), (BK, C), (0, 1))
+    else:
+        p_wm = seq_block(wm, bos, i_h, L, H, K, t * C, k0, C, BK)
+    b_wm = tl.load(p_wm, boundary_check=(0, 1)).to(OP)
+    return tl.dot(b_wm, b_x.to(OP), b_acc, input_precision=DOT_PREC, out_dtype=b_acc.dtype)
+
+
+@triton.jit
+def _fwd_tile(b_h, k, b, g, b_w, b_v, bos, i_h, L, t, nv, k0, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
+              BK: tl.constexpr, USE_GK: tl.constexpr, DOT_PREC: tl.constexpr, OP: tl.constexpr):
+    """The state tile of K rows k0..: h <- exp(gamma) h + Bt^T W + Kt^T V (b_w, b_v: W and V in OP)."""
+    ACC = b_h.dtype
+    b_k = tl.load(seq_block(k, bos, i_h, L, H, K, t * C, k0, C, BK), boundary_check=(0, 1)).to(ACC)
+    b_b = tl.load(seq_block(b, bos, i_h, L, H, K, t * C, k0, C, BK), boundary_check=(0, 1)).to(ACC)
     if USE_GK:
-        nv = tl.minimum(L - t * C, C)
-        b_eg, _, b_f = _decays(g, bos, i_h, L, t, nv, H, K, C, BK)
+        b_eg, _, b_f = _decays(g, bos, i_h, L, t, nv, k0, H, K, C, BK)
         b_k *= b_f
         b_b *= b_f
         b_h *= b_eg[:, None]
-    b_h += tl.dot(tl.trans(b_b), b_w, input_precision=DOT_PREC)
-    b_h += tl.dot(tl.trans(b_k), b_v, input_precision=DOT_PREC)
-    return b_h
+    b_h = tl.dot(tl.trans(b_b.to(OP)), b_w, b_h, input_precision=DOT_PREC, out_dtype=ACC)
+    return tl.dot(tl.trans(b_k.to(OP)), b_v, b_h, input_precision=DOT_PREC, out_dtype=ACC)
+
+
+@triton.jit
+def _fwd_step(t, b_h0, b_h1, b_h2, b_h3, k, b, v, g, wm, u, h, w, bos, i_h, L, c0, v0,
+              H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+              BV: tl.constexpr, NK: tl.constexpr, USE_GK: tl.constexpr, DOT_PREC: tl.constexpr, OP: tl.constexpr):
+    """Chunk t: store h; W = U + Wm h (store); h <- exp(gamma) h + Bt^T W + Kt^T V."""
+    ACC = b_h0.dtype
+    _store_state(h + ((c0 + t) * H + i_h) * K * V, b_h0, b_h1, b_h2, b_h3, K, V, v0, BK, BV, NK)
+    # W = Wm h summed over the K tiles, then + U
+    b_w = _wm_dot(tl.zeros([C, BV], dtype=ACC), b_h0, wm, bos, i_h, L, t, 0, H, K, C, BK, False, DOT_PREC, OP)
+    if NK > 1:
+        b_w = _wm_dot(b_w, b_h1, wm, bos, i_h, L, t, BK, H, K, C, BK, False, DOT_PREC, OP)
+    if NK > 2:
+        b_w = _wm_dot(b_w, b_h2, wm, bos, i_h, L, t, 2 * BK, H, K, C, BK, False, DOT_PREC, OP)
+    if NK > 3:
+        b_w = _wm_dot(b_w, b_h3, wm, bos, i_h, L, t, 3 * BK, H, K, C, BK, False, DOT_PREC, OP)
+    b_w += tl.load(seq_block(u, bos, i_h, L, H, V, t * C, v0, C, BV), boundary_check=(0, 1)).to(ACC)
+    tl.store(seq_block(w, bos, i_h, L, H, V, t * C, v0, C, BV), b_w, boundary_check=(0, 1))
+
+    b_w = b_w.to(OP)
+    b_v = tl.load(seq_block(v, bos, i_h, L, H, V, t * C, v0, C, BV), boundary_check=(0, 1)).to(OP)
+    nv = tl.minimum(L - t * C, C)
+    b_h0 = _fwd_tile(b_h0, k, b, g, b_w, b_v, bos, i_h, L, t, nv, 0, H, K, C, BK, USE_GK, DOT_PREC, OP)
+    if NK > 1:
+        b_h1 = _fwd_tile(b_h1, k, b, g, b_w, b_v, bos, i_h, L, t, nv, BK, H, K, C, BK, USE_GK, DOT_PREC, OP)
+    if NK > 2:
+        b_h2 = _fwd_tile(b_h2, k, b, g, b_w, b_v, bos, i_h, L, t, nv, 2 * BK, H, K, C, BK, USE_GK, DOT_PREC, OP)
+    if NK > 3:
+        b_h3 = _fwd_tile(b_h3, k, b, g, b_w, b_v, bos, i_h, L, t, nv, 3 * BK, H, K, C, BK, USE_GK, DOT_PREC, OP)
+    return b_h0, b_h1, b_h2, b_h3
 
 
 @triton.jit
 def chunk_h_fwd_kernel(k, b, v, g, wm, u, h, w, h0, ht, offsets, chunk_offsets,
                        H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-                       BK: tl.constexpr, BV: tl.constexpr, USE_GK: tl.constexpr,
+                       BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr, USE_GK: tl.constexpr,
                        USE_S0: tl.constexpr, STORE_FINAL: tl.constexpr, DOT_PREC: tl.constexpr,
-                       WHILE_LOOP: tl.constexpr):
+                       OP: tl.constexpr, WHILE_LOOP: tl.constexpr):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos = tl.load(offsets + i_n).to(tl.int64), tl.load(offsets + i_n + 1).to(tl.int64)
@@ -70,64 +143,107 @@ def chunk_h_fwd_kernel(k, b, v, g, wm, u, h, w, h0, ht, offsets, chunk_offsets,
     ACC = h.dtype.element_ty
     v0 = i_v * BV
 
-    b_h = tl.zeros([BK, BV], dtype=ACC)
+    b_h0 = tl.zeros([BK, BV], dtype=ACC)
+    b_h1 = tl.zeros([BK, BV], dtype=ACC)
+    b_h2 = tl.zeros([BK, BV], dtype=ACC)
+    b_h3 = tl.zeros([BK, BV], dtype=ACC)
     if USE_S0:
-        b_h += tl.load(mat_block(h0 + i_nh.to(tl.int64) * K * V, K, V, 0, v0, BK, BV), boundary_check=(0, 1)).to(ACC)
+        b_h0, b_h1, b_h2, b_h3 = _add_state(b_h0, b_h1, b_h2, b_h3, h0 + i_nh.to(tl.int64) * K * V, K, V, v0, BK,
+                                            BV, NK)
     NT = tl.cdiv(L, C).to(tl.int32)
     if WHILE_LOOP:  # the interpreter cannot range() over a loaded bound
         t = 0
         while t < NT:
-            b_h = _fwd_step(t, b_h, k, b, v, g, wm, u, h, w, bos, i_h, L, c0, v0, H, K, V, C, BK, BV, USE_GK,
-                            DOT_PREC)
+            b_h0, b_h1, b_h2, b_h3 = _fwd_step(t, b_h0, b_h1, b_h2, b_h3, k, b, v, g, wm, u, h, w, bos, i_h, L, c0,
+                                               v0, H, K, V, C, BK, BV, NK, USE_GK, DOT_PREC, OP)
             t += 1
     else:
         for t in range(NT):
-            b_h = _fwd_step(t, b_h, k, b, v, g, wm, u, h, w, bos, i_h, L, c0, v0, H, K, V, C, BK, BV, USE_GK,
-                            DOT_PREC)
+            b_h0, b_h1, b_h2, b_h3 = _fwd_step(t, b_h0, b_h1, b_h2, b_h3, k, b, v, g, wm, u, h, w, bos, i_h, L, c0,
+                                               v0, H, K, V, C, BK, BV, NK, USE_GK, DOT_PREC, OP)
     if STORE_FINAL:
-        tl.store(mat_block(ht + i_nh.to(tl.int64) * K * V, K, V, 0, v0, BK, BV), b_h, boundary_check=(0, 1))
+        _store_state(ht + i_nh.to(tl.int64) * K * V, b_h0, b_h1, b_h2, b_h3, K, V, v0, BK, BV, NK)
 
 
 @triton.jit
-def _bwd_step(t, b_dh, q, k, b, g, wm, do, dw_loc, dv_loc, dh, dw, dv, scale, bos, i_h, L, c0, v0,
-              H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-              BK: tl.constexpr, BV: tl.constexpr, USE_GK: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Chunk t (reverse order): store dh; dW = dW_loc + Bt dh; dV = dV_loc + Kt dh;
-    dh = exp(gamma) dh + scale Qh^T dO + Wm^T dW."""
-    ACC = b_dh.dtype
-    ph = dh + ((c0 + t) * H + i_h) * K * V
-    tl.store(mat_block(ph, K, V, 0, v0, BK, BV), b_dh, boundary_check=(0, 1))
-    b_q = tl.load(seq_block(q, bos, i_h, L, H, K, t * C, 0, C, BK), boundary_check=(0, 1)).to(ACC)
-    b_k = tl.load(seq_block(k, bos, i_h, L, H, K, t * C, 0, C, BK), boundary_check=(0, 1)).to(ACC)
-    b_b = tl.load(seq_block(b, bos, i_h, L, H, K, t * C, 0, C, BK), boundary_check=(0, 1)).to(ACC)
+def _bt_dh(b_acc, b_dh, b, g, bos, i_h, L, t, nv, k0, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
+           BK: tl.constexpr, USE_GK: tl.constexpr, DOT_PREC: tl.constexpr, OP: tl.constexpr):
+    """b_acc + Bt dh on K columns k0.. (Bt = b exp(gamma - G); b_dh the state tile of those rows)."""
+    b_b = tl.load(seq_block(b, bos, i_h, L, H, K, t * C, k0, C, BK), boundary_check=(0, 1)).to(b_acc.dtype)
     if USE_GK:
-        nv = tl.minimum(L - t * C, C)
-        b_eg, b_e, b_f = _decays(g, bos, i_h, L, t, nv, H, K, C, BK)
-        b_k *= b_f
+        _, _, b_f = _decays(g, bos, i_h, L, t, nv, k0, H, K, C, BK)
         b_b *= b_f
-        b_q *= b_e
-    b_dw = tl.load(seq_block(dw_loc, bos, i_h, L, H, V, t * C, v0, C, BV), boundary_check=(0, 1))
-    b_dw += tl.dot(b_b, b_dh, input_precision=DOT_PREC)
-    tl.store(seq_block(dw, bos, i_h, L, H, V, t * C, v0, C, BV), b_dw, boundary_check=(0, 1))
-    b_dv = tl.load(seq_block(dv_loc, bos, i_h, L, H, V, t * C, v0, C, BV), boundary_check=(0, 1))
-    b_dv += tl.dot(b_k, b_dh, input_precision=DOT_PREC)
-    tl.store(seq_block(dv, bos, i_h, L, H, V, t * C, v0, C, BV), b_dv, boundary_check=(0, 1))
+    return tl.dot(b_b.to(OP), b_dh.to(OP), b_acc, input_precision=DOT_PREC, out_dtype=b_acc.dtype)
 
-    b_do = tl.load(seq_block(do, bos, i_h, L, H, V, t * C, v0, C, BV), boundary_check=(0, 1)).to(ACC) * scale
-    b_wm = tl.load(seq_block(wm, bos, i_h, L, H, K, t * C, 0, C, BK), boundary_check=(0, 1))
+
+@triton.jit
+def _bwd_tile(b_dh, q, k, g, wm, b_do, b_dw, b_dv, bos, i_h, L, t, nv, k0, H: tl.constexpr, K: tl.constexpr,
+              C: tl.constexpr, BK: tl.constexpr, USE_GK: tl.constexpr, DOT_PREC: tl.constexpr, OP: tl.constexpr):
+    """The dh tile of K rows k0..: dV += Kt dh; dh <- exp(gamma) dh + Qh^T (scale dO) + Wm^T dW (b_do, b_dw:
+    scale dO and the complete dW in OP)."""
+    ACC = b_dh.dtype
+    b_q = tl.load(seq_block(q, bos, i_h, L, H, K, t * C, k0, C, BK), boundary_check=(0, 1)).to(ACC)
+    b_k = tl.load(seq_block(k, bos, i_h, L, H, K, t * C, k0, C, BK), boundary_check=(0, 1)).to(ACC)
+    if USE_GK:
+        b_eg, b_e, b_f = _decays(g, bos, i_h, L, t, nv, k0, H, K, C, BK)
+        b_k *= b_f
+        b_q *= b_e
+    b_dv = tl.dot(b_k.to(OP), b_dh.to(OP), b_dv, input_precision=DOT_PREC, out_dtype=ACC)
     if USE_GK:
         b_dh *= b_eg[:, None]
-    b_dh += tl.dot(tl.trans(b_q), b_do, input_precision=DOT_PREC)
-    b_dh += tl.dot(tl.trans(b_wm), b_dw, input_precision=DOT_PREC)
-    return b_dh
+    b_dh = tl.dot(tl.trans(b_q.to(OP)), b_do, b_dh, input_precision=DOT_PREC, out_dtype=ACC)
+    b_dh = _wm_dot(b_dh, b_dw, wm, bos, i_h, L, t, k0, H, K, C, BK, True, DOT_PREC, OP)
+    return b_dh, b_dv
+
+
+@triton.jit
+def _bwd_step(t, b_dh0, b_dh1, b_dh2, b_dh3, q, k, b, g, wm, do, dw_loc, dv_loc, dh, dw, dv, scale, bos, i_h, L,
+              c0, v0, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+              BV: tl.constexpr, NK: tl.constexpr, USE_GK: tl.constexpr, DOT_PREC: tl.constexpr, OP: tl.constexpr):
+    """Chunk t (reverse order): store dh; dW = dW_loc + Bt dh; dV = dV_loc + Kt dh;
+    dh <- exp(gamma) dh + scale Qh^T dO + Wm^T dW."""
+    ACC = b_dh0.dtype
+    _store_state(dh + ((c0 + t) * H + i_h) * K * V, b_dh0, b_dh1, b_dh2, b_dh3, K, V, v0, BK, BV, NK)
+    nv = tl.minimum(L - t * C, C)
+    # dW = Bt dh summed over the K tiles, then + dW_loc
+    b_dw = _bt_dh(tl.zeros([C, BV], dtype=ACC), b_dh0, b, g, bos, i_h, L, t, nv, 0, H, K, C, BK, USE_GK, DOT_PREC,
+                  OP)
+    if NK > 1:
+        b_dw = _bt_dh(b_dw, b_dh1, b, g, bos, i_h, L, t, nv, BK, H, K, C, BK, USE_GK, DOT_PREC, OP)
+    if NK > 2:
+        b_dw = _bt_dh(b_dw, b_dh2, b, g, bos, i_h, L, t, nv, 2 * BK, H, K, C, BK, USE_GK, DOT_PREC, OP)
+    if NK > 3:
+        b_dw = _bt_dh(b_dw, b_dh3, b, g, bos, i_h, L, t, nv, 3 * BK, H, K, C, BK, USE_GK, DOT_PREC, OP)
+    b_dw += tl.load(seq_block(dw_loc, bos, i_h, L, H, V, t * C, v0, C, BV), boundary_check=(0, 1)).to(ACC)
+    tl.store(seq_block(dw, bos, i_h, L, H, V, t * C, v0, C, BV), b_dw, boundary_check=(0, 1))
+
+    # per K tile: dV += Kt dh, then the tile's update
+    b_dw = b_dw.to(OP)
+    b_do = (tl.load(seq_block(do, bos, i_h, L, H, V, t * C, v0, C, BV), boundary_check=(0, 1)).to(ACC)
+            * scale).to(OP)
+    b_dv = tl.zeros([C, BV], dtype=ACC)
+    b_dh0, b_dv = _bwd_tile(b_dh0, q, k, g, wm, b_do, b_dw, b_dv, bos, i_h, L, t, nv, 0, H, K, C, BK, USE_GK,
+                            DOT_PREC, OP)
+    if NK > 1:
+        b_dh1, b_dv = _bwd_tile(b_dh1, q, k, g, wm, b_do, b_dw, b_dv, bos, i_h, L, t, nv, BK, H, K, C, BK, USE_GK,
+                                DOT_PREC, OP)
+    if NK > 2:
+        b_dh2, b_dv = _bwd_tile(b_dh2, q, k, g, wm, b_do, b_dw, b_dv, bos, i_h, L, t, nv, 2 * BK, H, K, C, BK,
+                                USE_GK, DOT_PREC, OP)
+    if NK > 3:
+        b_dh3, b_dv = _bwd_tile(b_dh3, q, k, g, wm, b_do, b_dw, b_dv, bos, i_h, L, t, nv, 3 * BK, H, K, C, BK,
+                                USE_GK, DOT_PREC, OP)
+    b_dv += tl.load(seq_block(dv_loc, bos, i_h, L, H, V, t * C, v0, C, BV), boundary_check=(0, 1)).to(ACC)
+    tl.store(seq_block(dv, bos, i_h, L, H, V, t * C, v0, C, BV), b_dv, boundary_check=(0, 1))
+    return b_dh0, b_dh1, b_dh2, b_dh3
 
 
 @triton.jit
 def chunk_h_bwd_kernel(q, k, b, g, wm, do, dw_loc, dv_loc, dh, dw, dv, dht, ds0, offsets, chunk_offsets, scale_ptr,
                        H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-                       BK: tl.constexpr, BV: tl.constexpr, USE_GK: tl.constexpr,
+                       BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr, USE_GK: tl.constexpr,
                        USE_DHT: tl.constexpr, STORE_DS0: tl.constexpr, DOT_PREC: tl.constexpr,
-                       WHILE_LOOP: tl.constexpr):
+                       OP: tl.constexpr, WHILE_LOOP: tl.constexpr):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos = tl.load(offsets + i_n).to(tl.int64), tl.load(offsets + i_n + 1).to(tl.int64)
@@ -137,35 +253,44 @@ def chunk_h_bwd_kernel(q, k, b, g, wm, do, dw_loc, dv_loc, dh, dw, dv, dht, ds0,
     v0 = i_v * BV
     scale = tl.load(scale_ptr)
 
-    b_dh = tl.zeros([BK, BV], dtype=ACC)
+    b_dh0 = tl.zeros([BK, BV], dtype=ACC)
+    b_dh1 = tl.zeros([BK, BV], dtype=ACC)
+    b_dh2 = tl.zeros([BK, BV], dtype=ACC)
+    b_dh3 = tl.zeros([BK, BV], dtype=ACC)
     if USE_DHT:
-        b_dh += tl.load(mat_block(dht + i_nh.to(tl.int64) * K * V, K, V, 0, v0, BK, BV),
-                        boundary_check=(0, 1)).to(ACC)
+        b_dh0, b_dh1, b_dh2, b_dh3 = _add_state(b_dh0, b_dh1, b_dh2, b_dh3, dht + i_nh.to(tl.int64) * K * V, K, V,
+                                                v0, BK, BV, NK)
     NT = tl.cdiv(L, C).to(tl.int32)
     if WHILE_LOOP:  # the interpreter cannot range() over a loaded bound
         t = NT - 1
         while t >= 0:
-            b_dh = _bwd_step(t, b_dh, q, k, b, g, wm, do, dw_loc, dv_loc, dh, dw, dv, scale, bos, i_h, L, c0, v0,
-                             H, K, V, C, BK, BV, USE_GK, DOT_PREC)
+            b_dh0, b_dh1, b_dh2, b_dh3 = _bwd_step(t, b_dh0, b_dh1, b_dh2, b_dh3, q, k, b, g, wm, do, dw_loc, dv_loc,
+                                                   dh, dw, dv, scale, bos, i_h, L, c0, v0, H, K, V, C, BK, BV, NK,
+                                                   USE_GK, DOT_PREC, OP)
             t -= 1
     else:
         for s in range(NT):
-            b_dh = _bwd_step(NT - 1 - s, b_dh, q, k, b, g, wm, do, dw_loc, dv_loc, dh, dw, dv, scale, bos, i_h, L,
-                             c0, v0, H, K, V, C, BK, BV, USE_GK, DOT_PREC)
+            b_dh0, b_dh1, b_dh2, b_dh3 = _bwd_step(NT - 1 - s, b_dh0, b_dh1, b_dh2, b_dh3, q, k, b, g, wm, do, dw_loc,
+                                                   dv_loc, dh, dw, dv, scale, bos, i_h, L, c0, v0, H, K, V, C, BK, BV,
+                                                   NK, USE_GK, DOT_PREC, OP)
     if STORE_DS0:
-        p0 = mat_block(ds0 + i_nh.to(tl.int64) * K * V, K, V, 0, v0, BK, BV)
-        tl.store(p0, b_dh.to(p0.dtype.element_ty), boundary_check=(0, 1))
+        _store_state(ds0 + i_nh.to(tl.int64) * K * V, b_dh0, b_dh1, b_dh2, b_dh3, K, V, v0, BK, BV, NK)
 
 
-# State-tile budget (elements of the accumulation dtype per program; tests lower it to split V) and warps. ptxas
-# (sm_90, bf16, K = V = 128, C = 64): at 8192 and 4 warps the launched kernels spill 328 (DPLR fwd) to 856 B
-# (DPLR bwd) a thread, 1376 / 636 B for IPLR; at 4096 and 8 warps 24-224 B, with twice the programs.
-BUDGET = 4096
-NUM_WARPS = 8
+# Largest K / V tile (tests lower it to reach several K tiles and V blocks with small head sizes) and warps.
+# ptxas (sm_90, bf16, K = V = 128, C = 64, NK = 2): forward on 4 warps 0 B spilled with half operands (52 B
+# without); backward on 8 warps 128 B with half operands, ~500 B without (4 warps: 276 / 576 B).
+TILE = 64
+NUM_WARPS = 4
+BWD_WARPS = 8
 
 
-def _blocks(K, V, dtype):
-    return state_tile(K, V, BUDGET, dtype)
+def _blocks(K, V):
+    """(BK, NK, BV): K in NK <= 4 tiles of BK rows, BV columns of V."""
+    BK = min(TILE, block_size(K))
+    while triton.cdiv(K, BK) > 4:
+        BK *= 2
+    return BK, triton.cdiv(K, BK), min(TILE, block_size(V))
 
 
 def chunk_h_fwd(k, b, v, g, wm, u, initial_state, output_final_state, offsets, chunk_offsets, NC, chunk_size):
@@ -177,12 +302,13 @@ def chunk_h_fwd(k, b, v, g, wm, u, initial_state, output_final_state, offsets, c
     h = new_empty((NC, H, K, V), acc, k.device)
     w = new_empty((B, T, H, V), acc, k.device)
     ht = new_empty((N, H, K, V), acc, k.device) if output_final_state else None
-    BK, BV = _blocks(K, V, k.dtype)
+    BK, NK, BV = _blocks(K, V)
+    op = operand_type("dplr_chunk_h_fwd", k.dtype, chunk_size, BK, BV)
     if N * H:
         launch_fitting(
             chunk_h_fwd_kernel, (triton.cdiv(V, BV), N * H), k, b, v, g, wm, u, h, w, initial_state, ht, offsets,
-            chunk_offsets, H=H, K=K, V=V, C=chunk_size, BK=BK, BV=BV, USE_GK=g is not None,
-            USE_S0=initial_state is not None, STORE_FINAL=ht is not None, DOT_PREC=dot_precision(k.dtype),
+            chunk_offsets, H=H, K=K, V=V, C=chunk_size, BK=BK, BV=BV, NK=NK, USE_GK=g is not None,
+            USE_S0=initial_state is not None, STORE_FINAL=ht is not None, DOT_PREC=dot_precision(k.dtype), OP=op,
             WHILE_LOOP=interpreting(), num_warps=NUM_WARPS)
     return h, w, ht
 
@@ -198,11 +324,12 @@ def chunk_h_bwd(q, k, b, g, wm, do, dw_loc, dv_loc, dht, initial_state, scale_t,
     dw = new_empty((B, T, H, V), acc, k.device)
     dv = new_empty((B, T, H, V), acc, k.device)
     ds0 = None if initial_state is None else new_empty((N, H, K, V), initial_state.dtype, k.device)
-    BK, BV = _blocks(K, V, k.dtype)
+    BK, NK, BV = _blocks(K, V)
+    op = operand_type("dplr_chunk_h_bwd", k.dtype, chunk_size, BK, BV)
     if N * H:
         launch_fitting(
             chunk_h_bwd_kernel, (triton.cdiv(V, BV), N * H), q, k, b, g, wm, do, dw_loc, dv_loc, dh, dw, dv, dht, ds0,
-            offsets, chunk_offsets, scale_t, H=H, K=K, V=V, C=chunk_size, BK=BK, BV=BV, USE_GK=g is not None,
-            USE_DHT=dht is not None, STORE_DS0=ds0 is not None, DOT_PREC=dot_precision(k.dtype),
-            WHILE_LOOP=interpreting(), num_warps=NUM_WARPS)
+            offsets, chunk_offsets, scale_t, H=H, K=K, V=V, C=chunk_size, BK=BK, BV=BV, NK=NK, USE_GK=g is not None,
+            USE_DHT=dht is not None, STORE_DS0=ds0 is not None, DOT_PREC=dot_precision(k.dtype), OP=op,
+            WHILE_LOOP=interpreting(), num_warps=BWD_WARPS)
     return dh, dw, dv, ds0
