@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The DPLR candidates' visit in one device call: the DPLR chunk at the point (beside fla's) under the defaults, each
-# candidate switch alone and all together (beside fla's again), a per-kernel profile with all on, then the DPLR /
+# candidate switch alone and all together (beside fla's again), per-kernel profiles under the defaults and all on, then the DPLR /
 # IPLR tests (and their conformance and generalized-form cases, every dtype, bf16 included) with all on in the time
 # left.
 #
@@ -31,6 +31,8 @@ point diag dplr.chunk DELTACHECK_DPLR_DIAG_DOT=1
 point tuned dplr.chunk DELTACHECK_DPLR_TUNED=1
 point wyhalf dplr.chunk DELTACHECK_DPLR_HALF_OPERANDS=all
 point all dplr.chunk,fla.dplr.chunk $ALL
+DELTACHECK_DPLR_DIAG_DOT=0 timeout 40 python3 -m benchmarks.profile_ops --forms dplr.chunk --point $P \
+  --out "$D/prof-default" > "$D/prof-default.log" 2>&1; at "profile, defaults (rc $?)"
 env $ALL timeout 40 python3 -m benchmarks.profile_ops --forms dplr.chunk --point $P --out "$D/prof" \
   > "$D/prof.log" 2>&1; at "profile (rc $?)"
 R=$((TOTAL - SECONDS + T0))
@@ -39,5 +41,5 @@ env $ALL DELTACHECK_PROFILE=gpu DELTACHECK_RECORD=$D/verification-dplr.json time
   properties/test_conformance.py properties/test_generalized_forms_agree.py -k "dplr or iplr or generalized" \
   --junitxml=$D/tests.junit.xml > "$D/tests.log" 2>&1; at "tests (rc $?)"
 for f in default diag tuned wyhalf all; do echo "== $f"; grep -A3 "^form " "$D/$f.log"; done
-grep " ms " "$D/prof.log" | head -14; grep -E "passed|failed|FAILED" "$D/tests.log" | tail -12
+grep " ms " "$D/prof-default.log" | head -14; grep " ms " "$D/prof.log" | head -14; grep -E "passed|failed|FAILED" "$D/tests.log" | tail -12
 (cd "$OUT" && tar czf d.tgz d && rm -rf d)
