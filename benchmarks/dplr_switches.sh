@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The DPLR candidates' visit in one device call: the DPLR chunk at the point (beside fla's) under the defaults, each
-# candidate switch alone and all together (beside fla's again), per-kernel profiles under the defaults and all on, then the DPLR /
-# IPLR tests (and their conformance and generalized-form cases, every dtype, bf16 included) with all on in the time
-# left.
+# The DPLR candidates' visit in one device call: the DPLR chunk at the point (beside fla's) under the defaults and
+# with every candidate switch on (beside fla's again), per-kernel profiles of both (they attribute the gains), then
+# the DPLR / IPLR tests (and their conformance and generalized-form cases, every dtype, bf16 included) with all on in
+# the time left.
 #
 #   OUT=/folder DELTACHECK_COMMIT=<sha> bash benchmarks/dplr_switches.sh [TOTAL_S]     (carry .whl for fla)
 #
@@ -27,9 +27,6 @@ ALL="DELTACHECK_DPLR_DIAG_DOT=1 DELTACHECK_DPLR_TUNED=1 DELTACHECK_DPLR_HALF_OPE
 point() { local name=$1 forms=$2; shift 2; env "$@" timeout 100 python3 -m benchmarks.harness --point $P \
   --forms "$forms" --budget-s 40 --task-limit-s 45 --out "$D/$name" > "$D/$name.log" 2>&1; at "$name (rc $?)"; }
 point default dplr.chunk,fla.dplr.chunk DELTACHECK_DPLR_DIAG_DOT=0
-point diag dplr.chunk DELTACHECK_DPLR_DIAG_DOT=1
-point tuned dplr.chunk DELTACHECK_DPLR_TUNED=1
-point wyhalf dplr.chunk DELTACHECK_DPLR_HALF_OPERANDS=all
 point all dplr.chunk,fla.dplr.chunk $ALL
 DELTACHECK_DPLR_DIAG_DOT=0 timeout 40 python3 -m benchmarks.profile_ops --forms dplr.chunk --point $P \
   --out "$D/prof-default" > "$D/prof-default.log" 2>&1; at "profile, defaults (rc $?)"
@@ -40,6 +37,6 @@ env $ALL DELTACHECK_PROFILE=gpu DELTACHECK_RECORD=$D/verification-dplr.json time
   python3 -m pytest -p no:cacheprovider -n 16 -q properties/test_dplr_ops.py properties/test_iplr_ops.py \
   properties/test_conformance.py properties/test_generalized_forms_agree.py -k "dplr or iplr or generalized" \
   --junitxml=$D/tests.junit.xml > "$D/tests.log" 2>&1; at "tests (rc $?)"
-for f in default diag tuned wyhalf all; do echo "== $f"; grep -A3 "^form " "$D/$f.log"; done
+for f in default all; do echo "== $f"; grep -A3 "^form " "$D/$f.log"; done
 grep " ms " "$D/prof-default.log" | head -14; grep " ms " "$D/prof.log" | head -14; grep -E "passed|failed|FAILED" "$D/tests.log" | tail -12
 (cd "$OUT" && tar czf d.tgz d && rm -rf d)
