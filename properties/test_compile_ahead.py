@@ -146,11 +146,11 @@ class _NamedKernel:
         return launch
 
 
-@pytest.mark.parametrize("kernel", sorted(U.TUNED))
+@pytest.mark.parametrize("kernel", sorted(k for k, v in U.TUNED.items() if not v.get("half_inputs")))
 def test_tuned_launches_apply_to_the_half_operand_path_only(kernel, monkeypatch):
-    """A TUNED entry (measured on half-precision dot operands) sets the launch of that kernel where it takes half
-    operands (OP float16 / bfloat16) and nowhere else: with float32 or float64 operands, also for half inputs
-    whose tiles keep float32 operands, the kernel launches at its own settings."""
+    """A TUNED entry not marked half_inputs (measured on half-precision dot operands) sets the launch of that kernel
+    where it takes half operands (OP float16 / bfloat16) and nowhere else: with float32 or float64 operands, also
+    for half inputs whose tiles keep float32 operands, the kernel launches at its own settings."""
     import triton.language as tl
     monkeypatch.setattr(U, "_FITTING_STAGES", {})
     monkeypatch.setattr(U, "OVERRIDE", {})
@@ -169,9 +169,9 @@ def test_tuned_launches_apply_to_the_half_operand_path_only(kernel, monkeypatch)
 
 @pytest.mark.parametrize("kernel", sorted(U.DPLR_TUNED))
 def test_tuned_launches_marked_half_inputs_follow_half_inputs(kernel, monkeypatch):
-    """A TUNED entry marked half_inputs (the DPLR entries, DELTACHECK_DPLR_TUNED=1, measured on bf16 inputs) applies
-    where any tensor argument is half precision, also behind a float32 first one (DPLR wy_bwd's G) and with float32
-    dot operands, and nowhere else."""
+    """A TUNED entry marked half_inputs (the DPLR entries, on unless DELTACHECK_DPLR_TUNED=0; measured on bf16
+    inputs) applies where any tensor argument is half precision, also behind a float32 first one (DPLR wy_bwd's G)
+    and with float32 dot operands, and nowhere else."""
     import triton.language as tl
     monkeypatch.setattr(U, "_FITTING_STAGES", {})
     monkeypatch.setattr(U, "OVERRIDE", {})

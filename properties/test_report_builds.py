@@ -1,6 +1,7 @@
 """The HTML report builds from small fixture data (reports/fixtures/data/) and from no data at all: the page is
 well-formed, self-contained (no http(s) source or link) and has every section; missing data reads "not measured
 yet"; verification records map to the right op, form, feature, quantity and dtype."""
+import html
 import json
 import math
 import os
@@ -256,3 +257,20 @@ def test_goals_take_the_newest_run_that_has_both_forms():
     row = text[text.index("|chunk||fwd||B=8, T=4096|"):text.index("|chunk||fwd+bwd||")]
     assert "|1||1.25||0.8||0.8|" in row, row  # ours, fla, ratio 1.0 / 1.25 and goal: bbbbbbb's pair
     assert "|met|" in row and "0.9 at ccccccc" in row and "|3|" not in row, row
+
+
+def test_goal_first_calls_take_each_forms_newest_run_without_a_verdict():
+    """The goals' first-call rows from benchmark runs take each form's newest run (not the first file listed),
+    name its commit, and give no met / missed: such a run's Triton cache state is not recorded, so only
+    benchmarks/first_call.py's fresh-process, empty-cache rows judge the goal."""
+    def cold(created, commit, fwd_s, bwd_s):
+        d = _goal_point(created, commit, [("chunk", "fwd", 1.0), ("chunk", "fwd+bwd", 3.0)])
+        for r, s in zip(d["rows"], (fwd_s, bwd_s)):
+            r.update(cold=True, first_call_ms=s * 1e3)
+        return d
+    old, new = cold("2026-01-01T00:00:00", "aaaaaaa", 9.0, 11.0), cold("2026-02-01T00:00:00", "bbbbbbb", 2.0, 3.0)
+    text = html.unescape(re.sub(r"<[^>]+>", "|", B.goals_html(None, [old, new])))
+    rows = text[text.index("first call, fwd then fwd+bwd"):]
+    assert "benchmark run at bbbbbbb" in rows and "|5|" in rows, rows
+    assert "aaaaaaa" not in rows and "|20|" not in rows, rows
+    assert "not the goal's measure" in rows and "|met|" not in rows and "|missed|" not in rows, rows

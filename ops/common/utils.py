@@ -55,12 +55,13 @@ def dot_precision(dtype: torch.dtype) -> str:
 # operands). wy_bwd's half path launches as TUNED below says (4 warps, 1 stage): fla's WY backward miscompiles on
 # Hopper at C = 64 with half operands on 4 warps and 2-4 stages (fla issue 984, fixed there by 2 warps).
 HALF_KERNELS = ("wy_fwd", "chunk_h_fwd", "chunk_o_fwd", "chunk_dv_local", "chunk_h_bwd", "chunk_o_bwd", "wy_bwd")
-# The DPLR / IPLR chunk kernels under the same rule (dplr/chunk_o.py), on unless DELTACHECK_DPLR_HALF_OPERANDS=0.
-# H100 at the point (GPU visit 16): chunk_o_fwd 1.23 -> 0.71 ms, chunk_o_bwd_local 0.76 -> 0.57, chunk_o_bwd_state
-# (8 warps) 1.77 -> 1.66. DPLR_HALF_CANDIDATES join them with DELTACHECK_DPLR_HALF_OPERANDS=all, until timed and
-# GPU-tested: dplr/wy_fast.py (the inverse X stays in the accumulation dtype, its products take half operands) and
-# dplr/chunk_h.py (the state stays in float32 registers as [64, 64] tiles; the decayed Bt, Kt, Qh, the state tiles
-# and W, dW as dot operands are rounded to half).
+# The DPLR / IPLR chunk kernels under the same rule. DELTACHECK_DPLR_HALF_OPERANDS: all (the default) names
+# DPLR_HALF_KERNELS and DPLR_HALF_CANDIDATES, 1 the first only, 0 none. H100 at the point: GPU visit 16, the
+# chunk_o kernels: chunk_o_fwd 1.23 -> 0.71 ms, chunk_o_bwd_local 0.76 -> 0.57, chunk_o_bwd_state (8 warps) 1.77 ->
+# 1.66; visit 17, the candidates (with DIAG_DOT and DPLR_TUNED): wy_fwd 1.15 -> 0.99, wy_bwd 1.76 -> 1.09,
+# chunk_h_bwd 2.87 -> 2.37 (chunk_h_fwd 0.94 -> 0.98 with DPLR_TUNED's 1 stage). dplr/wy_fast.py keeps the inverse
+# X in the accumulation dtype and rounds its products' operands; dplr/chunk_h.py keeps the state in float32
+# registers as [64, 64] tiles and rounds the decayed Bt, Kt, Qh, the state tiles and W, dW as dot operands.
 DPLR_HALF_KERNELS = ("dplr_chunk_o_fwd", "dplr_chunk_o_bwd_local", "dplr_chunk_o_bwd_state")
 DPLR_HALF_CANDIDATES = ("dplr_wy_fwd", "dplr_wy_bwd", "dplr_chunk_h_fwd", "dplr_chunk_h_bwd")
 
@@ -88,7 +89,7 @@ def dplr_half_kernels(spec: str) -> frozenset:
 
 
 HALF_OPERANDS = half_kernels(os.environ.get("DELTACHECK_HALF_OPERANDS", "1")) | dplr_half_kernels(
-    os.environ.get("DELTACHECK_DPLR_HALF_OPERANDS", "1"))
+    os.environ.get("DELTACHECK_DPLR_HALF_OPERANDS", "all"))
 
 
 def operand_type(kernel: str, dtype: torch.dtype, *tiles: int):
@@ -373,15 +374,16 @@ TUNED = {
     "ops.delta_rule.chunk_h.chunk_h_bwd_kernel": dict(num_warps=4, num_stages=2),
 }
 # DPLR / IPLR (H100 at the point, GPU visit 16, reports/data/h100-80gb-hbm3/visit16/tune-*.json): chunk_h_fwd
-# 1.75 -> 1.32 ms (8 warps -> 4, 1 stage), chunk_o_fwd 0.71 -> 0.61, wy_bwd 1.75 -> 1.26 (1 stage each); the tune's
-# results equalled the defaults'. Measured on bf16 inputs (wy_bwd on float32 operands): they apply to half inputs
-# whatever the operands (half_inputs). Taken with DELTACHECK_DPLR_TUNED=1 until a GPU suite passes with them.
+# 1.75 -> 1.32 ms (8 warps -> 4, 1 stage; the [128, 32] state layout before visit 17), chunk_o_fwd 0.71 -> 0.61,
+# wy_bwd 1.75 -> 1.26 (1 stage each); the tune's results equalled the defaults'. Measured on bf16 inputs (wy_bwd on
+# float32 operands): they apply to half inputs whatever the operands (half_inputs). On unless DELTACHECK_DPLR_TUNED=0
+# (GPU visit 17: the DPLR / IPLR suite passed with them, bf16 included).
 DPLR_TUNED = {
     "ops.generalized_delta_rule.dplr.chunk_h.chunk_h_fwd_kernel": dict(num_warps=4, num_stages=1, half_inputs=True),
     "ops.generalized_delta_rule.dplr.chunk_o.chunk_o_fwd_kernel": dict(num_warps=4, num_stages=1, half_inputs=True),
     "ops.generalized_delta_rule.dplr.wy_fast.wy_bwd_kernel": dict(num_warps=4, num_stages=1, half_inputs=True),
 }
-if os.environ.get("DELTACHECK_DPLR_TUNED", "0") == "1":
+if os.environ.get("DELTACHECK_DPLR_TUNED", "1") == "1":
     TUNED.update(DPLR_TUNED)
 
 # Tuning only: settings every launch_fitting launch takes instead (benchmarks/tune_launch.py sets it), and the

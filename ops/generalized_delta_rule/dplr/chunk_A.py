@@ -459,10 +459,10 @@ BWD_UNROLL = 1
 # The diagonal blocks formed by the off-diagonal blocks' products (forward: per block row; backward: per [BC, BK]
 # tile) where the block's log decays lie within DIAG_MAX of the reference rows' (the factors stay within
 # exp(+-DIAG_MAX): finite, and their products far from float32's underflow); -1: always token by token.
-# DELTACHECK_DPLR_DIAG_DOT=1 takes 30, until timed on a GPU (the token loops are most of chunk_A's 3.5 + 6.6 ms at
-# the point on an H100). ptxas (sm_90, bf16, K = V = 128): forward 114 -> 128 registers (8 warps), backward 126
-# (4 warps), no spills.
-DIAG_MAX = 30.0 if os.environ.get("DELTACHECK_DPLR_DIAG_DOT", "0") == "1" else -1.0
+# DIAG_MAX = 30 by default; DELTACHECK_DPLR_DIAG_DOT=0 keeps the token loops everywhere. H100 at the point (NOTES,
+# GPU visit 17, with the other DPLR switches): chunk_A_fwd 3.58 -> 1.37 ms, chunk_A_bwd 6.65 -> 3.85. ptxas (sm_90,
+# bf16, K = V = 128): forward 114 -> 128 registers (8 warps), backward 126 (4 warps), no spills.
+DIAG_MAX = 30.0 if os.environ.get("DELTACHECK_DPLR_DIAG_DOT", "1") == "1" else -1.0
 
 
 def _warps(gk):
