@@ -228,3 +228,18 @@ def test_switches_name_the_settings_a_record_depends_on(monkeypatch):
     assert "switches: DELTACHECK_HALF_OPERANDS=wy_fwd, DELTACHECK_STATE_PIPELINE=1" in machine_lines(
         dict(switches=U.switches()))[-1]
     assert machine_lines(dict(switches={}))[-1].endswith("switches: none (the defaults)")
+
+
+def test_dplr_tuned_off_keeps_wy_bwd_at_one_stage():
+    """DELTACHECK_DPLR_TUNED=0 drops the DPLR launch choices except DPLR wy_bwd's 1 stage: its half-operand path is
+    GPU-tested only there (fla issue 984: a WY backward at C = 64 on half operands miscompiles at 2-4 stages)."""
+    import subprocess
+    import sys
+    code = "import ops.common.utils as U; print(sorted(k for k in U.TUNED if '.dplr.' in k))"
+    out = {}
+    for v in ("0", "1"):
+        env = dict(os.environ, DELTACHECK_DPLR_TUNED=v)
+        out[v] = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout.strip()
+    assert out["0"] == str(["ops.generalized_delta_rule.dplr.wy_fast.wy_bwd_kernel"]), out
+    assert out["1"] == str(sorted(U.DPLR_TUNED)), out

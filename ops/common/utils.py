@@ -385,6 +385,9 @@ DPLR_TUNED = {
 }
 if os.environ.get("DELTACHECK_DPLR_TUNED", "1") == "1":
     TUNED.update(DPLR_TUNED)
+else:  # wy_bwd's 1 stage stays: its half path is GPU-tested only there (fla issue 984: 2-4 stages miscompile)
+    TUNED["ops.generalized_delta_rule.dplr.wy_fast.wy_bwd_kernel"] = DPLR_TUNED[
+        "ops.generalized_delta_rule.dplr.wy_fast.wy_bwd_kernel"]
 
 # Tuning only: settings every launch_fitting launch takes instead (benchmarks/tune_launch.py sets it), and the
 # settings each kernel last ran with.
