@@ -9,24 +9,12 @@
 # peer. Each step has its own time limit, so the whole stays inside one device call (~560 s).
 set -uo pipefail
 SW=$1; FORM=${2:-chunk}; PEER=${3:-fla.chunk}
-export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=$PWD/.triton_cache
-S=/tmp/site
-ls .whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --target $S .whl/*.whl
-export PYTHONPATH=$S:$PWD
-D=$OUT/d; mkdir -p "$D"
-# peers' autotune results from earlier visits (Triton's *.autotune.json, reports/data/<gpu>/autotune-cache.tgz) go
-# into the cache first, so fla's first calls do not autotune inside the timed steps; what this call adds comes back
-# in d/autotune-cache.tgz (commit it over the old one)
-mkdir -p "$TRITON_CACHE_DIR"
-DATA=reports/data/$(python3 -c 'from benchmarks.harness import device_name, slug; print(slug(device_name()))' \
-  2>/dev/null | tail -n 1)
-[ -s "$DATA/autotune-cache.tgz" ] && tar xzf "$DATA/autotune-cache.tgz" -C "$TRITON_CACHE_DIR" && echo "autotune cache from $DATA"
+# peers' autotune results from earlier visits go into the cache first (restore_autotune); what this call adds
+# comes back in d/autotune-cache.tgz (commit it over the old one)
+. benchmarks/device_call.sh
+restore_autotune
 P=B=8,T=4096,H=16,K=128,V=128,dtype=bf16; L=B=2,T=16384,H=16,K=128,V=128,dtype=bf16
-T0=$SECONDS
-at() { echo "[$((SECONDS - T0)) s] $*"; }
-{ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.limit,driver_version \
-    --format=csv; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-  echo "commit ${DELTACHECK_COMMIT:-?} switch $SW"; } > "$D/machine.txt"; cat "$D/machine.txt"
+machine_record switch "$SW"
 step() { local limit=$1 name=$2 val=$3; shift 3
   timeout "$limit" env "$SW=$val" python3 -m "$@" > "$D/$name.log" 2>&1; at "$name (rc $?)"; }
 # The harness starts no task past its --budget-s but lets a running one go on to --task-limit-s (a peer's first

@@ -14,18 +14,10 @@ TOTAL=${1:-560}
 # TESTS (env) narrows the test files when time is short.
 TESTS=${TESTS:-properties/test_dplr_ops.py properties/test_iplr_ops.py properties/test_conformance.py \
 properties/test_generalized_forms_agree.py}
-export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=$PWD/.triton_cache
-mkdir -p "$TRITON_CACHE_DIR"
-ls .whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD
-DATA=reports/data/$(python3 -c 'from benchmarks.harness import device_name, slug; print(slug(device_name()))' \
-  2>/dev/null | tail -n 1)
-[ -s "$DATA/autotune-cache.tgz" ] && tar xzf "$DATA/autotune-cache.tgz" -C "$TRITON_CACHE_DIR"
-D=$OUT/d; mkdir -p "$D"; T0=$SECONDS; at() { echo "[$((SECONDS - T0)) s] $*"; }
+. benchmarks/device_call.sh
+restore_autotune
 P=B=8,T=4096,H=16,K=128,V=128,dtype=bf16
-{ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.limit,driver_version \
-    --format=csv; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-  echo "commit ${DELTACHECK_COMMIT:-?}"; } > "$D/machine.txt"; cat "$D/machine.txt"
+machine_record
 ALL="DELTACHECK_DPLR_DIAG_DOT=1 DELTACHECK_DPLR_TUNED=1 DELTACHECK_DPLR_HALF_OPERANDS=all"
 point() { local name=$1 forms=$2; shift 2; env "$@" timeout 100 python3 -m benchmarks.harness --point $P \
   --forms "$forms" --budget-s 40 --task-limit-s 45 --out "$D/$name" > "$D/$name.log" 2>&1; at "$name (rc $?)"; }

@@ -11,21 +11,13 @@
 # bounds the whole call; each step has its own limit and the tests get what the steps leave.
 set -uo pipefail
 TOTAL=${1:-560}
-export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=$PWD/.triton_cache
-mkdir -p "$TRITON_CACHE_DIR"
-ls .whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD
-D=$OUT/d; mkdir -p "$D"; T0=$SECONDS; at() { echo "[$((SECONDS - T0)) s] $*"; }
+. benchmarks/device_call.sh
 P=B=8,T=4096,H=16,K=128,V=128,dtype=bf16
-{ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.limit,driver_version \
-    --format=csv; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-  echo "commit ${DELTACHECK_COMMIT:-?}"; } > "$D/machine.txt"; cat "$D/machine.txt"
+machine_record
 # first calls before anything fills a cache (first_call.py gives each measurement its own empty one)
 timeout 150 python3 -m benchmarks.first_call --forms chunk,dplr.chunk --point $P --ahead 1 --timeout-s 60 \
   --out "$D/first" > "$D/first.log" 2>&1; at "first calls (rc $?)"
-DATA=reports/data/$(python3 -c 'from benchmarks.harness import device_name, slug; print(slug(device_name()))' \
-  2>/dev/null | tail -n 1)
-[ -s "$DATA/autotune-cache.tgz" ] && tar xzf "$DATA/autotune-cache.tgz" -C "$TRITON_CACHE_DIR"
+restore_autotune
 timeout 170 python3 -m benchmarks.tune_launch --forms dplr.chunk --point $P --warps 2,4,8 --stages 1,2,3 \
   --budget-s 150 --out "$D/tune" > "$D/tune.log" 2>&1; at "tune (rc $?)"
 timeout 100 python3 -m benchmarks.harness --point B=2,T=16384,H=16,K=128,V=128,dtype=bf16 --forms chunk,fla.chunk \
