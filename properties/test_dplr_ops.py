@@ -24,8 +24,10 @@ from properties.generalized_support import (
     gradcheck_fast,
     gradcheck_inputs,
     inputs,
+    leaves,
     nonempty,
     small_tiles,
+    upstream,
     with_fields,
 )
 from properties.strategies import DEVICE, ON_GPU, OP_DTYPES, delta_cases, fixed_case
@@ -120,6 +122,37 @@ def test_chunk_dplr_half_operands_match_reference(case, decay, chunk_size, kerne
     assert taken == {n for n in named if len(set(dplr[n])) == 1}, f"half operands in {sorted(taken)}"
     if chunk_size == 64 and case.K == case.V == 64:
         assert taken == named
+
+
+@pytest.mark.parametrize("decay", [None, "mild"])
+def test_dplr_operand_only_intermediates_stored_half_change_nothing(decay):
+    """The DPLR / IPLR intermediates read only as dot operands (A_qk, A_qb, A_ak, X, Wm, W, dW, dWm), stored in
+    their readers' half operand type, give bit for bit the o, final state and gradients that float32 storage gives
+    (the readers round them so anyway); at C = K = V = 64 they are stored half, and with utils.HALF_STORAGE so are
+    the added-to ones (U, h, dh, dW_loc, dV_loc, dV)."""
+    import ops.generalized_delta_rule.dplr.chunk as dplr_chunk
+    half = HALF_DTYPES[-1]
+    case = fixed_case(seqlens=(0, 67, 49), H=2, K=64, V=64, dtype=half)
+    x = inputs(case, "stable", *DECAYS[decay]) if decay else inputs(case, "stable")
+    op = chunk_dplr_delta_rule if decay else chunk_iplr_delta_rule
+    read_only = {"aq", "aak", "x", "wm", "w", "dw", "dwm"}
+    runs = []
+    for setting in ("all", "read_only", "none"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(utils, "HALF_STORAGE", setting == "all")
+            mp.setattr(utils, "DPLR_HALF_STORAGE", setting != "none")
+            if setting == "all":
+                assert set(dplr_chunk.storage(half, 64, 64, 64)) == {half}
+                continue
+            st_now = dplr_chunk.storage(half, 64, 64, 64)
+            want = {f: (half if setting == "read_only" and f in read_only else torch.float32) for f in st_now._fields}
+            assert st_now._asdict() == want
+            ours, _ = leaves(x)
+            o, ht = op(**ours, scale=x["scale"], output_final_state=True, cu_seqlens=x["cu_seqlens"], chunk_size=64)
+            outs, grads_out = upstream(o, ht, 0)
+            runs.append([o, ht, *torch.autograd.grad(outs, list(ours.values()), grads_out)])
+    for a, b in zip(*runs):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
 
 
 @given(case=delta_cases(), family=st.sampled_from(["stable", "raw"]), decay=st.sampled_from(list(DECAYS)),

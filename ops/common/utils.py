@@ -141,6 +141,14 @@ def sum_storage(op) -> torch.dtype:
     return torch.float32
 
 
+# The DPLR / IPLR chunk form's intermediates stored by their readers' operand types (dplr/chunk.py storage()):
+# those read only as dot operands (A_qk, A_qb, A_ak, X, Wm, W, dW, dWm) compute the same stored rounded
+# (read_storage), those a reader also adds or multiplies elementwise (U, h, dh, dW_loc, dV_loc, dV) take one more
+# rounding each under HALF_STORAGE (sum_storage), as fla stores them in the input dtype.
+# DELTACHECK_DPLR_HALF_STORAGE=0 keeps every one in the accumulation dtype.
+DPLR_HALF_STORAGE = os.environ.get("DELTACHECK_DPLR_HALF_STORAGE", "1") == "1"
+
+
 # Sequential state passes with at most one program per SM (small B * H, long T) are latency-bound: a deeper software
 # pipeline there prefetches the next chunk's tiles (chunk_h_bwd at B=2, T=16384, H=16: 1.38 -> 0.78 ms at 2 stages
 # on an H200), where with more programs one stage is faster (two programs share an SM). With the two switches below,
@@ -373,14 +381,22 @@ TUNED = {
     "ops.delta_rule.chunk_o.chunk_o_bwd_kernel": dict(num_warps=4, num_stages=2),
     "ops.delta_rule.chunk_h.chunk_h_bwd_kernel": dict(num_warps=4, num_stages=2),
 }
-# DPLR / IPLR (H100 at the point, GPU visit 16, reports/data/h100-80gb-hbm3/visit16/tune-*.json): chunk_h_fwd
-# 1.75 -> 1.32 ms (8 warps -> 4, 1 stage; the [128, 32] state layout before visit 17), chunk_o_fwd 0.71 -> 0.61,
-# wy_bwd 1.75 -> 1.26 (1 stage each); the tune's results equalled the defaults'. Measured on bf16 inputs (wy_bwd on
-# float32 operands): they apply to half inputs whatever the operands (half_inputs). On unless DELTACHECK_DPLR_TUNED=0
-# (GPU visit 17: the DPLR / IPLR suite passed with them, bf16 included).
+# DPLR / IPLR (H100 at the point, bf16): the fastest launch of each kernel where it beat the default by more than
+# noise, from `tune_launch --warps 2,4,8 --stages 1,2,3` (visit 16 for chunk_o_fwd and wy_bwd; visit 18, on the
+# square state tiles and half operands, for the rest: reports/data/h100-80gb-hbm3/visit18/tune-*.json, ms):
+# chunk_h_bwd 2.375 -> 1.629 (8 warps -> 4, 2 stages), chunk_o_bwd_state 1.676 -> 1.461 (8 -> 4, 2 stages),
+# chunk_A_fwd 1.387 -> 1.159 (4 -> 2, 2 stages), chunk_h_fwd 0.982 -> 0.805 (2 stages), wy_fwd 0.995 -> 0.932
+# (2 warps, 1 stage), chunk_o_fwd 0.71 -> 0.61, wy_bwd 1.75 -> 1.26 (1 stage each: fla issue 984, the WY backward
+# miscompiles on Hopper at 2-4 stages). They apply to half inputs whatever the operands (half_inputs). On unless
+# DELTACHECK_DPLR_TUNED=0.
 DPLR_TUNED = {
-    "ops.generalized_delta_rule.dplr.chunk_h.chunk_h_fwd_kernel": dict(num_warps=4, num_stages=1, half_inputs=True),
+    "ops.generalized_delta_rule.dplr.chunk_h.chunk_h_fwd_kernel": dict(num_warps=4, num_stages=2, half_inputs=True),
+    "ops.generalized_delta_rule.dplr.chunk_h.chunk_h_bwd_kernel": dict(num_warps=4, num_stages=2, half_inputs=True),
     "ops.generalized_delta_rule.dplr.chunk_o.chunk_o_fwd_kernel": dict(num_warps=4, num_stages=1, half_inputs=True),
+    "ops.generalized_delta_rule.dplr.chunk_o.chunk_o_bwd_state_kernel": dict(num_warps=4, num_stages=2,
+                                                                            half_inputs=True),
+    "ops.generalized_delta_rule.dplr.chunk_A.chunk_A_fwd_kernel": dict(num_warps=2, num_stages=2, half_inputs=True),
+    "ops.generalized_delta_rule.dplr.wy_fast.wy_fwd_kernel": dict(num_warps=2, num_stages=1, half_inputs=True),
     "ops.generalized_delta_rule.dplr.wy_fast.wy_bwd_kernel": dict(num_warps=4, num_stages=1, half_inputs=True),
 }
 if os.environ.get("DELTACHECK_DPLR_TUNED", "1") == "1":

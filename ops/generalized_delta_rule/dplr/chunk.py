@@ -16,10 +16,13 @@ Backward: chunk_o_bwd_local (dA_qk, dA_qb, dW, dV local) -> chunk_h_bwd (dh, dW,
           -> chunk_A_bwd (dq, dk, da, db, dgk).
 Supported decays: any gk <= 0 (see chunk_A.py; the tests go down to gk = -20 per step), no exp(+big) is formed.
 """
+from typing import NamedTuple
+
 import torch
 
 import ops.common.utils as U
 from ops.common.compile_ahead import first_call
+from ops.generalized_delta_rule.dplr import chunk_h, chunk_o, wy_fast
 from ops.generalized_delta_rule.dplr.chunk_A import chunk_A_bwd, chunk_A_fwd
 from ops.generalized_delta_rule.dplr.chunk_h import chunk_h_bwd, chunk_h_fwd
 from ops.generalized_delta_rule.dplr.chunk_o import chunk_o_bwd_local, chunk_o_bwd_state, chunk_o_fwd
@@ -30,13 +33,54 @@ from ops.generalized_delta_rule.utils import check_inputs
 CHUNK_SIZES = (16, 32, 64)
 
 
+class Storage(NamedTuple):
+    """Storage dtypes of the intermediates that go to memory between the kernels."""
+    aq: torch.dtype      # A_qk, A_qb: operands of chunk_o_fwd and chunk_o_bwd_local
+    aak: torch.dtype     # A_ak: operand of wy_fwd and wy_bwd
+    x: torch.dtype       # X = (I - A_ab)^-1: operand of wy_bwd
+    wm: torch.dtype      # Wm: operand of chunk_h_fwd, chunk_h_bwd and wy_bwd
+    u: torch.dtype       # U: added to Wm h by chunk_h_fwd, operand of wy_bwd
+    h: torch.dtype       # states: operands of chunk_o_fwd, chunk_o_bwd_state, which also forms rowsum(dh * h)
+    w: torch.dtype       # W: operand of chunk_o_fwd, chunk_o_bwd_local and chunk_o_bwd_state
+    dw_loc: torch.dtype  # dW_loc, dV_loc: written by chunk_o_bwd_local, added to by chunk_h_bwd
+    dh: torch.dtype      # dh: operand of chunk_o_bwd_state and in its rowsum(dh * h)
+    dw: torch.dtype      # dW: operand of chunk_o_bwd_state and wy_bwd
+    dv: torch.dtype      # dV through the states: added to by wy_bwd
+    dwm: torch.dtype     # dWm: operand of wy_bwd
+
+
+def storage(dtype, C, K, V):
+    """Each intermediate in its readers' one operand type where they only multiply it in tl.dot (utils.read_storage:
+    the rounding they apply anyway, so nothing they compute changes), in the half operand type under
+    utils.HALF_STORAGE where a reader also adds it (utils.sum_storage: one more rounding), else the accumulation
+    dtype; all in the accumulation dtype with DELTACHECK_DPLR_HALF_STORAGE=0. Half storage halves their bytes: at
+    B=8, T=4096, H=16, K=V=128 the states alone are 537 MB in float32, written once and read twice."""
+    acc = U.acc_dtype(dtype)
+    if not U.DPLR_HALF_STORAGE:
+        return Storage(*([acc] * len(Storage._fields)))
+    o_fwd, o_loc, o_st = chunk_o.operands(dtype, C, K, V)
+    wy_f, wy_b = wy_fast.operands(dtype, C, K, V)
+    h_f, h_b = chunk_h.operands(dtype, C, K, V)
+
+    def read(*readers):
+        return U.read_storage(dtype, *readers)
+
+    def summed(*kernels):  # (the writer's and readers' operand types)
+        return U.sum_storage(kernels[0]) if len(set(kernels)) == 1 else acc
+    return Storage(aq=read(o_fwd, o_loc), aak=read(wy_f, wy_b), x=read(wy_b), wm=read(h_f, h_b, wy_b),
+                   u=summed(wy_f, h_f, wy_b), h=summed(h_f, o_fwd, o_st), w=read(o_fwd, o_loc, o_st),
+                   dw_loc=summed(o_loc, h_b), dh=summed(h_b, o_st), dw=read(o_st, wy_b), dv=summed(h_b, wy_b),
+                   dwm=read(wy_b))
+
+
 def chunk_dplr_fwd(q, k, v, a, b, gk, scale_t, initial_state, output_final_state, idx, chunk_size):
     offsets, cmap, chunk_offsets, NC = idx
+    st = storage(q.dtype, chunk_size, k.shape[-1], v.shape[-1])
     g = None if gk is None else chunk_cumsum(gk, offsets, cmap, chunk_size, q.dtype)
-    Aqk, Aqb, Aak, Aab = chunk_A_fwd(q, k, a, b, g, gk, offsets, cmap, chunk_size)
-    x, wm, u = wy_fwd(a, g, gk, v, Aak, Aab, offsets, cmap, chunk_size)
+    Aqk, Aqb, Aak, Aab = chunk_A_fwd(q, k, a, b, g, gk, offsets, cmap, chunk_size, aq_dtype=st.aq, aak_dtype=st.aak)
+    x, wm, u = wy_fwd(a, g, gk, v, Aak, Aab, offsets, cmap, chunk_size, x_dtype=st.x, wm_dtype=st.wm, u_dtype=st.u)
     h, w, ht = chunk_h_fwd(k, b, v, g, wm, u, initial_state, output_final_state, offsets, chunk_offsets, NC,
-                           chunk_size)
+                           chunk_size, h_dtype=st.h, w_dtype=st.w)
     o = chunk_o_fwd(q, v, g, h, w, Aqk, Aqb, scale_t, offsets, cmap, chunk_size)
     return o, ht, (g, Aqk, Aqb, Aak, x, wm, u, h, w)
 
@@ -44,11 +88,13 @@ def chunk_dplr_fwd(q, k, v, a, b, gk, scale_t, initial_state, output_final_state
 def chunk_dplr_bwd(q, k, v, a, b, gk, scale_t, initial_state, do, dht, saved, idx, chunk_size):
     offsets, cmap, chunk_offsets, NC = idx
     g, Aqk, Aqb, Aak, x, wm, u, h, w = saved
-    dAqk, dAqb, dw_loc, dv_loc = chunk_o_bwd_local(v, w, do, Aqk, Aqb, scale_t, offsets, cmap, chunk_size)
+    st = storage(q.dtype, chunk_size, k.shape[-1], v.shape[-1])
+    dAqk, dAqb, dw_loc, dv_loc = chunk_o_bwd_local(v, w, do, Aqk, Aqb, scale_t, offsets, cmap, chunk_size,
+                                                   dw_dtype=st.dw_loc, dv_dtype=st.dw_loc)
     dh, dw, dv_h, ds0 = chunk_h_bwd(q, k, b, g, wm, do, dw_loc, dv_loc, dht, initial_state, scale_t, offsets,
-                                    chunk_offsets, NC, chunk_size)
+                                    chunk_offsets, NC, chunk_size, dh_dtype=st.dh, dw_dtype=st.dw, dv_dtype=st.dv)
     dq_h, dk_h, db_h, dwm, dgam = chunk_o_bwd_state(k, b, v, g, h, w, do, dh, dw, scale_t, offsets, cmap,
-                                                    chunk_size)
+                                                    chunk_size, dwm_dtype=st.dwm)
     dv, dAak, dAab, da_w = wy_bwd(g, gk, v, Aak, x, wm, u, dwm, dw, dv_h, offsets, cmap, chunk_size)
     dq, dk, da, db, dgk = chunk_A_bwd(q, k, a, b, g, gk, (dAqk, dAqb, dAak, dAab), (dq_h, dk_h, da_w, db_h), dgam,
                                       offsets, cmap, chunk_size)

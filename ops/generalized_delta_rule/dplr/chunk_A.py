@@ -126,10 +126,10 @@ def _store_causal(Aqk, Aqb, Aak, Aab, o_s, rows, cols, b_qk, b_qb, b_ak, b_ab):
     """Block row of the four matrices with the causal masks: i >= j for A_qk, A_qb, i > j for A_ak, A_ab."""
     incl = rows[:, None] >= cols[None, :]
     strict = rows[:, None] > cols[None, :]
-    tl.store(Aqk + o_s, tl.where(incl, b_qk, 0.0))
-    tl.store(Aqb + o_s, tl.where(incl, b_qb, 0.0))
-    tl.store(Aak + o_s, tl.where(strict, b_ak, 0.0))
-    tl.store(Aab + o_s, tl.where(strict, b_ab, 0.0))
+    tl.store(Aqk + o_s, tl.where(incl, b_qk, 0.0).to(Aqk.dtype.element_ty))
+    tl.store(Aqb + o_s, tl.where(incl, b_qb, 0.0).to(Aqb.dtype.element_ty))
+    tl.store(Aak + o_s, tl.where(strict, b_ak, 0.0).to(Aak.dtype.element_ty))
+    tl.store(Aab + o_s, tl.where(strict, b_ab, 0.0).to(Aab.dtype.element_ty))
 
 
 @triton.jit
@@ -165,7 +165,7 @@ def chunk_A_fwd_kernel(q, k, a, b, g, gk, Aqk, Aqb, Aak, Aab, offsets, cmap,
     bos, eos = tl.load(offsets + i_n).to(tl.int64), tl.load(offsets + i_n + 1).to(tl.int64)
     L = eos - bos
     nv = tl.minimum(L - j * C, C)  # valid rows of this chunk
-    ACC = Aqk.dtype.element_ty
+    ACC = Aab.dtype.element_ty
     t0 = j * C
     r0 = i_b * BC
     rows = r0 + tl.arange(0, BC)
@@ -230,14 +230,14 @@ def chunk_A_fwd_kernel(q, k, a, b, g, gk, Aqk, Aqb, Aak, Aab, offsets, cmap,
         else:
             # the strip outside the diagonal block (zero right of it), then the diagonal block: disjoint stores
             m_s = ((cols < r0) | (cols >= r0 + BC))[None, :]
-            tl.store(Aqk + o_s, b_qk, mask=m_s)
-            tl.store(Aqb + o_s, b_qb, mask=m_s)
-            tl.store(Aak + o_s, b_ak, mask=m_s)
+            tl.store(Aqk + o_s, b_qk.to(Aqk.dtype.element_ty), mask=m_s)
+            tl.store(Aqb + o_s, b_qb.to(Aqb.dtype.element_ty), mask=m_s)
+            tl.store(Aak + o_s, b_ak.to(Aak.dtype.element_ty), mask=m_s)
             tl.store(Aab + o_s, b_ab, mask=m_s)
             o_d = base + rows[:, None] * C + (r0 + tl.arange(0, BC))[None, :]
-            tl.store(Aqk + o_d, d_qk)
-            tl.store(Aqb + o_d, d_qb)
-            tl.store(Aak + o_d, d_ak)
+            tl.store(Aqk + o_d, d_qk.to(Aqk.dtype.element_ty))
+            tl.store(Aqb + o_d, d_qb.to(Aqb.dtype.element_ty))
+            tl.store(Aak + o_d, d_ak.to(Aak.dtype.element_ty))
             tl.store(Aab + o_d, d_ab)
     else:
         _store_causal(Aqk, Aqb, Aak, Aab, o_s, rows, cols, b_qk, b_qb, b_ak, b_ab)
@@ -469,12 +469,13 @@ def _warps(gk):
     return 8 if gk is not None else 4
 
 
-def chunk_A_fwd(q, k, a, b, g, gk, offsets, cmap, chunk_size):
-    """A_qk, A_qb, A_ak, A_ab [NC, H, C, C] in the accumulation dtype (g: chunk-local cumsum, None for IPLR)."""
+def chunk_A_fwd(q, k, a, b, g, gk, offsets, cmap, chunk_size, aq_dtype=None, aak_dtype=None):
+    """A_qk, A_qb (in aq_dtype), A_ak (in aak_dtype) and A_ab [NC, H, C, C] (the accumulation dtype, also the
+    others' default; g: chunk-local cumsum, None for IPLR)."""
     B, T, H, K = q.shape
     C, NC = chunk_size, cmap.shape[0]
     acc = acc_dtype(q.dtype)
-    mats = tuple(new_empty((NC, H, C, C), acc, q.device) for _ in range(4))
+    mats = tuple(new_empty((NC, H, C, C), dt or acc, q.device) for dt in (aq_dtype, aq_dtype, aak_dtype, acc))
     if NC:
         launch_fitting(
             chunk_A_fwd_kernel, (C // BC, NC, H), q, k, a, b, g, gk, *mats, offsets, cmap, H=H, K=K, C=C, BC=BC,

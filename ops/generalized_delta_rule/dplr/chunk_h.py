@@ -11,7 +11,8 @@ Backward, reverse over chunks, dh = dht (or 0); dW_loc, dV_loc from chunk_o's lo
 The decays act per key channel, so each K tile of the state takes its own columns of G, k, b, q and Wm.
 Grid (V blocks, N * H). A program holds BV columns of the [K, V] state in registers as up to four [BK, BV] tiles
 (BK = BV = 64 for K, V >= 64; BK doubles past K = 256), in the accumulation dtype, on 4 warps (8 backward); states
-[NC, H, K, V], W, dW and dV are stored in the accumulation dtype. tl.dot operands are OP (utils.operand_type: the
+[NC, H, K, V], W, dW and dV are stored in the dtypes dplr/chunk.py's storage() gives (the final state and dS0 in
+the accumulation dtype). tl.dot operands are OP (utils.operand_type: the
 half input dtype where the switch names the kernel and C = BK = BV >= 32, else the accumulation dtype), accumulated
 in the accumulation dtype.
 """
@@ -26,6 +27,7 @@ from ops.common.utils import (
     launch_fitting,
     new_empty,
     operand_type,
+    tl_acc,
 )
 from ops.generalized_delta_rule.utils import masked_exp, mat_block, seq_block, seq_row
 
@@ -114,7 +116,7 @@ def _fwd_step(t, b_h0, b_h1, b_h2, b_h3, k, b, v, g, wm, u, h, w, bos, i_h, L, c
     if NK > 3:
         b_w = _wm_dot(b_w, b_h3, wm, bos, i_h, L, t, 3 * BK, H, K, C, BK, False, DOT_PREC, OP)
     b_w += tl.load(seq_block(u, bos, i_h, L, H, V, t * C, v0, C, BV), boundary_check=(0, 1)).to(ACC)
-    tl.store(seq_block(w, bos, i_h, L, H, V, t * C, v0, C, BV), b_w, boundary_check=(0, 1))
+    tl.store(seq_block(w, bos, i_h, L, H, V, t * C, v0, C, BV), b_w.to(w.dtype.element_ty), boundary_check=(0, 1))
 
     b_w = b_w.to(OP)
     b_v = tl.load(seq_block(v, bos, i_h, L, H, V, t * C, v0, C, BV), boundary_check=(0, 1)).to(OP)
@@ -134,13 +136,12 @@ def chunk_h_fwd_kernel(k, b, v, g, wm, u, h, w, h0, ht, offsets, chunk_offsets,
                        H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                        BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr, USE_GK: tl.constexpr,
                        USE_S0: tl.constexpr, STORE_FINAL: tl.constexpr, DOT_PREC: tl.constexpr,
-                       OP: tl.constexpr, WHILE_LOOP: tl.constexpr):
+                       OP: tl.constexpr, WHILE_LOOP: tl.constexpr, ACC: tl.constexpr):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos = tl.load(offsets + i_n).to(tl.int64), tl.load(offsets + i_n + 1).to(tl.int64)
     L = eos - bos
     c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
-    ACC = h.dtype.element_ty
     v0 = i_v * BV
 
     b_h0 = tl.zeros([BK, BV], dtype=ACC)
@@ -215,7 +216,8 @@ def _bwd_step(t, b_dh0, b_dh1, b_dh2, b_dh3, q, k, b, g, wm, do, dw_loc, dv_loc,
     if NK > 3:
         b_dw = _bt_dh(b_dw, b_dh3, b, g, bos, i_h, L, t, nv, 3 * BK, H, K, C, BK, USE_GK, DOT_PREC, OP)
     b_dw += tl.load(seq_block(dw_loc, bos, i_h, L, H, V, t * C, v0, C, BV), boundary_check=(0, 1)).to(ACC)
-    tl.store(seq_block(dw, bos, i_h, L, H, V, t * C, v0, C, BV), b_dw, boundary_check=(0, 1))
+    tl.store(seq_block(dw, bos, i_h, L, H, V, t * C, v0, C, BV), b_dw.to(dw.dtype.element_ty),
+             boundary_check=(0, 1))
 
     # per K tile: dV += Kt dh, then the tile's update
     b_dw = b_dw.to(OP)
@@ -234,7 +236,8 @@ def _bwd_step(t, b_dh0, b_dh1, b_dh2, b_dh3, q, k, b, g, wm, do, dw_loc, dv_loc,
         b_dh3, b_dv = _bwd_tile(b_dh3, q, k, g, wm, b_do, b_dw, b_dv, bos, i_h, L, t, nv, 3 * BK, H, K, C, BK,
                                 USE_GK, DOT_PREC, OP)
     b_dv += tl.load(seq_block(dv_loc, bos, i_h, L, H, V, t * C, v0, C, BV), boundary_check=(0, 1)).to(ACC)
-    tl.store(seq_block(dv, bos, i_h, L, H, V, t * C, v0, C, BV), b_dv, boundary_check=(0, 1))
+    tl.store(seq_block(dv, bos, i_h, L, H, V, t * C, v0, C, BV), b_dv.to(dv.dtype.element_ty),
+             boundary_check=(0, 1))
     return b_dh0, b_dh1, b_dh2, b_dh3
 
 
@@ -243,13 +246,12 @@ def chunk_h_bwd_kernel(q, k, b, g, wm, do, dw_loc, dv_loc, dh, dw, dv, dht, ds0,
                        H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                        BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr, USE_GK: tl.constexpr,
                        USE_DHT: tl.constexpr, STORE_DS0: tl.constexpr, DOT_PREC: tl.constexpr,
-                       OP: tl.constexpr, WHILE_LOOP: tl.constexpr):
+                       OP: tl.constexpr, WHILE_LOOP: tl.constexpr, ACC: tl.constexpr):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos = tl.load(offsets + i_n).to(tl.int64), tl.load(offsets + i_n + 1).to(tl.int64)
     L = eos - bos
     c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
-    ACC = dh.dtype.element_ty
     v0 = i_v * BV
     scale = tl.load(scale_ptr)
 
@@ -293,43 +295,51 @@ def _blocks(K, V):
     return BK, triton.cdiv(K, BK), min(TILE, block_size(V))
 
 
-def chunk_h_fwd(k, b, v, g, wm, u, initial_state, output_final_state, offsets, chunk_offsets, NC, chunk_size):
-    """Returns h [NC, H, K, V] (state entering each chunk), W [B, T, H, V] and the final state [N, H, K, V]
-    (or None), all in the accumulation dtype."""
+def operands(dtype, C, K, V):
+    """(forward, backward) dot operand types (utils.operand_type)."""
+    BK, _, BV = _blocks(K, V)
+    return (operand_type("dplr_chunk_h_fwd", dtype, C, BK, BV), operand_type("dplr_chunk_h_bwd", dtype, C, BK, BV))
+
+
+def chunk_h_fwd(k, b, v, g, wm, u, initial_state, output_final_state, offsets, chunk_offsets, NC, chunk_size,
+                h_dtype=None, w_dtype=None):
+    """Returns h [NC, H, K, V] (state entering each chunk) in h_dtype, W [B, T, H, V] in w_dtype (both the
+    accumulation dtype by default) and the final state [N, H, K, V] in the accumulation dtype (or None)."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     N, acc = offsets.numel() - 1, acc_dtype(k.dtype)
-    h = new_empty((NC, H, K, V), acc, k.device)
-    w = new_empty((B, T, H, V), acc, k.device)
+    h = new_empty((NC, H, K, V), h_dtype or acc, k.device)
+    w = new_empty((B, T, H, V), w_dtype or acc, k.device)
     ht = new_empty((N, H, K, V), acc, k.device) if output_final_state else None
     BK, NK, BV = _blocks(K, V)
-    op = operand_type("dplr_chunk_h_fwd", k.dtype, chunk_size, BK, BV)
     if N * H:
         launch_fitting(
             chunk_h_fwd_kernel, (triton.cdiv(V, BV), N * H), k, b, v, g, wm, u, h, w, initial_state, ht, offsets,
             chunk_offsets, H=H, K=K, V=V, C=chunk_size, BK=BK, BV=BV, NK=NK, USE_GK=g is not None,
-            USE_S0=initial_state is not None, STORE_FINAL=ht is not None, DOT_PREC=dot_precision(k.dtype), OP=op,
-            WHILE_LOOP=interpreting(), num_warps=NUM_WARPS)
+            USE_S0=initial_state is not None, STORE_FINAL=ht is not None, DOT_PREC=dot_precision(k.dtype),
+            OP=operands(k.dtype, chunk_size, K, V)[0], WHILE_LOOP=interpreting(), ACC=tl_acc(k.dtype),
+            num_warps=NUM_WARPS)
     return h, w, ht
 
 
 def chunk_h_bwd(q, k, b, g, wm, do, dw_loc, dv_loc, dht, initial_state, scale_t, offsets, chunk_offsets, NC,
-                chunk_size):
-    """Returns dh [NC, H, K, V] (gradient of the state leaving each chunk), dW, dV [B, T, H, V] (accumulation
-    dtype; dV without the WY term) and dS0 in initial_state's dtype (None without initial_state)."""
+                chunk_size, dh_dtype=None, dw_dtype=None, dv_dtype=None):
+    """Returns dh [NC, H, K, V] (gradient of the state leaving each chunk), dW, dV [B, T, H, V] (dV without the WY
+    term) in dh_dtype, dw_dtype, dv_dtype (the accumulation dtype by default) and dS0 in initial_state's dtype
+    (None without initial_state)."""
     B, T, H, K = k.shape
     V = do.shape[-1]
     N, acc = offsets.numel() - 1, acc_dtype(k.dtype)
-    dh = new_empty((NC, H, K, V), acc, k.device)
-    dw = new_empty((B, T, H, V), acc, k.device)
-    dv = new_empty((B, T, H, V), acc, k.device)
+    dh = new_empty((NC, H, K, V), dh_dtype or acc, k.device)
+    dw = new_empty((B, T, H, V), dw_dtype or acc, k.device)
+    dv = new_empty((B, T, H, V), dv_dtype or acc, k.device)
     ds0 = None if initial_state is None else new_empty((N, H, K, V), initial_state.dtype, k.device)
     BK, NK, BV = _blocks(K, V)
-    op = operand_type("dplr_chunk_h_bwd", k.dtype, chunk_size, BK, BV)
     if N * H:
         launch_fitting(
             chunk_h_bwd_kernel, (triton.cdiv(V, BV), N * H), q, k, b, g, wm, do, dw_loc, dv_loc, dh, dw, dv, dht, ds0,
             offsets, chunk_offsets, scale_t, H=H, K=K, V=V, C=chunk_size, BK=BK, BV=BV, NK=NK, USE_GK=g is not None,
-            USE_DHT=dht is not None, STORE_DS0=ds0 is not None, DOT_PREC=dot_precision(k.dtype), OP=op,
-            WHILE_LOOP=interpreting(), num_warps=BWD_WARPS)
+            USE_DHT=dht is not None, STORE_DS0=ds0 is not None, DOT_PREC=dot_precision(k.dtype),
+            OP=operands(k.dtype, chunk_size, K, V)[1], WHILE_LOOP=interpreting(), ACC=tl_acc(k.dtype),
+            num_warps=BWD_WARPS)
     return dh, dw, dv, ds0

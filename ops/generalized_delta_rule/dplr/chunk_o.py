@@ -16,7 +16,7 @@ backward (loops over V).
 import triton
 import triton.language as tl
 
-from ops.common.utils import acc_dtype, block_size, dot_precision, launch_fitting, new_empty, operand_type
+from ops.common.utils import acc_dtype, block_size, dot_precision, launch_fitting, new_empty, operand_type, tl_acc
 from ops.generalized_delta_rule.utils import masked_exp, mat_block, seq_block, seq_row
 
 
@@ -24,13 +24,12 @@ from ops.generalized_delta_rule.utils import masked_exp, mat_block, seq_block, s
 def chunk_o_fwd_kernel(q, v, g, h, w, Aqk, Aqb, o, scale_ptr, offsets, cmap,
                        H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                        BK: tl.constexpr, BV: tl.constexpr, USE_GK: tl.constexpr, DOT_PREC: tl.constexpr,
-                       OP: tl.constexpr):
+                       OP: tl.constexpr, ACC: tl.constexpr):
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, j = tl.load(cmap + i_c * 2), tl.load(cmap + i_c * 2 + 1)
     bos, eos = tl.load(offsets + i_n).to(tl.int64), tl.load(offsets + i_n + 1).to(tl.int64)
     L = eos - bos
     nv = tl.minimum(L - j * C, C)
-    ACC = h.dtype.element_ty
     scale = tl.load(scale_ptr)
     ph = h + (i_c * H + i_h).to(tl.int64) * K * V
     base = (i_c * H + i_h).to(tl.int64) * C * C
@@ -67,8 +66,8 @@ def chunk_o_bwd_local_kernel(v, w, do, Aqk, Aqb, dAqk, dAqb, dw, dv, scale_ptr, 
     scale = tl.load(scale_ptr)
     base = (i_c * H + i_h).to(tl.int64) * C * C
 
-    b_Aqk_t = (tl.trans(tl.load(mat_block(Aqk + base, C, C, 0, 0, C, C))) * scale).to(OP)
-    b_Aqb_t = (tl.trans(tl.load(mat_block(Aqb + base, C, C, 0, 0, C, C))) * scale).to(OP)
+    b_Aqk_t = tl.trans(tl.load(mat_block(Aqk + base, C, C, 0, 0, C, C)).to(OP))
+    b_Aqb_t = tl.trans(tl.load(mat_block(Aqb + base, C, C, 0, 0, C, C)).to(OP))
     b_dqk = tl.zeros([C, C], dtype=ACC)
     b_dqb = tl.zeros([C, C], dtype=ACC)
     for i_v in range(tl.cdiv(V, BV)):
@@ -77,10 +76,12 @@ def chunk_o_bwd_local_kernel(v, w, do, Aqk, Aqb, dAqk, dAqb, dw, dv, scale_ptr, 
         b_w = tl.load(seq_block(w, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1)).to(OP)
         b_dqk = tl.dot(b_do, tl.trans(b_v), b_dqk, input_precision=DOT_PREC, out_dtype=ACC)
         b_dqb = tl.dot(b_do, tl.trans(b_w), b_dqb, input_precision=DOT_PREC, out_dtype=ACC)
-        tl.store(seq_block(dw, bos, i_h, L, H, V, j * C, i_v * BV, C, BV),
-                 tl.dot(b_Aqb_t, b_do, input_precision=DOT_PREC, out_dtype=ACC), boundary_check=(0, 1))
-        tl.store(seq_block(dv, bos, i_h, L, H, V, j * C, i_v * BV, C, BV),
-                 tl.dot(b_Aqk_t, b_do, input_precision=DOT_PREC, out_dtype=ACC), boundary_check=(0, 1))
+        p_dw = seq_block(dw, bos, i_h, L, H, V, j * C, i_v * BV, C, BV)
+        b_dw = tl.dot(b_Aqb_t, b_do, input_precision=DOT_PREC, out_dtype=ACC) * scale
+        tl.store(p_dw, b_dw.to(p_dw.dtype.element_ty), boundary_check=(0, 1))
+        p_dv = seq_block(dv, bos, i_h, L, H, V, j * C, i_v * BV, C, BV)
+        b_dv = tl.dot(b_Aqk_t, b_do, input_precision=DOT_PREC, out_dtype=ACC) * scale
+        tl.store(p_dv, b_dv.to(p_dv.dtype.element_ty), boundary_check=(0, 1))
     incl = tl.arange(0, C)[:, None] >= tl.arange(0, C)[None, :]
     tl.store(mat_block(dAqk + base, C, C, 0, 0, C, C), tl.where(incl, b_dqk * scale, 0.0))
     tl.store(mat_block(dAqb + base, C, C, 0, 0, C, C), tl.where(incl, b_dqb * scale, 0.0))
@@ -92,13 +93,13 @@ def chunk_o_bwd_state_kernel(k, b, v, g, h, w, do, dh, dw, dq, dk, db, dwm, dgam
                              BK: tl.constexpr, BV: tl.constexpr, USE_GK: tl.constexpr, DOT_PREC: tl.constexpr,
                              OP: tl.constexpr):
     """grid (K blocks, NC, H): the gradients that flow through the states h (entering) and dh (leaving); rowsum(dh * h)
-    from the stored (unrounded) states, the products from their OP copies."""
+    from the stored states (in their storage dtype), the products from their OP copies."""
     i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, j = tl.load(cmap + i_c * 2), tl.load(cmap + i_c * 2 + 1)
     bos, eos = tl.load(offsets + i_n).to(tl.int64), tl.load(offsets + i_n + 1).to(tl.int64)
     L = eos - bos
     nv = tl.minimum(L - j * C, C)
-    ACC = h.dtype.element_ty
+    ACC = dq.dtype.element_ty
     scale = tl.load(scale_ptr)
     ph = h + (i_c * H + i_h).to(tl.int64) * K * V
     pdh = dh + (i_c * H + i_h).to(tl.int64) * K * V
@@ -116,7 +117,7 @@ def chunk_o_bwd_state_kernel(k, b, v, g, h, w, do, dh, dw, dq, dk, db, dwm, dgam
         b_w = tl.load(seq_block(w, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1)).to(OP)
         b_v = tl.load(seq_block(v, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1)).to(OP)
         if USE_GK:
-            b_hdh += tl.sum(b_h * b_dh, 1)
+            b_hdh += tl.sum(b_h.to(ACC) * b_dh.to(ACC), 1)
         b_ht = tl.trans(b_h.to(OP))
         b_dht = tl.trans(b_dh.to(OP))
         b_dq = tl.dot(b_do, b_ht, b_dq, input_precision=DOT_PREC, out_dtype=ACC)
@@ -141,7 +142,8 @@ def chunk_o_bwd_state_kernel(k, b, v, g, h, w, do, dh, dw, dq, dk, db, dwm, dgam
         o_k = i_k * BK + tl.arange(0, BK)
         tl.store(dgam + (i_c * H + i_h).to(tl.int64) * K + o_k, b_dgam, mask=o_k < K)
     tl.store(seq_block(dq, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), b_dq, boundary_check=(0, 1))
-    tl.store(seq_block(dwm, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), b_dwm, boundary_check=(0, 1))
+    p_dwm = seq_block(dwm, bos, i_h, L, H, K, j * C, i_k * BK, C, BK)
+    tl.store(p_dwm, b_dwm.to(p_dwm.dtype.element_ty), boundary_check=(0, 1))
     tl.store(seq_block(db, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), b_db, boundary_check=(0, 1))
     tl.store(seq_block(dk, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), b_dk, boundary_check=(0, 1))
 
@@ -158,6 +160,13 @@ def _blocks(K, V):
     return min(TILE, block_size(K)), min(TILE, block_size(V))
 
 
+def operands(dtype, C, K, V):
+    """(forward, local backward, state backward) dot operand types (utils.operand_type)."""
+    BK, BV = _blocks(K, V)
+    return (operand_type("dplr_chunk_o_fwd", dtype, C, BK, BV), operand_type("dplr_chunk_o_bwd_local", dtype, C, BV),
+            operand_type("dplr_chunk_o_bwd_state", dtype, C, BK, BV))
+
+
 def chunk_o_fwd(q, v, g, h, w, Aqk, Aqb, scale_t, offsets, cmap, chunk_size):
     """o [B, T, H, V] in q's dtype."""
     B, T, H, K = q.shape
@@ -166,43 +175,43 @@ def chunk_o_fwd(q, v, g, h, w, Aqk, Aqb, scale_t, offsets, cmap, chunk_size):
     o = new_empty((B, T, H, V), q.dtype, q.device)
     if NC:
         BK, BV = _blocks(K, V)
-        op = operand_type("dplr_chunk_o_fwd", q.dtype, chunk_size, BK, BV)
         launch_fitting(
             chunk_o_fwd_kernel, (triton.cdiv(V, BV), NC, H), q, v, g, h, w, Aqk, Aqb, o, scale_t, offsets, cmap, H=H,
-            K=K, V=V, C=chunk_size, BK=BK, BV=BV, USE_GK=g is not None, DOT_PREC=dot_precision(q.dtype), OP=op)
+            K=K, V=V, C=chunk_size, BK=BK, BV=BV, USE_GK=g is not None, DOT_PREC=dot_precision(q.dtype),
+            OP=operands(q.dtype, chunk_size, K, V)[0], ACC=tl_acc(q.dtype))
     return o
 
 
-def chunk_o_bwd_local(v, w, do, Aqk, Aqb, scale_t, offsets, cmap, chunk_size):
-    """Returns dA_qk, dA_qb [NC, H, C, C] and dW_loc, dV_loc [B, T, H, V] (accumulation dtype)."""
+def chunk_o_bwd_local(v, w, do, Aqk, Aqb, scale_t, offsets, cmap, chunk_size, dw_dtype=None, dv_dtype=None):
+    """Returns dA_qk, dA_qb [NC, H, C, C] (accumulation dtype) and dW_loc, dV_loc [B, T, H, V] (in dw_dtype,
+    dv_dtype: the accumulation dtype by default)."""
     B, T, H, V = v.shape
     C, NC, acc = chunk_size, cmap.shape[0], acc_dtype(v.dtype)
     dAqk = new_empty((NC, H, C, C), acc, v.device)
     dAqb = new_empty((NC, H, C, C), acc, v.device)
-    dw = new_empty((B, T, H, V), acc, v.device)
-    dv = new_empty((B, T, H, V), acc, v.device)
+    dw = new_empty((B, T, H, V), dw_dtype or acc, v.device)
+    dv = new_empty((B, T, H, V), dv_dtype or acc, v.device)
     if NC:
         BV = _blocks(1, V)[1]
-        op = operand_type("dplr_chunk_o_bwd_local", v.dtype, C, BV)
         launch_fitting(
             chunk_o_bwd_local_kernel, (NC, H), v, w, do, Aqk, Aqb, dAqk, dAqb, dw, dv, scale_t, offsets, cmap, H=H, V=V,
-            C=C, BV=BV, DOT_PREC=dot_precision(v.dtype), OP=op)
+            C=C, BV=BV, DOT_PREC=dot_precision(v.dtype), OP=operands(v.dtype, C, 1, V)[1])
     return dAqk, dAqb, dw, dv
 
 
-def chunk_o_bwd_state(k, b, v, g, h, w, do, dh, dw, scale_t, offsets, cmap, chunk_size):
-    """Returns dq, dk, db, dWm [B, T, H, K] (the parts through the states, accumulation dtype) and dgamma
-    [NC, H, K] (None for IPLR)."""
+def chunk_o_bwd_state(k, b, v, g, h, w, do, dh, dw, scale_t, offsets, cmap, chunk_size, dwm_dtype=None):
+    """Returns dq, dk, db [B, T, H, K] (the parts through the states, accumulation dtype), dWm (in dwm_dtype: the
+    accumulation dtype by default) and dgamma [NC, H, K] (None for IPLR)."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     NC, acc = cmap.shape[0], acc_dtype(k.dtype)
-    dq, dk, db, dwm = (new_empty((B, T, H, K), acc, k.device) for _ in range(4))
+    dq, dk, db = (new_empty((B, T, H, K), acc, k.device) for _ in range(3))
+    dwm = new_empty((B, T, H, K), dwm_dtype or acc, k.device)
     dgam = None if g is None else new_empty((NC, H, K), acc, k.device)
     if NC:
         BK, BV = _blocks(K, V)
-        op = operand_type("dplr_chunk_o_bwd_state", k.dtype, chunk_size, BK, BV)
         launch_fitting(
             chunk_o_bwd_state_kernel, (triton.cdiv(K, BK), NC, H), k, b, v, g, h, w, do, dh, dw, dq, dk, db, dwm, dgam,
             scale_t, offsets, cmap, H=H, K=K, V=V, C=chunk_size, BK=BK, BV=BV, USE_GK=g is not None,
-            DOT_PREC=dot_precision(k.dtype), OP=op, num_warps=BWD_STATE_WARPS)
+            DOT_PREC=dot_precision(k.dtype), OP=operands(k.dtype, chunk_size, K, V)[2], num_warps=BWD_STATE_WARPS)
     return dq, dk, db, dwm, dgam

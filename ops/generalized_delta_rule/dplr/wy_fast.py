@@ -3,7 +3,7 @@
 Within a chunk with entering state h, the rows w_i = a_i^T S_{i-1} (what the low-rank term reads) satisfy
     W = A_ab W + A_ak V + Ahat h,   Ahat_i = a_i exp(G^-_i)   (A_ab, A_ak strictly lower, from chunk_A)
 so with X = (I - A_ab)^-1:   W = Wm h + U,   Wm = X Ahat  [C, K],   U = X A_ak V  [C, V].
-Wm, U (accumulation dtype) go to the state pass; X [NC, H, C, C] is kept for the backward.
+Wm, U go to the state pass; X [NC, H, C, C] is kept for the backward (storage dtypes: dplr/chunk.py storage()).
 
 Backward, given dWm and dU (= dW, from the state pass), with Gv = X^T dU and dAhat = X^T dWm:
     dA_ak = (Gv V^T) * Ms,   dV = dV_in + A_ak^T Gv,   dA_ab = (dAhat Wm^T + Gv U^T) * Ms,
@@ -29,11 +29,11 @@ def wy_fwd_kernel(a, g, gk, v, Aak, Aab, x, wm, u, offsets, cmap,
     bos, eos = tl.load(offsets + i_n).to(tl.int64), tl.load(offsets + i_n + 1).to(tl.int64)
     L = eos - bos
     nv = tl.minimum(L - j * C, C)
-    ACC = x.dtype.element_ty
+    ACC = Aab.dtype.element_ty
     base = (i_c * H + i_h).to(tl.int64) * C * C
 
     b_X = solve_unit_lower(-tl.load(mat_block(Aab + base, C, C, 0, 0, C, C)), C, DOT_PREC)
-    tl.store(mat_block(x + base, C, C, 0, 0, C, C), b_X)
+    tl.store(mat_block(x + base, C, C, 0, 0, C, C), b_X.to(x.dtype.element_ty))
     b_Aak = tl.load(mat_block(Aak + base, C, C, 0, 0, C, C)).to(OP)
     b_Xo = b_X.to(OP)
 
@@ -44,13 +44,15 @@ def wy_fwd_kernel(a, g, gk, v, Aak, Aab, x, wm, u, offsets, cmap,
             b_g = tl.load(seq_block(g, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), boundary_check=(0, 1))
             b_g -= tl.load(seq_block(gk, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), boundary_check=(0, 1)).to(ACC)
             b_a *= masked_exp(b_g, vi)
-        tl.store(seq_block(wm, bos, i_h, L, H, K, j * C, i_k * BK, C, BK),
-                 tl.dot(b_Xo, b_a.to(OP), input_precision=DOT_PREC, out_dtype=ACC), boundary_check=(0, 1))
+        b_wm = tl.dot(b_Xo, b_a.to(OP), input_precision=DOT_PREC, out_dtype=ACC)
+        tl.store(seq_block(wm, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), b_wm.to(wm.dtype.element_ty),
+                 boundary_check=(0, 1))
     for i_v in range(tl.cdiv(V, BV)):
         b_v = tl.load(seq_block(v, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1)).to(OP)
         b_av = tl.dot(b_Aak, b_v, input_precision=DOT_PREC, out_dtype=ACC).to(OP)
         b_u = tl.dot(b_Xo, b_av, input_precision=DOT_PREC, out_dtype=ACC)
-        tl.store(seq_block(u, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), b_u, boundary_check=(0, 1))
+        tl.store(seq_block(u, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), b_u.to(u.dtype.element_ty),
+                 boundary_check=(0, 1))
 
 
 @triton.jit
@@ -65,7 +67,7 @@ def wy_bwd_kernel(g, gk, v, Aak, x, wm, u, dwm, du, dv_in, dv, dAak, dAab, da, o
     bos, eos = tl.load(offsets + i_n).to(tl.int64), tl.load(offsets + i_n + 1).to(tl.int64)
     L = eos - bos
     nv = tl.minimum(L - j * C, C)
-    ACC = x.dtype.element_ty
+    ACC = dAak.dtype.element_ty
     base = (i_c * H + i_h).to(tl.int64) * C * C
 
     b_Xt = tl.trans(tl.load(mat_block(x + base, C, C, 0, 0, C, C)).to(OP))
@@ -107,19 +109,26 @@ def _blocks(K, V):
     return min(TILE, block_size(K)), min(TILE, block_size(V))
 
 
-def wy_fwd(a, g, gk, v, Aak, Aab, offsets, cmap, chunk_size):
-    """Returns X [NC, H, C, C], Wm [B, T, H, K], U [B, T, H, V] (accumulation dtype)."""
+def operands(dtype, C, K, V):
+    """(forward, backward) dot operand types (utils.operand_type)."""
+    BK, BV = _blocks(K, V)
+    return operand_type("dplr_wy_fwd", dtype, C, BK, BV), operand_type("dplr_wy_bwd", dtype, C, BK, BV)
+
+
+def wy_fwd(a, g, gk, v, Aak, Aab, offsets, cmap, chunk_size, x_dtype=None, wm_dtype=None, u_dtype=None):
+    """Returns X [NC, H, C, C], Wm [B, T, H, K], U [B, T, H, V] in x_dtype, wm_dtype, u_dtype (the accumulation
+    dtype by default)."""
     B, T, H, K = a.shape
     V = v.shape[-1]
     C, NC, acc = chunk_size, cmap.shape[0], acc_dtype(a.dtype)
-    x = new_empty((NC, H, C, C), acc, a.device)
-    wm = new_empty((B, T, H, K), acc, a.device)
-    u = new_empty((B, T, H, V), acc, a.device)
+    x = new_empty((NC, H, C, C), x_dtype or acc, a.device)
+    wm = new_empty((B, T, H, K), wm_dtype or acc, a.device)
+    u = new_empty((B, T, H, V), u_dtype or acc, a.device)
     if NC:
         BK, BV = _blocks(K, V)
         launch_fitting(
             wy_fwd_kernel, (NC, H), a, g, gk, v, Aak, Aab, x, wm, u, offsets, cmap, H=H, K=K, V=V, C=C, BK=BK, BV=BV,
-            USE_GK=g is not None, DOT_PREC=dot_precision(a.dtype), OP=operand_type("dplr_wy_fwd", a.dtype, C, BK, BV))
+            USE_GK=g is not None, DOT_PREC=dot_precision(a.dtype), OP=operands(a.dtype, C, K, V)[0])
     return x, wm, u
 
 
@@ -127,7 +136,7 @@ def wy_bwd(g, gk, v, Aak, x, wm, u, dwm, du, dv_in, offsets, cmap, chunk_size):
     """Returns dv (v's dtype), dA_ak, dA_ab [NC, H, C, C] and da's WY part [B, T, H, K] (accumulation dtype)."""
     B, T, H, V = v.shape
     K = wm.shape[-1]
-    C, NC, acc = chunk_size, cmap.shape[0], x.dtype
+    C, NC, acc = chunk_size, cmap.shape[0], acc_dtype(v.dtype)
     dv = new_empty(v.shape, v.dtype, v.device)
     dAak = new_empty((NC, H, C, C), acc, v.device)
     dAab = new_empty((NC, H, C, C), acc, v.device)
@@ -137,5 +146,5 @@ def wy_bwd(g, gk, v, Aak, x, wm, u, dwm, du, dv_in, offsets, cmap, chunk_size):
         launch_fitting(
             wy_bwd_kernel, (NC, H), g, gk, v, Aak, x, wm, u, dwm, du, dv_in, dv, dAak, dAab, da, offsets, cmap, H=H,
             K=K, V=V, C=C, BK=BK, BV=BV, USE_GK=g is not None, DOT_PREC=dot_precision(v.dtype),
-            OP=operand_type("dplr_wy_bwd", v.dtype, C, BK, BV))
+            OP=operands(v.dtype, C, K, V)[1])
     return dv, dAak, dAab, da
