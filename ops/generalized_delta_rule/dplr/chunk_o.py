@@ -21,28 +21,24 @@ from ops.generalized_delta_rule.utils import masked_exp, mat_block, seq_block, s
 
 
 @triton.jit
-def chunk_o_fwd_kernel(q, v, g, h, w, Aqk, Aqb, o, scale_ptr, offsets, cmap,
+def chunk_o_fwd_kernel(qh, v, h, w, Aqk, Aqb, o, scale_ptr, offsets, cmap,
                        H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-                       BK: tl.constexpr, BV: tl.constexpr, USE_GK: tl.constexpr, DOT_PREC: tl.constexpr,
-                       OP: tl.constexpr, ACC: tl.constexpr):
+                       BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr, OP: tl.constexpr,
+                       ACC: tl.constexpr):
+    """grid (V blocks, NC, H): O = scale (Qh h + A_qb W + A_qk V), Qh = q exp(G) from chunk_A."""
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, j = tl.load(cmap + i_c * 2), tl.load(cmap + i_c * 2 + 1)
     bos, eos = tl.load(offsets + i_n).to(tl.int64), tl.load(offsets + i_n + 1).to(tl.int64)
     L = eos - bos
-    nv = tl.minimum(L - j * C, C)
     scale = tl.load(scale_ptr)
     ph = h + (i_c * H + i_h).to(tl.int64) * K * V
     base = (i_c * H + i_h).to(tl.int64) * C * C
-    vi = (tl.arange(0, C) < nv)[:, None]
 
     b_o = tl.zeros([C, BV], dtype=ACC)
     for i_k in range(tl.cdiv(K, BK)):
-        b_q = tl.load(seq_block(q, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), boundary_check=(0, 1)).to(ACC)
-        if USE_GK:
-            b_g = tl.load(seq_block(g, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), boundary_check=(0, 1))
-            b_q *= masked_exp(b_g, vi)
+        b_q = tl.load(seq_block(qh, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), boundary_check=(0, 1)).to(OP)
         b_h = tl.load(mat_block(ph, K, V, i_k * BK, i_v * BV, BK, BV), boundary_check=(0, 1)).to(OP)
-        b_o = tl.dot(b_q.to(OP), b_h, b_o, input_precision=DOT_PREC, out_dtype=ACC)
+        b_o = tl.dot(b_q, b_h, b_o, input_precision=DOT_PREC, out_dtype=ACC)
     b_w = tl.load(seq_block(w, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1)).to(OP)
     b_v = tl.load(seq_block(v, bos, i_h, L, H, V, j * C, i_v * BV, C, BV), boundary_check=(0, 1)).to(OP)
     b_o = tl.dot(tl.load(mat_block(Aqb + base, C, C, 0, 0, C, C)).to(OP), b_w, b_o, input_precision=DOT_PREC,
@@ -167,18 +163,18 @@ def operands(dtype, C, K, V):
             operand_type("dplr_chunk_o_bwd_state", dtype, C, BK, BV))
 
 
-def chunk_o_fwd(q, v, g, h, w, Aqk, Aqb, scale_t, offsets, cmap, chunk_size):
-    """o [B, T, H, V] in q's dtype."""
-    B, T, H, K = q.shape
+def chunk_o_fwd(qh, v, h, w, Aqk, Aqb, scale_t, offsets, cmap, chunk_size):
+    """qh = q exp(G) (q for IPLR). Returns o [B, T, H, V] in v's dtype (the input dtype)."""
+    B, T, H, K = qh.shape
     V = v.shape[-1]
     NC = cmap.shape[0]
-    o = new_empty((B, T, H, V), q.dtype, q.device)
+    o = new_empty((B, T, H, V), v.dtype, v.device)
     if NC:
         BK, BV = _blocks(K, V)
         launch_fitting(
-            chunk_o_fwd_kernel, (triton.cdiv(V, BV), NC, H), q, v, g, h, w, Aqk, Aqb, o, scale_t, offsets, cmap, H=H,
-            K=K, V=V, C=chunk_size, BK=BK, BV=BV, USE_GK=g is not None, DOT_PREC=dot_precision(q.dtype),
-            OP=operands(q.dtype, chunk_size, K, V)[0], ACC=tl_acc(q.dtype))
+            chunk_o_fwd_kernel, (triton.cdiv(V, BV), NC, H), qh, v, h, w, Aqk, Aqb, o, scale_t, offsets, cmap, H=H,
+            K=K, V=V, C=chunk_size, BK=BK, BV=BV, DOT_PREC=dot_precision(v.dtype),
+            OP=operands(v.dtype, chunk_size, K, V)[0], ACC=tl_acc(v.dtype))
     return o
 
 

@@ -1,7 +1,7 @@
 """WY representation of each DPLR chunk, forward and backward (IPLR: USE_GK=False).
 
 Within a chunk with entering state h, the rows w_i = a_i^T S_{i-1} (what the low-rank term reads) satisfy
-    W = A_ab W + A_ak V + Ahat h,   Ahat_i = a_i exp(G^-_i)   (A_ab, A_ak strictly lower, from chunk_A)
+    W = A_ab W + A_ak V + Ahat h,   Ahat_i = a_i exp(G^-_i)   (A_ab, A_ak strictly lower, Ahat: from chunk_A)
 so with X = (I - A_ab)^-1:   W = Wm h + U,   Wm = X Ahat  [C, K],   U = X A_ak V  [C, V].
 Wm, U go to the state pass; X [NC, H, C, C] is kept for the backward (storage dtypes: dplr/chunk.py storage()).
 
@@ -18,17 +18,15 @@ from ops.generalized_delta_rule.utils import masked_exp, mat_block, seq_block
 
 
 @triton.jit
-def wy_fwd_kernel(a, g, gk, v, Aak, Aab, x, wm, u, offsets, cmap,
+def wy_fwd_kernel(ah, v, Aak, Aab, x, wm, u, offsets, cmap,
                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-                  BK: tl.constexpr, BV: tl.constexpr, USE_GK: tl.constexpr, DOT_PREC: tl.constexpr,
-                  OP: tl.constexpr):
-    """grid (NC, H): X = (I - A_ab)^-1 (in the accumulation dtype); Wm = X (a exp(G^-)); U = X (A_ak V) (products
-    on OP operands)."""
+                  BK: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr, OP: tl.constexpr):
+    """grid (NC, H): X = (I - A_ab)^-1 (in the accumulation dtype); Wm = X Ahat (Ahat = a exp(G^-) from chunk_A);
+    U = X (A_ak V) (products on OP operands)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_n, j = tl.load(cmap + i_c * 2), tl.load(cmap + i_c * 2 + 1)
     bos, eos = tl.load(offsets + i_n).to(tl.int64), tl.load(offsets + i_n + 1).to(tl.int64)
     L = eos - bos
-    nv = tl.minimum(L - j * C, C)
     ACC = Aab.dtype.element_ty
     base = (i_c * H + i_h).to(tl.int64) * C * C
 
@@ -37,14 +35,9 @@ def wy_fwd_kernel(a, g, gk, v, Aak, Aab, x, wm, u, offsets, cmap,
     b_Aak = tl.load(mat_block(Aak + base, C, C, 0, 0, C, C)).to(OP)
     b_Xo = b_X.to(OP)
 
-    vi = (tl.arange(0, C) < nv)[:, None]
     for i_k in range(tl.cdiv(K, BK)):
-        b_a = tl.load(seq_block(a, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), boundary_check=(0, 1)).to(ACC)
-        if USE_GK:
-            b_g = tl.load(seq_block(g, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), boundary_check=(0, 1))
-            b_g -= tl.load(seq_block(gk, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), boundary_check=(0, 1)).to(ACC)
-            b_a *= masked_exp(b_g, vi)
-        b_wm = tl.dot(b_Xo, b_a.to(OP), input_precision=DOT_PREC, out_dtype=ACC)
+        b_a = tl.load(seq_block(ah, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), boundary_check=(0, 1)).to(OP)
+        b_wm = tl.dot(b_Xo, b_a, input_precision=DOT_PREC, out_dtype=ACC)
         tl.store(seq_block(wm, bos, i_h, L, H, K, j * C, i_k * BK, C, BK), b_wm.to(wm.dtype.element_ty),
                  boundary_check=(0, 1))
     for i_v in range(tl.cdiv(V, BV)):
@@ -115,20 +108,20 @@ def operands(dtype, C, K, V):
     return operand_type("dplr_wy_fwd", dtype, C, BK, BV), operand_type("dplr_wy_bwd", dtype, C, BK, BV)
 
 
-def wy_fwd(a, g, gk, v, Aak, Aab, offsets, cmap, chunk_size, x_dtype=None, wm_dtype=None, u_dtype=None):
-    """Returns X [NC, H, C, C], Wm [B, T, H, K], U [B, T, H, V] in x_dtype, wm_dtype, u_dtype (the accumulation
-    dtype by default)."""
-    B, T, H, K = a.shape
+def wy_fwd(ah, v, Aak, Aab, offsets, cmap, chunk_size, x_dtype=None, wm_dtype=None, u_dtype=None):
+    """ah = a exp(G^-) (a for IPLR) [B, T, H, K]. Returns X [NC, H, C, C], Wm [B, T, H, K], U [B, T, H, V] in
+    x_dtype, wm_dtype, u_dtype (the accumulation dtype by default)."""
+    B, T, H, K = ah.shape
     V = v.shape[-1]
-    C, NC, acc = chunk_size, cmap.shape[0], acc_dtype(a.dtype)
-    x = new_empty((NC, H, C, C), x_dtype or acc, a.device)
-    wm = new_empty((B, T, H, K), wm_dtype or acc, a.device)
-    u = new_empty((B, T, H, V), u_dtype or acc, a.device)
+    C, NC, acc = chunk_size, cmap.shape[0], acc_dtype(v.dtype)
+    x = new_empty((NC, H, C, C), x_dtype or acc, v.device)
+    wm = new_empty((B, T, H, K), wm_dtype or acc, v.device)
+    u = new_empty((B, T, H, V), u_dtype or acc, v.device)
     if NC:
         BK, BV = _blocks(K, V)
         launch_fitting(
-            wy_fwd_kernel, (NC, H), a, g, gk, v, Aak, Aab, x, wm, u, offsets, cmap, H=H, K=K, V=V, C=C, BK=BK, BV=BV,
-            USE_GK=g is not None, DOT_PREC=dot_precision(a.dtype), OP=operands(a.dtype, C, K, V)[0])
+            wy_fwd_kernel, (NC, H), ah, v, Aak, Aab, x, wm, u, offsets, cmap, H=H, K=K, V=V, C=C, BK=BK, BV=BV,
+            DOT_PREC=dot_precision(v.dtype), OP=operands(v.dtype, C, K, V)[0])
     return x, wm, u
 
 
