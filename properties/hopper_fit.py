@@ -220,7 +220,7 @@ def main(argv=None):
             r, st, ld = registers(key)
             cst = {n: v for n, v in key[1] if n in ("K", "V", "C", "BK", "BV", "BC", "USE_GK", "NK")}
             sig = dict(key[2])
-            dt = next((sig[n] for n in ("k", "q", "a", "x") if n in sig), "?").lstrip("*")
+            dt = next((sig[n] for n in ("k", "q", "a", "x", "qh", "kt", "ah", "v") if n in sig), "?").lstrip("*")
             print(f"  {r:4d} regs  {st:6d} / {ld:6d} B spilled  {key[0]}  {dt}  {cst}  {dict(key[4])}")
     return 1 if over else 0
 

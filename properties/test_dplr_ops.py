@@ -126,16 +126,16 @@ def test_chunk_dplr_half_operands_match_reference(case, decay, chunk_size, kerne
 
 @pytest.mark.parametrize("decay", [None, "mild"])
 def test_dplr_operand_only_intermediates_stored_half_change_nothing(decay):
-    """The DPLR / IPLR intermediates read only as dot operands (q exp(G), a exp(G^-), A_qk, A_qb, A_ak, X, Wm, W,
-    dW, dWm), stored in their readers' half operand type, give bit for bit the o, final state and gradients that
-    float32 storage gives (the readers round them so anyway); at C = K = V = 64 they are stored half, and with
-    utils.HALF_STORAGE so are the added-to ones (U, h, dh, dW_loc, dV_loc, dV)."""
+    """The DPLR / IPLR intermediates read only as dot operands (q exp(G), a exp(G^-), k and b exp(gamma - G), A_qk,
+    A_qb, A_ak, X, Wm, W, dW, dWm), stored in their readers' half operand type, give bit for bit the o, final state
+    and gradients that float32 storage gives (the readers round them so anyway); at C = K = V = 64 they are stored
+    half, and with utils.HALF_STORAGE so are the added-to ones (U, h, dh, dW_loc, dV_loc, dV)."""
     import ops.generalized_delta_rule.dplr.chunk as dplr_chunk
     half = HALF_DTYPES[-1]
     case = fixed_case(seqlens=(0, 67, 49), H=2, K=64, V=64, dtype=half)
     x = inputs(case, "stable", *DECAYS[decay]) if decay else inputs(case, "stable")
     op = chunk_dplr_delta_rule if decay else chunk_iplr_delta_rule
-    read_only = {"qh", "ah", "aq", "aak", "x", "wm", "w", "dw", "dwm"}
+    read_only = {"qh", "ah", "kbt", "aq", "aak", "x", "wm", "w", "dw", "dwm"}
     runs = []
     for setting in ("all", "read_only", "none"):
         with pytest.MonkeyPatch.context() as mp:

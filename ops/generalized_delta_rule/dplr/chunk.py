@@ -9,8 +9,8 @@ so W = A_ab W + A_ak V + (a exp(G^-)) h and O = scale (q exp(G) h + A_qb W + A_q
 matrices of chunk_A.py; W = U + Wm h by the WY stage; the state leaving the chunk is
 exp(gamma) h + (b exp(gamma - G))^T W + (k exp(gamma - G))^T V.
 
-Forward:  cumsum (G) -> chunk_A (A_qk, A_qb, A_ak, A_ab, q exp(G), a exp(G^-)) -> wy_fwd (X, Wm, U)
-          -> chunk_h_fwd (h, W, final) -> chunk_o_fwd (o).
+Forward:  cumsum (G) -> chunk_A (A_qk, A_qb, A_ak, A_ab, q exp(G), a exp(G^-), k and b exp(gamma - G))
+          -> wy_fwd (X, Wm, U) -> chunk_h_fwd (h, W, final) -> chunk_o_fwd (o).
 Backward: chunk_o_bwd_local (dA_qk, dA_qb, dW, dV local) -> chunk_h_bwd (dh, dW, dV, dS0)
           -> chunk_o_bwd_state (dq, dk, db, dWm, dgamma through the states) -> wy_bwd (dv, dA_ak, dA_ab, da)
           -> chunk_A_bwd (dq, dk, da, db, dgk).
@@ -35,8 +35,9 @@ CHUNK_SIZES = (16, 32, 64)
 
 class Storage(NamedTuple):
     """Storage dtypes of the intermediates that go to memory between the kernels."""
-    qh: torch.dtype      # q exp(G): operand of chunk_o_fwd
+    qh: torch.dtype      # q exp(G): operand of chunk_o_fwd and chunk_h_bwd
     ah: torch.dtype      # a exp(G^-): operand of wy_fwd
+    kbt: torch.dtype     # k exp(gamma - G), b exp(gamma - G): operands of chunk_h_fwd and chunk_h_bwd
     aq: torch.dtype      # A_qk, A_qb: operands of chunk_o_fwd and chunk_o_bwd_local
     aak: torch.dtype     # A_ak: operand of wy_fwd and wy_bwd
     x: torch.dtype       # X = (I - A_ab)^-1: operand of wy_bwd
@@ -69,32 +70,33 @@ def storage(dtype, C, K, V):
 
     def summed(*kernels):  # (the writer's and readers' operand types)
         return U.sum_storage(kernels[0]) if len(set(kernels)) == 1 else acc
-    return Storage(qh=read(o_fwd), ah=read(wy_f), aq=read(o_fwd, o_loc), aak=read(wy_f, wy_b), x=read(wy_b),
-                   wm=read(h_f, h_b, wy_b), u=summed(wy_f, h_f, wy_b), h=summed(h_f, o_fwd, o_st),
-                   w=read(o_fwd, o_loc, o_st), dw_loc=summed(o_loc, h_b), dh=summed(h_b, o_st), dw=read(o_st, wy_b),
-                   dv=summed(h_b, wy_b), dwm=read(wy_b))
+    return Storage(qh=read(o_fwd, h_b), ah=read(wy_f), kbt=read(h_f, h_b), aq=read(o_fwd, o_loc),
+                   aak=read(wy_f, wy_b), x=read(wy_b), wm=read(h_f, h_b, wy_b), u=summed(wy_f, h_f, wy_b),
+                   h=summed(h_f, o_fwd, o_st), w=read(o_fwd, o_loc, o_st), dw_loc=summed(o_loc, h_b),
+                   dh=summed(h_b, o_st), dw=read(o_st, wy_b), dv=summed(h_b, wy_b), dwm=read(wy_b))
 
 
 def chunk_dplr_fwd(q, k, v, a, b, gk, scale_t, initial_state, output_final_state, idx, chunk_size):
     offsets, cmap, chunk_offsets, NC = idx
     st = storage(q.dtype, chunk_size, k.shape[-1], v.shape[-1])
     g = None if gk is None else chunk_cumsum(gk, offsets, cmap, chunk_size, q.dtype)
-    Aqk, Aqb, Aak, Aab, qh, ah = chunk_A_fwd(q, k, a, b, g, gk, offsets, cmap, chunk_size, aq_dtype=st.aq,
-                                             aak_dtype=st.aak, qh_dtype=st.qh, ah_dtype=st.ah)
+    Aqk, Aqb, Aak, Aab, qh, ah, kt, bt = chunk_A_fwd(q, k, a, b, g, gk, offsets, cmap, chunk_size, aq_dtype=st.aq,
+                                                     aak_dtype=st.aak, qh_dtype=st.qh, ah_dtype=st.ah,
+                                                     kbt_dtype=st.kbt)
     x, wm, u = wy_fwd(ah, v, Aak, Aab, offsets, cmap, chunk_size, x_dtype=st.x, wm_dtype=st.wm, u_dtype=st.u)
-    h, w, ht = chunk_h_fwd(k, b, v, g, wm, u, initial_state, output_final_state, offsets, chunk_offsets, NC,
+    h, w, ht = chunk_h_fwd(kt, bt, v, g, wm, u, initial_state, output_final_state, offsets, chunk_offsets, NC,
                            chunk_size, h_dtype=st.h, w_dtype=st.w)
     o = chunk_o_fwd(qh, v, h, w, Aqk, Aqb, scale_t, offsets, cmap, chunk_size)
-    return o, ht, (g, Aqk, Aqb, Aak, x, wm, u, h, w)
+    return o, ht, (g, Aqk, Aqb, Aak, x, wm, u, h, w, qh, kt, bt)
 
 
 def chunk_dplr_bwd(q, k, v, a, b, gk, scale_t, initial_state, do, dht, saved, idx, chunk_size):
     offsets, cmap, chunk_offsets, NC = idx
-    g, Aqk, Aqb, Aak, x, wm, u, h, w = saved
+    g, Aqk, Aqb, Aak, x, wm, u, h, w, qh, kt, bt = saved
     st = storage(q.dtype, chunk_size, k.shape[-1], v.shape[-1])
     dAqk, dAqb, dw_loc, dv_loc = chunk_o_bwd_local(v, w, do, Aqk, Aqb, scale_t, offsets, cmap, chunk_size,
                                                    dw_dtype=st.dw_loc, dv_dtype=st.dw_loc)
-    dh, dw, dv_h, ds0 = chunk_h_bwd(q, k, b, g, wm, do, dw_loc, dv_loc, dht, initial_state, scale_t, offsets,
+    dh, dw, dv_h, ds0 = chunk_h_bwd(qh, kt, bt, g, wm, do, dw_loc, dv_loc, dht, initial_state, scale_t, offsets,
                                     chunk_offsets, NC, chunk_size, dh_dtype=st.dh, dw_dtype=st.dw, dv_dtype=st.dv)
     dq_h, dk_h, db_h, dwm, dgam = chunk_o_bwd_state(k, b, v, g, h, w, do, dh, dw, scale_t, offsets, cmap,
                                                     chunk_size, dwm_dtype=st.dwm)

@@ -155,12 +155,13 @@ def _spread(g, gk, bos, i_h, L, t0, r0, r, nv, H: tl.constexpr, K: tl.constexpr,
 
 
 @triton.jit
-def chunk_A_fwd_kernel(q, k, a, b, g, gk, Aqk, Aqb, Aak, Aab, qh, ah, offsets, cmap,
+def chunk_A_fwd_kernel(q, k, a, b, g, gk, Aqk, Aqb, Aak, Aab, qh, ah, kt, bt, offsets, cmap,
                        H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                        USE_GK: tl.constexpr, DOT_PREC: tl.constexpr, UNROLL: tl.constexpr,
                        DIAG_MAX: tl.constexpr):
     """grid (C // BC, NC, H): block row I of the four matrices, [BC, C] each; with decay also rows I of
-    q exp(G) and a exp(G^-) (chunk_o_fwd's and wy_fwd's dot operands, in qh's and ah's dtype)."""
+    q exp(G), a exp(G^-), k exp(gamma - G) and b exp(gamma - G) (dot operands of chunk_o_fwd and chunk_h_bwd, wy_fwd,
+    and of the state passes; in qh's, ah's, kt's and bt's dtypes), gamma = G of the chunk's last row."""
     i_b, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, j = tl.load(cmap + i_c * 2), tl.load(cmap + i_c * 2 + 1)
     bos, eos = tl.load(offsets + i_n).to(tl.int64), tl.load(offsets + i_n + 1).to(tl.int64)
@@ -205,6 +206,11 @@ def chunk_A_fwd_kernel(q, k, a, b, g, gk, Aqk, Aqb, Aak, Aab, qh, ah, offsets, c
             vi = (rows < nv)[:, None]
             _store(qh, b_q * masked_exp(g_I, vi), bos, i_h, L, H, K, t0 + r0, c0, BC, BK)
             _store(ah, b_a * masked_exp(gm_I, vi), bos, i_h, L, H, K, t0 + r0, c0, BC, BK)
+            f_I = masked_exp(seq_row(g, bos, i_h, t0 + nv - 1, H, K, c0, BK)[None, :] - g_I, vi)
+            b_kI = tl.load(seq_block(k, bos, i_h, L, H, K, t0 + r0, c0, BC, BK), boundary_check=(0, 1)).to(ACC)
+            _store(kt, b_kI * f_I, bos, i_h, L, H, K, t0 + r0, c0, BC, BK)
+            b_bI = tl.load(seq_block(b, bos, i_h, L, H, K, t0 + r0, c0, BC, BK), boundary_check=(0, 1)).to(ACC)
+            _store(bt, b_bI * f_I, bos, i_h, L, H, K, t0 + r0, c0, BC, BK)
             # off-diagonal blocks: rows rescaled by exp(G_i - G_r), columns j <= r by exp(G_r - G_j)
             mj = (cols < lim)[:, None]
             f_j = masked_exp(g_r - g_all, mj)
@@ -473,21 +479,22 @@ def _warps(gk):
 
 
 def chunk_A_fwd(q, k, a, b, g, gk, offsets, cmap, chunk_size, aq_dtype=None, aak_dtype=None, qh_dtype=None,
-                ah_dtype=None):
+                ah_dtype=None, kbt_dtype=None):
     """A_qk, A_qb (in aq_dtype), A_ak (in aak_dtype), A_ab [NC, H, C, C] (the accumulation dtype, also the
-    others' default), then q exp(G) and a exp(G^-) [B, T, H, K] in qh_dtype and ah_dtype (default: the
-    accumulation dtype; q and a themselves for IPLR). g: chunk-local cumsum, None for IPLR."""
+    others' default), then q exp(G), a exp(G^-) (in qh_dtype, ah_dtype), k exp(gamma - G) and b exp(gamma - G) (in
+    kbt_dtype) [B, T, H, K]: q, a, k, b themselves for IPLR. g: chunk-local cumsum, None for IPLR."""
     B, T, H, K = q.shape
     C, NC = chunk_size, cmap.shape[0]
     acc = acc_dtype(q.dtype)
     mats = tuple(new_empty((NC, H, C, C), dt or acc, q.device) for dt in (aq_dtype, aq_dtype, aak_dtype, acc))
-    qh, ah = (q, a) if g is None else (new_empty(q.shape, dt or acc, q.device) for dt in (qh_dtype, ah_dtype))
+    scaled = (q, a, k, b) if g is None else tuple(new_empty(q.shape, dt or acc, q.device)
+                                                  for dt in (qh_dtype, ah_dtype, kbt_dtype, kbt_dtype))
     if NC:
         launch_fitting(
-            chunk_A_fwd_kernel, (C // BC, NC, H), q, k, a, b, g, gk, *mats, qh, ah, offsets, cmap, H=H, K=K, C=C,
+            chunk_A_fwd_kernel, (C // BC, NC, H), q, k, a, b, g, gk, *mats, *scaled, offsets, cmap, H=H, K=K, C=C,
             BC=BC, BK=min(FWD_TILE, block_size(K)), USE_GK=g is not None, DOT_PREC=dot_precision(q.dtype),
             UNROLL=FWD_UNROLL, DIAG_MAX=DIAG_MAX, num_warps=_warps(gk))
-    return (*mats, qh, ah)
+    return (*mats, *scaled)
 
 
 def chunk_A_bwd(q, k, a, b, g, gk, dA, d_in, dgam, offsets, cmap, chunk_size):

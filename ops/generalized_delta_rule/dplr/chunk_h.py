@@ -1,14 +1,15 @@
 """The inter-chunk state pass of the DPLR chunk form (IPLR: USE_GK=False): sequential over each sequence's chunks.
 
 With gamma = G_last (the chunk's total log decay), Bt = b exp(gamma - G), Kt = k exp(gamma - G) (both <= 1 in
-the exps), Qh = q exp(G), and Wm, U from the WY stage:
+the exps), Qh = q exp(G) (all three from chunk_A), and Wm, U from the WY stage:
 Forward, h_0 = S0 (or 0), per chunk:
     store h;   W = U + Wm h (store);   h <- exp(gamma) * h + Bt^T W + Kt^T V;   final state = h.
 Backward, reverse over chunks, dh = dht (or 0); dW_loc, dV_loc from chunk_o's local backward:
     store dh (the gradient of the state leaving the chunk);
     dW = dW_loc + Bt dh (store);   dV = dV_loc + Kt dh (store);
     dh <- exp(gamma) * dh + scale Qh^T dO + Wm^T dW;   dS0 = dh.
-The decays act per key channel, so each K tile of the state takes its own columns of G, k, b, q and Wm.
+The decays act per key channel, so each K tile of the state takes its own columns of Kt, Bt, Qh (formed by chunk_A,
+stored in their operand type), gamma and Wm.
 Grid (V blocks, N * H). A program holds BV columns of the [K, V] state in registers as up to four [BK, BV] tiles
 (BK = BV = 64 for K, V >= 64; BK doubles past K = 256), in the accumulation dtype, on 4 warps (8 backward); states
 [NC, H, K, V], W, dW and dV are stored in the dtypes dplr/chunk.py's storage() gives (the final state and dS0 in
@@ -29,17 +30,13 @@ from ops.common.utils import (
     operand_type,
     tl_acc,
 )
-from ops.generalized_delta_rule.utils import masked_exp, mat_block, seq_block, seq_row
+from ops.generalized_delta_rule.utils import mat_block, seq_block, seq_row
 
 
 @triton.jit
-def _decays(g, bos, i_h, L, j, nv, k0, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr):
-    """(exp(gamma) [BK], exp(G) [C, BK], exp(gamma - G) [C, BK]) on K columns k0.. of chunk j (0 on rows past its
-    end), from one load of G."""
-    b_gam = seq_row(g, bos, i_h, j * C + nv - 1, H, K, k0, BK)
-    b_g = tl.load(seq_block(g, bos, i_h, L, H, K, j * C, k0, C, BK), boundary_check=(0, 1))
-    vi = (tl.arange(0, C) < nv)[:, None]
-    return tl.exp(b_gam), masked_exp(b_g, vi), masked_exp(b_gam[None, :] - b_g, vi)
+def _exp_gamma(g, bos, i_h, j, nv, k0, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr):
+    """exp(gamma) [BK] on K columns k0.. of chunk j: exp of G's last valid row."""
+    return tl.exp(seq_row(g, bos, i_h, j * C + nv - 1, H, K, k0, BK))
 
 
 @triton.jit
@@ -85,23 +82,19 @@ def _wm_dot(b_acc, b_x, wm, bos, i_h, L, t, k0, H: tl.constexpr, K: tl.constexpr
 
 
 @triton.jit
-def _fwd_tile(b_h, k, b, g, b_w, b_v, bos, i_h, L, t, nv, k0, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
+def _fwd_tile(b_h, kt, bt, g, b_w, b_v, bos, i_h, L, t, nv, k0, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
               BK: tl.constexpr, USE_GK: tl.constexpr, DOT_PREC: tl.constexpr, OP: tl.constexpr):
     """The state tile of K rows k0..: h <- exp(gamma) h + Bt^T W + Kt^T V (b_w, b_v: W and V in OP)."""
-    ACC = b_h.dtype
-    b_k = tl.load(seq_block(k, bos, i_h, L, H, K, t * C, k0, C, BK), boundary_check=(0, 1)).to(ACC)
-    b_b = tl.load(seq_block(b, bos, i_h, L, H, K, t * C, k0, C, BK), boundary_check=(0, 1)).to(ACC)
+    b_k = tl.load(seq_block(kt, bos, i_h, L, H, K, t * C, k0, C, BK), boundary_check=(0, 1)).to(OP)
+    b_b = tl.load(seq_block(bt, bos, i_h, L, H, K, t * C, k0, C, BK), boundary_check=(0, 1)).to(OP)
     if USE_GK:
-        b_eg, _, b_f = _decays(g, bos, i_h, L, t, nv, k0, H, K, C, BK)
-        b_k *= b_f
-        b_b *= b_f
-        b_h *= b_eg[:, None]
-    b_h = tl.dot(tl.trans(b_b.to(OP)), b_w, b_h, input_precision=DOT_PREC, out_dtype=ACC)
-    return tl.dot(tl.trans(b_k.to(OP)), b_v, b_h, input_precision=DOT_PREC, out_dtype=ACC)
+        b_h *= _exp_gamma(g, bos, i_h, t, nv, k0, H, K, C, BK)[:, None]
+    b_h = tl.dot(tl.trans(b_b), b_w, b_h, input_precision=DOT_PREC, out_dtype=b_h.dtype)
+    return tl.dot(tl.trans(b_k), b_v, b_h, input_precision=DOT_PREC, out_dtype=b_h.dtype)
 
 
 @triton.jit
-def _fwd_step(t, b_h0, b_h1, b_h2, b_h3, k, b, v, g, wm, u, h, w, bos, i_h, L, c0, v0,
+def _fwd_step(t, b_h0, b_h1, b_h2, b_h3, kt, bt, v, g, wm, u, h, w, bos, i_h, L, c0, v0,
               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
               BV: tl.constexpr, NK: tl.constexpr, USE_GK: tl.constexpr, DOT_PREC: tl.constexpr, OP: tl.constexpr):
     """Chunk t: store h; W = U + Wm h (store); h <- exp(gamma) h + Bt^T W + Kt^T V."""
@@ -121,18 +114,18 @@ def _fwd_step(t, b_h0, b_h1, b_h2, b_h3, k, b, v, g, wm, u, h, w, bos, i_h, L, c
     b_w = b_w.to(OP)
     b_v = tl.load(seq_block(v, bos, i_h, L, H, V, t * C, v0, C, BV), boundary_check=(0, 1)).to(OP)
     nv = tl.minimum(L - t * C, C)
-    b_h0 = _fwd_tile(b_h0, k, b, g, b_w, b_v, bos, i_h, L, t, nv, 0, H, K, C, BK, USE_GK, DOT_PREC, OP)
+    b_h0 = _fwd_tile(b_h0, kt, bt, g, b_w, b_v, bos, i_h, L, t, nv, 0, H, K, C, BK, USE_GK, DOT_PREC, OP)
     if NK > 1:
-        b_h1 = _fwd_tile(b_h1, k, b, g, b_w, b_v, bos, i_h, L, t, nv, BK, H, K, C, BK, USE_GK, DOT_PREC, OP)
+        b_h1 = _fwd_tile(b_h1, kt, bt, g, b_w, b_v, bos, i_h, L, t, nv, BK, H, K, C, BK, USE_GK, DOT_PREC, OP)
     if NK > 2:
-        b_h2 = _fwd_tile(b_h2, k, b, g, b_w, b_v, bos, i_h, L, t, nv, 2 * BK, H, K, C, BK, USE_GK, DOT_PREC, OP)
+        b_h2 = _fwd_tile(b_h2, kt, bt, g, b_w, b_v, bos, i_h, L, t, nv, 2 * BK, H, K, C, BK, USE_GK, DOT_PREC, OP)
     if NK > 3:
-        b_h3 = _fwd_tile(b_h3, k, b, g, b_w, b_v, bos, i_h, L, t, nv, 3 * BK, H, K, C, BK, USE_GK, DOT_PREC, OP)
+        b_h3 = _fwd_tile(b_h3, kt, bt, g, b_w, b_v, bos, i_h, L, t, nv, 3 * BK, H, K, C, BK, USE_GK, DOT_PREC, OP)
     return b_h0, b_h1, b_h2, b_h3
 
 
 @triton.jit
-def chunk_h_fwd_kernel(k, b, v, g, wm, u, h, w, h0, ht, offsets, chunk_offsets,
+def chunk_h_fwd_kernel(kt, bt, v, g, wm, u, h, w, h0, ht, offsets, chunk_offsets,
                        H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                        BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr, USE_GK: tl.constexpr,
                        USE_S0: tl.constexpr, STORE_FINAL: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -155,50 +148,43 @@ def chunk_h_fwd_kernel(k, b, v, g, wm, u, h, w, h0, ht, offsets, chunk_offsets,
     if WHILE_LOOP:  # the interpreter cannot range() over a loaded bound
         t = 0
         while t < NT:
-            b_h0, b_h1, b_h2, b_h3 = _fwd_step(t, b_h0, b_h1, b_h2, b_h3, k, b, v, g, wm, u, h, w, bos, i_h, L, c0,
+            b_h0, b_h1, b_h2, b_h3 = _fwd_step(t, b_h0, b_h1, b_h2, b_h3, kt, bt, v, g, wm, u, h, w, bos, i_h, L, c0,
                                                v0, H, K, V, C, BK, BV, NK, USE_GK, DOT_PREC, OP)
             t += 1
     else:
         for t in range(NT):
-            b_h0, b_h1, b_h2, b_h3 = _fwd_step(t, b_h0, b_h1, b_h2, b_h3, k, b, v, g, wm, u, h, w, bos, i_h, L, c0,
+            b_h0, b_h1, b_h2, b_h3 = _fwd_step(t, b_h0, b_h1, b_h2, b_h3, kt, bt, v, g, wm, u, h, w, bos, i_h, L, c0,
                                                v0, H, K, V, C, BK, BV, NK, USE_GK, DOT_PREC, OP)
     if STORE_FINAL:
         _store_state(ht + i_nh.to(tl.int64) * K * V, b_h0, b_h1, b_h2, b_h3, K, V, v0, BK, BV, NK)
 
 
 @triton.jit
-def _bt_dh(b_acc, b_dh, b, g, bos, i_h, L, t, nv, k0, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
-           BK: tl.constexpr, USE_GK: tl.constexpr, DOT_PREC: tl.constexpr, OP: tl.constexpr):
-    """b_acc + Bt dh on K columns k0.. (Bt = b exp(gamma - G); b_dh the state tile of those rows)."""
-    b_b = tl.load(seq_block(b, bos, i_h, L, H, K, t * C, k0, C, BK), boundary_check=(0, 1)).to(b_acc.dtype)
-    if USE_GK:
-        _, _, b_f = _decays(g, bos, i_h, L, t, nv, k0, H, K, C, BK)
-        b_b *= b_f
-    return tl.dot(b_b.to(OP), b_dh.to(OP), b_acc, input_precision=DOT_PREC, out_dtype=b_acc.dtype)
+def _bt_dh(b_acc, b_dh, bt, bos, i_h, L, t, k0, H: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
+           BK: tl.constexpr, DOT_PREC: tl.constexpr, OP: tl.constexpr):
+    """b_acc + Bt dh on K columns k0.. (b_dh the state tile of those rows)."""
+    b_b = tl.load(seq_block(bt, bos, i_h, L, H, K, t * C, k0, C, BK), boundary_check=(0, 1)).to(OP)
+    return tl.dot(b_b, b_dh.to(OP), b_acc, input_precision=DOT_PREC, out_dtype=b_acc.dtype)
 
 
 @triton.jit
-def _bwd_tile(b_dh, q, k, g, wm, b_do, b_dw, b_dv, bos, i_h, L, t, nv, k0, H: tl.constexpr, K: tl.constexpr,
+def _bwd_tile(b_dh, qh, kt, g, wm, b_do, b_dw, b_dv, bos, i_h, L, t, nv, k0, H: tl.constexpr, K: tl.constexpr,
               C: tl.constexpr, BK: tl.constexpr, USE_GK: tl.constexpr, DOT_PREC: tl.constexpr, OP: tl.constexpr):
     """The dh tile of K rows k0..: dV += Kt dh; dh <- exp(gamma) dh + Qh^T (scale dO) + Wm^T dW (b_do, b_dw:
     scale dO and the complete dW in OP)."""
     ACC = b_dh.dtype
-    b_q = tl.load(seq_block(q, bos, i_h, L, H, K, t * C, k0, C, BK), boundary_check=(0, 1)).to(ACC)
-    b_k = tl.load(seq_block(k, bos, i_h, L, H, K, t * C, k0, C, BK), boundary_check=(0, 1)).to(ACC)
+    b_q = tl.load(seq_block(qh, bos, i_h, L, H, K, t * C, k0, C, BK), boundary_check=(0, 1)).to(OP)
+    b_k = tl.load(seq_block(kt, bos, i_h, L, H, K, t * C, k0, C, BK), boundary_check=(0, 1)).to(OP)
+    b_dv = tl.dot(b_k, b_dh.to(OP), b_dv, input_precision=DOT_PREC, out_dtype=ACC)
     if USE_GK:
-        b_eg, b_e, b_f = _decays(g, bos, i_h, L, t, nv, k0, H, K, C, BK)
-        b_k *= b_f
-        b_q *= b_e
-    b_dv = tl.dot(b_k.to(OP), b_dh.to(OP), b_dv, input_precision=DOT_PREC, out_dtype=ACC)
-    if USE_GK:
-        b_dh *= b_eg[:, None]
-    b_dh = tl.dot(tl.trans(b_q.to(OP)), b_do, b_dh, input_precision=DOT_PREC, out_dtype=ACC)
+        b_dh *= _exp_gamma(g, bos, i_h, t, nv, k0, H, K, C, BK)[:, None]
+    b_dh = tl.dot(tl.trans(b_q), b_do, b_dh, input_precision=DOT_PREC, out_dtype=ACC)
     b_dh = _wm_dot(b_dh, b_dw, wm, bos, i_h, L, t, k0, H, K, C, BK, True, DOT_PREC, OP)
     return b_dh, b_dv
 
 
 @triton.jit
-def _bwd_step(t, b_dh0, b_dh1, b_dh2, b_dh3, q, k, b, g, wm, do, dw_loc, dv_loc, dh, dw, dv, scale, bos, i_h, L,
+def _bwd_step(t, b_dh0, b_dh1, b_dh2, b_dh3, qh, kt, bt, g, wm, do, dw_loc, dv_loc, dh, dw, dv, scale, bos, i_h, L,
               c0, v0, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
               BV: tl.constexpr, NK: tl.constexpr, USE_GK: tl.constexpr, DOT_PREC: tl.constexpr, OP: tl.constexpr):
     """Chunk t (reverse order): store dh; dW = dW_loc + Bt dh; dV = dV_loc + Kt dh;
@@ -207,14 +193,13 @@ def _bwd_step(t, b_dh0, b_dh1, b_dh2, b_dh3, q, k, b, g, wm, do, dw_loc, dv_loc,
     _store_state(dh + ((c0 + t) * H + i_h) * K * V, b_dh0, b_dh1, b_dh2, b_dh3, K, V, v0, BK, BV, NK)
     nv = tl.minimum(L - t * C, C)
     # dW = Bt dh summed over the K tiles, then + dW_loc
-    b_dw = _bt_dh(tl.zeros([C, BV], dtype=ACC), b_dh0, b, g, bos, i_h, L, t, nv, 0, H, K, C, BK, USE_GK, DOT_PREC,
-                  OP)
+    b_dw = _bt_dh(tl.zeros([C, BV], dtype=ACC), b_dh0, bt, bos, i_h, L, t, 0, H, K, C, BK, DOT_PREC, OP)
     if NK > 1:
-        b_dw = _bt_dh(b_dw, b_dh1, b, g, bos, i_h, L, t, nv, BK, H, K, C, BK, USE_GK, DOT_PREC, OP)
+        b_dw = _bt_dh(b_dw, b_dh1, bt, bos, i_h, L, t, BK, H, K, C, BK, DOT_PREC, OP)
     if NK > 2:
-        b_dw = _bt_dh(b_dw, b_dh2, b, g, bos, i_h, L, t, nv, 2 * BK, H, K, C, BK, USE_GK, DOT_PREC, OP)
+        b_dw = _bt_dh(b_dw, b_dh2, bt, bos, i_h, L, t, 2 * BK, H, K, C, BK, DOT_PREC, OP)
     if NK > 3:
-        b_dw = _bt_dh(b_dw, b_dh3, b, g, bos, i_h, L, t, nv, 3 * BK, H, K, C, BK, USE_GK, DOT_PREC, OP)
+        b_dw = _bt_dh(b_dw, b_dh3, bt, bos, i_h, L, t, 3 * BK, H, K, C, BK, DOT_PREC, OP)
     b_dw += tl.load(seq_block(dw_loc, bos, i_h, L, H, V, t * C, v0, C, BV), boundary_check=(0, 1)).to(ACC)
     tl.store(seq_block(dw, bos, i_h, L, H, V, t * C, v0, C, BV), b_dw.to(dw.dtype.element_ty),
              boundary_check=(0, 1))
@@ -224,16 +209,16 @@ def _bwd_step(t, b_dh0, b_dh1, b_dh2, b_dh3, q, k, b, g, wm, do, dw_loc, dv_loc,
     b_do = (tl.load(seq_block(do, bos, i_h, L, H, V, t * C, v0, C, BV), boundary_check=(0, 1)).to(ACC)
             * scale).to(OP)
     b_dv = tl.zeros([C, BV], dtype=ACC)
-    b_dh0, b_dv = _bwd_tile(b_dh0, q, k, g, wm, b_do, b_dw, b_dv, bos, i_h, L, t, nv, 0, H, K, C, BK, USE_GK,
+    b_dh0, b_dv = _bwd_tile(b_dh0, qh, kt, g, wm, b_do, b_dw, b_dv, bos, i_h, L, t, nv, 0, H, K, C, BK, USE_GK,
                             DOT_PREC, OP)
     if NK > 1:
-        b_dh1, b_dv = _bwd_tile(b_dh1, q, k, g, wm, b_do, b_dw, b_dv, bos, i_h, L, t, nv, BK, H, K, C, BK, USE_GK,
+        b_dh1, b_dv = _bwd_tile(b_dh1, qh, kt, g, wm, b_do, b_dw, b_dv, bos, i_h, L, t, nv, BK, H, K, C, BK, USE_GK,
                                 DOT_PREC, OP)
     if NK > 2:
-        b_dh2, b_dv = _bwd_tile(b_dh2, q, k, g, wm, b_do, b_dw, b_dv, bos, i_h, L, t, nv, 2 * BK, H, K, C, BK,
+        b_dh2, b_dv = _bwd_tile(b_dh2, qh, kt, g, wm, b_do, b_dw, b_dv, bos, i_h, L, t, nv, 2 * BK, H, K, C, BK,
                                 USE_GK, DOT_PREC, OP)
     if NK > 3:
-        b_dh3, b_dv = _bwd_tile(b_dh3, q, k, g, wm, b_do, b_dw, b_dv, bos, i_h, L, t, nv, 3 * BK, H, K, C, BK,
+        b_dh3, b_dv = _bwd_tile(b_dh3, qh, kt, g, wm, b_do, b_dw, b_dv, bos, i_h, L, t, nv, 3 * BK, H, K, C, BK,
                                 USE_GK, DOT_PREC, OP)
     b_dv += tl.load(seq_block(dv_loc, bos, i_h, L, H, V, t * C, v0, C, BV), boundary_check=(0, 1)).to(ACC)
     tl.store(seq_block(dv, bos, i_h, L, H, V, t * C, v0, C, BV), b_dv.to(dv.dtype.element_ty),
@@ -242,7 +227,7 @@ def _bwd_step(t, b_dh0, b_dh1, b_dh2, b_dh3, q, k, b, g, wm, do, dw_loc, dv_loc,
 
 
 @triton.jit
-def chunk_h_bwd_kernel(q, k, b, g, wm, do, dw_loc, dv_loc, dh, dw, dv, dht, ds0, offsets, chunk_offsets, scale_ptr,
+def chunk_h_bwd_kernel(qh, kt, bt, g, wm, do, dw_loc, dv_loc, dh, dw, dv, dht, ds0, offsets, chunk_offsets, scale_ptr,
                        H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
                        BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr, USE_GK: tl.constexpr,
                        USE_DHT: tl.constexpr, STORE_DS0: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -266,15 +251,15 @@ def chunk_h_bwd_kernel(q, k, b, g, wm, do, dw_loc, dv_loc, dh, dw, dv, dht, ds0,
     if WHILE_LOOP:  # the interpreter cannot range() over a loaded bound
         t = NT - 1
         while t >= 0:
-            b_dh0, b_dh1, b_dh2, b_dh3 = _bwd_step(t, b_dh0, b_dh1, b_dh2, b_dh3, q, k, b, g, wm, do, dw_loc, dv_loc,
+            b_dh0, b_dh1, b_dh2, b_dh3 = _bwd_step(t, b_dh0, b_dh1, b_dh2, b_dh3, qh, kt, bt, g, wm, do, dw_loc, dv_loc,
                                                    dh, dw, dv, scale, bos, i_h, L, c0, v0, H, K, V, C, BK, BV, NK,
                                                    USE_GK, DOT_PREC, OP)
             t -= 1
     else:
         for s in range(NT):
-            b_dh0, b_dh1, b_dh2, b_dh3 = _bwd_step(NT - 1 - s, b_dh0, b_dh1, b_dh2, b_dh3, q, k, b, g, wm, do, dw_loc,
-                                                   dv_loc, dh, dw, dv, scale, bos, i_h, L, c0, v0, H, K, V, C, BK, BV,
-                                                   NK, USE_GK, DOT_PREC, OP)
+            b_dh0, b_dh1, b_dh2, b_dh3 = _bwd_step(NT - 1 - s, b_dh0, b_dh1, b_dh2, b_dh3, qh, kt, bt, g, wm, do,
+                                                   dw_loc, dv_loc, dh, dw, dv, scale, bos, i_h, L, c0, v0, H, K, V, C,
+                                                   BK, BV, NK, USE_GK, DOT_PREC, OP)
     if STORE_DS0:
         _store_state(ds0 + i_nh.to(tl.int64) * K * V, b_dh0, b_dh1, b_dh2, b_dh3, K, V, v0, BK, BV, NK)
 
@@ -301,45 +286,46 @@ def operands(dtype, C, K, V):
     return (operand_type("dplr_chunk_h_fwd", dtype, C, BK, BV), operand_type("dplr_chunk_h_bwd", dtype, C, BK, BV))
 
 
-def chunk_h_fwd(k, b, v, g, wm, u, initial_state, output_final_state, offsets, chunk_offsets, NC, chunk_size,
+def chunk_h_fwd(kt, bt, v, g, wm, u, initial_state, output_final_state, offsets, chunk_offsets, NC, chunk_size,
                 h_dtype=None, w_dtype=None):
-    """Returns h [NC, H, K, V] (state entering each chunk) in h_dtype, W [B, T, H, V] in w_dtype (both the
-    accumulation dtype by default) and the final state [N, H, K, V] in the accumulation dtype (or None)."""
-    B, T, H, K = k.shape
+    """kt, bt: k exp(gamma - G), b exp(gamma - G) (k, b for IPLR) [B, T, H, K]. Returns h [NC, H, K, V] (state
+    entering each chunk) in h_dtype, W [B, T, H, V] in w_dtype (both the accumulation dtype by default) and the
+    final state [N, H, K, V] in the accumulation dtype (or None)."""
+    B, T, H, K = kt.shape
     V = v.shape[-1]
-    N, acc = offsets.numel() - 1, acc_dtype(k.dtype)
-    h = new_empty((NC, H, K, V), h_dtype or acc, k.device)
-    w = new_empty((B, T, H, V), w_dtype or acc, k.device)
-    ht = new_empty((N, H, K, V), acc, k.device) if output_final_state else None
+    N, acc = offsets.numel() - 1, acc_dtype(v.dtype)
+    h = new_empty((NC, H, K, V), h_dtype or acc, v.device)
+    w = new_empty((B, T, H, V), w_dtype or acc, v.device)
+    ht = new_empty((N, H, K, V), acc, v.device) if output_final_state else None
     BK, NK, BV = _blocks(K, V)
     if N * H:
         launch_fitting(
-            chunk_h_fwd_kernel, (triton.cdiv(V, BV), N * H), k, b, v, g, wm, u, h, w, initial_state, ht, offsets,
+            chunk_h_fwd_kernel, (triton.cdiv(V, BV), N * H), kt, bt, v, g, wm, u, h, w, initial_state, ht, offsets,
             chunk_offsets, H=H, K=K, V=V, C=chunk_size, BK=BK, BV=BV, NK=NK, USE_GK=g is not None,
-            USE_S0=initial_state is not None, STORE_FINAL=ht is not None, DOT_PREC=dot_precision(k.dtype),
-            OP=operands(k.dtype, chunk_size, K, V)[0], WHILE_LOOP=interpreting(), ACC=tl_acc(k.dtype),
+            USE_S0=initial_state is not None, STORE_FINAL=ht is not None, DOT_PREC=dot_precision(v.dtype),
+            OP=operands(v.dtype, chunk_size, K, V)[0], WHILE_LOOP=interpreting(), ACC=tl_acc(v.dtype),
             num_warps=NUM_WARPS)
     return h, w, ht
 
 
-def chunk_h_bwd(q, k, b, g, wm, do, dw_loc, dv_loc, dht, initial_state, scale_t, offsets, chunk_offsets, NC,
+def chunk_h_bwd(qh, kt, bt, g, wm, do, dw_loc, dv_loc, dht, initial_state, scale_t, offsets, chunk_offsets, NC,
                 chunk_size, dh_dtype=None, dw_dtype=None, dv_dtype=None):
-    """Returns dh [NC, H, K, V] (gradient of the state leaving each chunk), dW, dV [B, T, H, V] (dV without the WY
-    term) in dh_dtype, dw_dtype, dv_dtype (the accumulation dtype by default) and dS0 in initial_state's dtype
-    (None without initial_state)."""
-    B, T, H, K = k.shape
+    """qh = q exp(G), kt, bt as for chunk_h_fwd (q, k, b for IPLR). Returns dh [NC, H, K, V] (gradient of the state
+    leaving each chunk), dW, dV [B, T, H, V] (dV without the WY term) in dh_dtype, dw_dtype, dv_dtype (the
+    accumulation dtype by default) and dS0 in initial_state's dtype (None without initial_state)."""
+    B, T, H, K = kt.shape
     V = do.shape[-1]
-    N, acc = offsets.numel() - 1, acc_dtype(k.dtype)
-    dh = new_empty((NC, H, K, V), dh_dtype or acc, k.device)
-    dw = new_empty((B, T, H, V), dw_dtype or acc, k.device)
-    dv = new_empty((B, T, H, V), dv_dtype or acc, k.device)
-    ds0 = None if initial_state is None else new_empty((N, H, K, V), initial_state.dtype, k.device)
+    N, acc = offsets.numel() - 1, acc_dtype(do.dtype)
+    dh = new_empty((NC, H, K, V), dh_dtype or acc, do.device)
+    dw = new_empty((B, T, H, V), dw_dtype or acc, do.device)
+    dv = new_empty((B, T, H, V), dv_dtype or acc, do.device)
+    ds0 = None if initial_state is None else new_empty((N, H, K, V), initial_state.dtype, do.device)
     BK, NK, BV = _blocks(K, V)
     if N * H:
         launch_fitting(
-            chunk_h_bwd_kernel, (triton.cdiv(V, BV), N * H), q, k, b, g, wm, do, dw_loc, dv_loc, dh, dw, dv, dht, ds0,
-            offsets, chunk_offsets, scale_t, H=H, K=K, V=V, C=chunk_size, BK=BK, BV=BV, NK=NK, USE_GK=g is not None,
-            USE_DHT=dht is not None, STORE_DS0=ds0 is not None, DOT_PREC=dot_precision(k.dtype),
-            OP=operands(k.dtype, chunk_size, K, V)[1], WHILE_LOOP=interpreting(), ACC=tl_acc(k.dtype),
-            num_warps=BWD_WARPS)
+            chunk_h_bwd_kernel, (triton.cdiv(V, BV), N * H), qh, kt, bt, g, wm, do, dw_loc, dv_loc, dh, dw, dv, dht,
+            ds0, offsets, chunk_offsets, scale_t, H=H, K=K, V=V, C=chunk_size, BK=BK, BV=BV, NK=NK,
+            USE_GK=g is not None, USE_DHT=dht is not None, STORE_DS0=ds0 is not None,
+            DOT_PREC=dot_precision(do.dtype), OP=operands(do.dtype, chunk_size, K, V)[1], WHILE_LOOP=interpreting(),
+            ACC=tl_acc(do.dtype), num_warps=BWD_WARPS)
     return dh, dw, dv, ds0
