@@ -33,7 +33,7 @@ point on dplr.chunk,fla.dplr.chunk $ON
 env $ON timeout 40 python3 -m benchmarks.profile_ops --forms dplr.chunk --point $P --out "$D/prof" \
   > "$D/prof.log" 2>&1; at "profile (rc $?)"
 # EXTRA (env): one more command (a micro-benchmark, say), its output in d/extra.log
-[ -n "${EXTRA:-}" ] && { env $ON timeout 60 bash -c "$EXTRA" > "$D/extra.log" 2>&1; at "extra (rc $?)"; }
+[ -n "${EXTRA:-}" ] && { env $ON timeout 90 bash -c "$EXTRA" > "$D/extra.log" 2>&1; at "extra (rc $?)"; }
 R=$((TOTAL - SECONDS + T0))
 tests() { local name=$1 n=$2 sel=$3; env $ON DELTACHECK_PROFILE=gpu DELTACHECK_RECORD=$D/verification-$name.json \
   timeout -s INT -k 15 $R python3 -m pytest -p no:cacheprovider -n $n -q $TESTS -k "$sel" \
@@ -41,5 +41,5 @@ tests() { local name=$1 n=$2 sel=$3; env $ON DELTACHECK_PROFILE=gpu DELTACHECK_R
 tests slow 2 "$SLOW" & tests rest 14 "(dplr or iplr or generalized) and not ($SLOW)"; wait
 grep -E "first|ahead" "$D/first.log" | tail -3
 for f in off on; do echo "== $f"; grep -A3 "^form " "$D/$f.log"; done
-grep " ms " "$D/prof.log" | head -14; [ -n "${EXTRA:-}" ] && tail -5 "$D/extra.log"; grep -hE "passed|failed|FAILED" "$D"/tests-*.log | tail -12
+grep " ms " "$D/prof.log" | head -14; [ -n "${EXTRA:-}" ] && tail -30 "$D/extra.log"; grep -hE "passed|failed|FAILED" "$D"/tests-*.log | tail -12
 (cd "$OUT" && tar czf d.tgz d && rm -rf d)

@@ -33,6 +33,7 @@ LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 
 RESULTS = {}  # (kernel, constexprs, options) -> shared bytes
 PTX = {}  # same keys -> the PTX, for register and spill counts (registers())
+COMPILE_S = {}  # same keys -> seconds triton.compile took here (what bounds a first call's compile-ahead pool)
 
 
 def _specialize(v, specialize=True):
@@ -76,7 +77,9 @@ def _compile_instead_of_launch(self, *args, grid, warmup, **kwargs):
            tuple(sorted(signature.items())), tuple(sorted(attrs)), tuple(sorted(options.items())))
     if key not in RESULTS:
         src = ASTSource(fn=self, signature=signature, constexprs=constexprs, attrs=attrs)
+        t0 = time.perf_counter()
         compiled = triton.compile(src, target=SM90, options=options)
+        COMPILE_S[key] = time.perf_counter() - t0
         RESULTS[key] = compiled.metadata.shared
         PTX[key] = compiled.asm["ptx"]
     if RESULTS[key] > SMEM_LIMIT:  # what the launch on the GPU raises, before anything runs
@@ -215,13 +218,14 @@ def main(argv=None):
     for f in over:
         print("  FAILS", *f)
     if a.registers:
-        print("registers / thread, spill stores / loads (bytes), per kernel configuration:")
+        print("registers / thread, spill stores / loads (bytes), compile seconds here, per kernel configuration:")
         for key in sorted(PTX, key=lambda k: k[0]):
             r, st, ld = registers(key)
             cst = {n: v for n, v in key[1] if n in ("K", "V", "C", "BK", "BV", "BC", "USE_GK", "NK")}
             sig = dict(key[2])
             dt = next((sig[n] for n in ("k", "q", "a", "x", "qh", "kt", "ah", "v") if n in sig), "?").lstrip("*")
-            print(f"  {r:4d} regs  {st:6d} / {ld:6d} B spilled  {key[0]}  {dt}  {cst}  {dict(key[4])}")
+            print(f"  {r:4d} regs  {st:6d} / {ld:6d} B spilled  {COMPILE_S[key]:5.1f} s  {key[0]}  {dt}  {cst}  "
+                  f"{dict(key[4])}")
     return 1 if over else 0
 
 

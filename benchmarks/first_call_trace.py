@@ -1,0 +1,55 @@
+"""Where a first call's seconds go: one form's first call at a point in this process, with the start and end of every
+Triton compile (seconds from the call's start) and the thread it ran on. Run it with an empty Triton cache:
+
+    TRITON_CACHE_DIR=$(mktemp -d) python3 -m benchmarks.first_call_trace --form dplr.chunk \
+        [--point B=8,T=4096,H=16,K=128,V=128,dtype=bf16] [--mode fwd+bwd]
+
+Prints one row per compile, earliest first (times from before the inputs are made), then the call's total and the
+span the compiles cover; compiles that overlap ran side by side (ops.common.compile_ahead's pool), gaps are host
+work between them. Needs CUDA.
+"""
+import argparse
+import threading
+import time
+
+import triton.compiler as compiler
+
+EVENTS = []  # (kernel, start, end, thread), perf_counter seconds
+_compile = compiler.compile
+
+
+def _traced(src, *args, **kwargs):
+    t0 = time.perf_counter()
+    try:
+        return _compile(src, *args, **kwargs)
+    finally:
+        name = getattr(getattr(src, "fn", None), "__name__", type(src).__name__)
+        EVENTS.append((name, t0, time.perf_counter(), threading.current_thread().name))
+
+
+compiler.compile = _traced  # a JITFunction takes triton.compiler.compile at its first launch (create_binder)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--form", default="dplr.chunk")
+    p.add_argument("--point", default="B=8,T=4096,H=16,K=128,V=128,dtype=bf16")
+    p.add_argument("--mode", default="fwd+bwd", choices=("fwd", "fwd+bwd"))
+    a = p.parse_args(argv)
+    import torch
+
+    from benchmarks import harness
+    from benchmarks.first_call import one
+    t0 = time.perf_counter()
+    first, second = one(a.form, harness.parse_point(a.point), a.mode, "cuda")
+    print(f"{a.form} {a.mode}: first call {first:.2f} s, second {second * 1e3:.1f} ms; "
+          f"{len(EVENTS)} compiles; torch {torch.__version__}")
+    for name, s, e, th in sorted(EVENTS, key=lambda x: x[1]):
+        print(f"  {s - t0:7.2f} -> {e - t0:7.2f} s  ({e - s:5.2f} s)  {name}  [{th}]")
+    if EVENTS:
+        print(f"compiles span {min(x[1] for x in EVENTS) - t0:.2f} .. {max(x[2] for x in EVENTS) - t0:.2f} s of "
+              f"the {time.perf_counter() - t0:.2f} s from the inputs' making to the second call's end")
+
+
+if __name__ == "__main__":
+    main()
