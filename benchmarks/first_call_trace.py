@@ -1,8 +1,9 @@
 """Where a first call's seconds go: one form's first call at a point in this process, with the start and end of every
-Triton compile (seconds from the call's start) and the thread it ran on. Run it with an empty Triton cache:
+Triton compile and launcher build (seconds from the call's start) and the thread it ran on. Run it with an empty
+Triton cache:
 
-    TRITON_CACHE_DIR=$(mktemp -d) python3 -m benchmarks.first_call_trace --form dplr.chunk \
-        [--point B=8,T=4096,H=16,K=128,V=128,dtype=bf16] [--mode fwd+bwd]
+    TRITON_CACHE_DIR=$(mktemp -d) [DELTACHECK_COMPILE_LAUNCHERS=1] python3 -m benchmarks.first_call_trace \
+        --form dplr.chunk [--point B=8,T=4096,H=16,K=128,V=128,dtype=bf16] [--mode fwd+bwd]
 
 Prints one row per compile, earliest first (times from before the inputs are made), then the call's total and the
 span the compiles cover; compiles that overlap ran side by side (ops.common.compile_ahead's pool), gaps are host
@@ -28,6 +29,25 @@ def _traced(src, *args, **kwargs):
 
 
 compiler.compile = _traced  # a JITFunction takes triton.compiler.compile at its first launch (create_binder)
+
+
+def _trace_launchers():
+    """Each kernel's launcher build too (a C module per signature, compiled at the kernel's first launch when the
+    cache has none), as "launcher <kernel>"."""
+    import triton.backends.nvidia.driver as nv
+    init = nv.CudaLauncher.__init__
+
+    def traced(self, src, metadata):
+        t0 = time.perf_counter()
+        try:
+            return init(self, src, metadata)
+        finally:
+            name = getattr(getattr(src, "fn", None), "__name__", "?")
+            EVENTS.append((f"launcher {name}", t0, time.perf_counter(), threading.current_thread().name))
+    nv.CudaLauncher.__init__ = traced
+
+
+_trace_launchers()
 
 
 def main(argv=None):

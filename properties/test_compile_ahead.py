@@ -243,3 +243,34 @@ def test_dplr_tuned_off_keeps_wy_bwd_at_one_stage():
                                 cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout.strip()
     assert out["0"] == str(["ops.generalized_delta_rule.dplr.wy_fast.wy_bwd_kernel"]), out
     assert out["1"] == str(sorted(U.DPLR_TUNED)), out
+
+
+def test_launchers_build_in_the_compile_pool(monkeypatch):
+    """With compile_ahead.LAUNCHERS (DELTACHECK_COMPILE_LAUNCHERS=1) each dry-run compile job also builds its
+    kernel's launcher from the kernel's source and metadata, in the pool's thread, not the caller's; a launcher that
+    fails to build still leaves the compiled kernel to the real launch. Off, the job only compiles."""
+    import sys
+    import threading
+    import types
+
+    import triton.runtime._async_compile as ac
+
+    from ops.common import compile_ahead
+    rd = sys.modules["triton.runtime.driver"]  # (the package's `driver` attribute is the DriverConfig)
+    built = []
+
+    def launcher(src, metadata):
+        built.append((src, metadata, threading.current_thread() is threading.main_thread()))
+        if src == "bad":
+            raise RuntimeError("no compiler")
+    monkeypatch.setattr(rd, "driver", types.SimpleNamespace(active=types.SimpleNamespace(launcher_cls=launcher)))
+    for on in (True, False):
+        built.clear()
+        monkeypatch.setattr(compile_ahead, "LAUNCHERS", on)
+        kernels = [types.SimpleNamespace(src=name, metadata=i) for i, name in enumerate(("a", "bad"))]
+        done = []
+        with compile_ahead._warmups_only():
+            mode = ac.active_mode.get()
+            futures = [mode.submit(k.src, lambda k=k: k, done.append) for k in kernels]
+        assert [f.result() for f in futures] == kernels and done == kernels
+        assert built == ([("a", 0, False), ("bad", 1, False)] if on else [])

@@ -259,6 +259,23 @@ def test_goals_take_the_newest_run_that_has_both_forms():
     assert "|met|" in row and "0.9 at ccccccc" in row and "|3|" not in row, row
 
 
+def test_goal_fresh_process_first_calls_judge_each_forms_newest_run():
+    """benchmarks/first_call.py's fresh-process rows judge the first-call goal from each form's newest run (per
+    compile-ahead setting and point), name its commit, and drop the older runs of the same form."""
+    def fresh(created, commit, rows):
+        return ("f.json", dict(kind="first_call", created=created, git=dict(commit=commit), point=dict(B=8, T=4096),
+                               rows=[dict(form=f, mode="fwd+bwd", ahead=1, status="ok", first_s=s) for f, s in rows]))
+    old = fresh("2026-01-01T00:00:00", "aaaaaaa", [("chunk", 7.0), ("dplr.chunk", 11.2)])
+    new = fresh("2026-02-01T00:00:00", "bbbbbbb", [("dplr.chunk", 9.8)])
+    text = html.unescape(re.sub(r"<[^>]+>", "|", B.goals_html(None, [_goal_point("2026-01-01T00:00:00", "ccccccc", [
+        ("chunk", "fwd", 1.0)])], cold_calls=[new, old])))
+    rows = text[text.index("first call, fwd then fwd+bwd"):]
+    assert "dplr.chunk: fwd+bwd, fresh process, empty Triton cache, compile ahead on (the default), at bbbbbbb" in rows
+    assert "|9.8|" in rows and "|11.2|" not in rows, rows
+    assert "chunk: fwd+bwd, fresh process, empty Triton cache, compile ahead on (the default), at aaaaaaa" in rows
+    assert "|7|" in rows and rows.count("|met|") == 2 and "|missed|" not in rows, rows
+
+
 def test_goal_first_calls_take_each_forms_newest_run_without_a_verdict():
     """The goals' first-call rows from benchmark runs take each form's newest run (not the first file listed),
     name its commit, and give no met / missed: such a run's Triton cache state is not recorded, so only

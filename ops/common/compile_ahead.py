@@ -27,6 +27,11 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 ENABLED = os.environ.get("DELTACHECK_COMPILE_AHEAD", "1") != "0"
+# Each compile job also builds its kernel's launcher (a C module per kernel signature that Triton compiles with the
+# host C compiler at the kernel's first launch, one after another in the launching thread, when its cache has none).
+# H100, DPLR chunk fwd+bwd from an empty cache (visit 18, benchmarks/first_call_trace.py): the last compile ends at
+# 8.0 s of a 11.7 s first call. Off until a GPU run measures it: DELTACHECK_COMPILE_LAUNCHERS=1.
+LAUNCHERS = os.environ.get("DELTACHECK_COMPILE_LAUNCHERS", "0") == "1"
 THREADS = int(os.environ.get("DELTACHECK_COMPILE_THREADS", "0")) or min(16, os.cpu_count() or 1)
 _SEEN = set()
 _LOCK = threading.Lock()
@@ -86,6 +91,20 @@ def _settle_fits():
         pending = later
 
 
+def _with_launcher(compile_fn):
+    """compile_fn, then its kernel's launcher built in the same (pool) thread; Triton caches the module, so the
+    first launch finds it. A launcher that fails to build here is built (or fails) at that launch, as without."""
+    def run():
+        kernel = compile_fn()
+        try:
+            from triton.runtime.driver import driver
+            driver.active.launcher_cls(kernel.src, kernel.metadata)
+        except Exception:
+            pass
+        return kernel
+    return run
+
+
 @contextlib.contextmanager
 def _warmups_only():
     import triton.runtime._async_compile as ac
@@ -98,6 +117,9 @@ def _warmups_only():
 
     with _LOCK, ThreadPoolExecutor(THREADS) as pool:
         mode = ac.AsyncCompileMode(pool, ignore_errors=True)
+        if LAUNCHERS:
+            submit = mode.submit
+            mode.submit = lambda key, compile_fn, finalize_fn: submit(key, _with_launcher(compile_fn), finalize_fn)
         context_var = ac.active_mode
         jit.JITFunction.run = warmup_run
         ac.active_mode = _InEveryThread(mode)
