@@ -15,36 +15,33 @@ import time
 
 import triton.compiler as compiler
 
-EVENTS = []  # (kernel, start, end, thread), perf_counter seconds
-_compile = compiler.compile
+EVENTS = []  # (what, start, end, thread), perf_counter seconds
 
 
-def _traced(src, *args, **kwargs):
-    t0 = time.perf_counter()
-    try:
-        return _compile(src, *args, **kwargs)
-    finally:
-        name = getattr(getattr(src, "fn", None), "__name__", type(src).__name__)
-        EVENTS.append((name, t0, time.perf_counter(), threading.current_thread().name))
+def _timed(fn, what):
+    """fn, appending (what(src), start, end, thread) to EVENTS at each call; src is its first argument after self."""
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            EVENTS.append((what(args), t0, time.perf_counter(), threading.current_thread().name))
+    return timed
 
 
-compiler.compile = _traced  # a JITFunction takes triton.compiler.compile at its first launch (create_binder)
+def _name(src):
+    return getattr(getattr(src, "fn", None), "__name__", type(src).__name__)
+
+
+# a JITFunction takes triton.compiler.compile at its first launch (create_binder): patched before any launch
+compiler.compile = _timed(compiler.compile, lambda args: _name(args[0]))
 
 
 def _trace_launchers():
     """Each kernel's launcher build too (a C module per signature, compiled at the kernel's first launch when the
     cache has none), as "launcher <kernel>"."""
     import triton.backends.nvidia.driver as nv
-    init = nv.CudaLauncher.__init__
-
-    def traced(self, src, metadata):
-        t0 = time.perf_counter()
-        try:
-            return init(self, src, metadata)
-        finally:
-            name = getattr(getattr(src, "fn", None), "__name__", "?")
-            EVENTS.append((f"launcher {name}", t0, time.perf_counter(), threading.current_thread().name))
-    nv.CudaLauncher.__init__ = traced
+    nv.CudaLauncher.__init__ = _timed(nv.CudaLauncher.__init__, lambda args: f"launcher {_name(args[1])}")
 
 
 _trace_launchers()
