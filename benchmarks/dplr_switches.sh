@@ -8,7 +8,8 @@
 #   OUT=/folder DELTACHECK_COMMIT=<sha> [OFF="VAR=0 ..."] [ON="VAR=1 ..."] bash benchmarks/dplr_switches.sh [TOTAL_S]
 #   (carry .whl for fla)
 #
-# OFF and ON are env settings (default: DELTACHECK_DPLR_HALF_STORAGE=0, and none: the defaults). Everything lands in
+# OFF and ON are env settings (default: DELTACHECK_DPLR_HALF_STORAGE=0, and none: the defaults); OFF=- skips the
+# OFF point (a visit that only verifies and times the defaults). Everything lands in
 # $OUT/d.tgz: point-*.json per setting (under d/<name>/), first-call-*.json, the profile, the tests' junit and
 # records (merge them into verification-gpu.* with benchmarks.gpu_summary merge-runs). TOTAL_S (default 560) bounds
 # the whole call; the tests get what the timings leave.
@@ -19,16 +20,19 @@ ON=${ON:-}
 # TESTS (env) narrows the test files when time is short.
 TESTS=${TESTS:-properties/test_dplr_ops.py properties/test_iplr_ops.py properties/test_conformance.py \
 properties/test_generalized_forms_agree.py}
-SLOW="test_state_splits_at_any_t and dplr and fp32 or test_iplr_with_erase_write_is_the_delta_rule"
+# SLOW (env): a -k expression for the slowest cases, run with SLOW_N workers of their own from the start.
+SLOW=${SLOW:-test_state_splits_at_any_t and dplr and fp32 or test_iplr_with_erase_write_is_the_delta_rule}
+SLOW_N=${SLOW_N:-2}
 . benchmarks/device_call.sh
 P=B=8,T=4096,H=16,K=128,V=128,dtype=bf16
 machine_record "OFF: $OFF; ON: $ON"
-env $ON timeout 100 python3 -m benchmarks.first_call --forms dplr.chunk --point $P --ahead 1 --timeout-s 60 \
-  --out "$D/first" > "$D/first.log" 2>&1; at "first call (rc $?)"
+# FIRST_FORMS / FIRST_MODES (env): the forms and modes of the first-call step (each a fresh process, empty cache).
+env $ON timeout 150 python3 -m benchmarks.first_call --forms "${FIRST_FORMS:-dplr.chunk}" --point $P --ahead 1 \
+  --modes "${FIRST_MODES:-fwd,fwd+bwd}" --timeout-s 60 --out "$D/first" > "$D/first.log" 2>&1; at "first call (rc $?)"
 restore_autotune
 point() { local name=$1 forms=$2; shift 2; env "$@" timeout 100 python3 -m benchmarks.harness --point $P \
   --forms "$forms" --budget-s 40 --task-limit-s 45 --out "$D/$name" > "$D/$name.log" 2>&1; at "$name (rc $?)"; }
-point off dplr.chunk $OFF
+[ "$OFF" != "-" ] && point off dplr.chunk $OFF
 point on dplr.chunk,fla.dplr.chunk $ON
 env $ON timeout 40 python3 -m benchmarks.profile_ops --forms dplr.chunk --point $P --out "$D/prof" \
   > "$D/prof.log" 2>&1; at "profile (rc $?)"
@@ -38,7 +42,7 @@ R=$((TOTAL - SECONDS + T0))
 tests() { local name=$1 n=$2 sel=$3; env $ON DELTACHECK_PROFILE=gpu DELTACHECK_RECORD=$D/verification-$name.json \
   timeout -s INT -k 15 $R python3 -m pytest -p no:cacheprovider -n $n -q $TESTS -k "$sel" \
   --junitxml=$D/tests-$name.junit.xml > "$D/tests-$name.log" 2>&1; at "tests $name (rc $?)"; }
-tests slow 2 "$SLOW" & tests rest 14 "(dplr or iplr or generalized) and not ($SLOW)"; wait
+tests slow $SLOW_N "$SLOW" & tests rest $((16 - SLOW_N)) "(dplr or iplr or generalized) and not ($SLOW)"; wait
 grep -E "first|ahead" "$D/first.log" | tail -3
 for f in off on; do echo "== $f"; grep -A3 "^form " "$D/$f.log"; done
 grep " ms " "$D/prof.log" | head -14; [ -n "${EXTRA:-}" ] && tail -30 "$D/extra.log"; grep -hE "passed|failed|FAILED" "$D"/tests-*.log | tail -12

@@ -382,28 +382,25 @@ TUNED = {
     "ops.delta_rule.chunk_h.chunk_h_bwd_kernel": dict(num_warps=4, num_stages=2),
 }
 # DPLR / IPLR (H100 at the point, bf16): the fastest launch of each kernel where it beat the default by more than
-# noise, from `tune_launch --warps 2,4,8 --stages 1,2,3` (visit 16 for chunk_o_fwd and wy_bwd; visit 18, on the
-# square state tiles and half operands, for the rest: reports/data/h100-80gb-hbm3/visit18/tune-*.json, ms):
-# chunk_h_bwd 2.375 -> 1.629 (8 warps -> 4, 2 stages), chunk_o_bwd_state 1.676 -> 1.461 (8 -> 4, 2 stages),
-# chunk_A_fwd 1.387 -> 1.159 (4 -> 2, 2 stages), chunk_h_fwd 0.982 -> 0.805 (2 stages), wy_fwd 0.995 -> 0.932
-# (2 warps, 1 stage), chunk_o_fwd 0.71 -> 0.61, wy_bwd 1.75 -> 1.26 (1 stage each: fla issue 984, the WY backward
-# miscompiles on Hopper at 2-4 stages). They apply to half inputs whatever the operands (half_inputs). On unless
-# DELTACHECK_DPLR_TUNED=0.
+# noise, from `tune_launch --warps 2,4,8 --stages 1,2,3` (visit 16 for chunk_o_fwd; visit 18 on the square state
+# tiles and half operands, reports/data/h100-80gb-hbm3/visit18/tune-*.json: chunk_h_bwd 2.375 -> 1.629 (8 warps ->
+# 4, 2 stages), chunk_o_bwd_state 1.676 -> 1.461 (8 -> 4, 2 stages); visit 19 on half storage and chunk_A's scaled
+# operands, visit19/tune-*.json, ms: chunk_A_fwd 1.497 -> 1.304 (2 warps, 2 stages -> 4, 3), chunk_h_fwd 0.493 ->
+# 0.427 (3 stages), wy_bwd 0.885 -> 0.768 (3 stages; its gradients bit for bit those of 1 stage, the stage count
+# fla issue 984 saw miscompile at is held by the GPU suite). They apply to half inputs whatever the operands
+# (half_inputs). On unless DELTACHECK_DPLR_TUNED=0.
 DPLR_TUNED = {
-    "ops.generalized_delta_rule.dplr.chunk_h.chunk_h_fwd_kernel": dict(num_warps=4, num_stages=2, half_inputs=True),
+    "ops.generalized_delta_rule.dplr.chunk_h.chunk_h_fwd_kernel": dict(num_warps=4, num_stages=3, half_inputs=True),
     "ops.generalized_delta_rule.dplr.chunk_h.chunk_h_bwd_kernel": dict(num_warps=4, num_stages=2, half_inputs=True),
     "ops.generalized_delta_rule.dplr.chunk_o.chunk_o_fwd_kernel": dict(num_warps=4, num_stages=1, half_inputs=True),
     "ops.generalized_delta_rule.dplr.chunk_o.chunk_o_bwd_state_kernel": dict(num_warps=4, num_stages=2,
                                                                             half_inputs=True),
-    "ops.generalized_delta_rule.dplr.chunk_A.chunk_A_fwd_kernel": dict(num_warps=2, num_stages=2, half_inputs=True),
+    "ops.generalized_delta_rule.dplr.chunk_A.chunk_A_fwd_kernel": dict(num_warps=4, num_stages=3, half_inputs=True),
     "ops.generalized_delta_rule.dplr.wy_fast.wy_fwd_kernel": dict(num_warps=2, num_stages=1, half_inputs=True),
-    "ops.generalized_delta_rule.dplr.wy_fast.wy_bwd_kernel": dict(num_warps=4, num_stages=1, half_inputs=True),
+    "ops.generalized_delta_rule.dplr.wy_fast.wy_bwd_kernel": dict(num_warps=4, num_stages=3, half_inputs=True),
 }
 if os.environ.get("DELTACHECK_DPLR_TUNED", "1") == "1":
     TUNED.update(DPLR_TUNED)
-else:  # wy_bwd's 1 stage stays: its half path is GPU-tested only there (fla issue 984: 2-4 stages miscompile)
-    TUNED["ops.generalized_delta_rule.dplr.wy_fast.wy_bwd_kernel"] = DPLR_TUNED[
-        "ops.generalized_delta_rule.dplr.wy_fast.wy_bwd_kernel"]
 
 # Tuning only: settings every launch_fitting launch takes instead (benchmarks/tune_launch.py sets it), and the
 # settings each kernel last ran with.
