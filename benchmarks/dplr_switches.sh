@@ -22,7 +22,7 @@ TESTS=${TESTS:-properties/test_dplr_ops.py properties/test_iplr_ops.py propertie
 properties/test_generalized_forms_agree.py}
 # SLOW (env): a -k expression for the slowest cases, run with SLOW_N workers of their own from the start.
 SLOW=${SLOW:-test_state_splits_at_any_t and dplr and fp32 or test_iplr_with_erase_write_is_the_delta_rule}
-SLOW_N=${SLOW_N:-2}
+SLOW_N=${SLOW_N:-2}  # (REST_N, default 16 - SLOW_N: the other cases' workers)
 . benchmarks/device_call.sh
 P=B=8,T=4096,H=16,K=128,V=128,dtype=bf16
 machine_record "OFF: $OFF; ON: $ON"
@@ -42,7 +42,7 @@ R=$((TOTAL - SECONDS + T0))
 tests() { local name=$1 n=$2 sel=$3; env $ON DELTACHECK_PROFILE=gpu DELTACHECK_RECORD=$D/verification-$name.json \
   timeout -s INT -k 15 $R python3 -m pytest -p no:cacheprovider -n $n -q $TESTS -k "$sel" \
   --junitxml=$D/tests-$name.junit.xml > "$D/tests-$name.log" 2>&1; at "tests $name (rc $?)"; }
-tests slow $SLOW_N "$SLOW" & tests rest $((16 - SLOW_N)) "(dplr or iplr or generalized) and not ($SLOW)"; wait
+tests slow $SLOW_N "$SLOW" & tests rest ${REST_N:-$((16 - SLOW_N))} "(dplr or iplr or generalized) and not ($SLOW)"; wait
 grep -E "first|ahead" "$D/first.log" | tail -3
 for f in off on; do echo "== $f"; grep -A3 "^form " "$D/$f.log"; done
 grep " ms " "$D/prof.log" | head -14; [ -n "${EXTRA:-}" ] && tail -30 "$D/extra.log"; grep -hE "passed|failed|FAILED" "$D"/tests-*.log | tail -12
