@@ -231,8 +231,9 @@ def test_switches_name_the_settings_a_record_depends_on(monkeypatch):
 
 
 def test_dplr_tuned_off_keeps_wy_bwd_at_one_stage():
-    """DELTACHECK_DPLR_TUNED=0 drops the DPLR launch choices except DPLR wy_bwd's 1 stage: its half-operand path is
-    GPU-tested only there (fla issue 984: a WY backward at C = 64 on half operands miscompiles at 2-4 stages)."""
+    """DELTACHECK_DPLR_TUNED=0 drops the DPLR launch choices but keeps DPLR wy_bwd at 1 stage: its half-operand path
+    is GPU-tested there and at DPLR_TUNED's 3 stages only (fla issue 984: a WY backward at C = 64 on half operands
+    miscompiles at 2-4 stages)."""
     import subprocess
     import sys
     code = "import ops.common.utils as U; print(sorted(k for k in U.TUNED if '.dplr.' in k))"
@@ -243,6 +244,7 @@ def test_dplr_tuned_off_keeps_wy_bwd_at_one_stage():
                                 cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout.strip()
     assert out["0"] == str(["ops.generalized_delta_rule.dplr.wy_fast.wy_bwd_kernel"]), out
     assert out["1"] == str(sorted(U.DPLR_TUNED)), out
+    assert U.DPLR_TUNED["ops.generalized_delta_rule.dplr.wy_fast.wy_bwd_kernel"]["num_stages"] == 3
 
 
 def test_launchers_build_in_the_compile_pool(monkeypatch):

@@ -291,3 +291,26 @@ def test_goal_first_calls_take_each_forms_newest_run_without_a_verdict():
     assert "benchmark run at bbbbbbb" in rows and "|5|" in rows, rows
     assert "aaaaaaa" not in rows and "|20|" not in rows, rows
     assert "not the goal's measure" in rows and "|met|" not in rows and "|missed|" not in rows, rows
+
+
+def test_accuracy_goal_prefers_one_run_and_names_a_borrowed_one():
+    """The accuracy goal compares ours with fla from the run that measured both; with none, it borrows fla's
+    errors only from a run on the same seeded inputs (any GPU) and names it; ours above fla in o or the worst
+    gradient is 'missed', and every quantity where ours is larger is listed."""
+    def doc(created, commit, entries, seed=0, T=1024):
+        return dict(kind="point", created=created, git=dict(commit=commit), config=dict(seed=seed), rows=[],
+                    accuracy=[dict(form=f, status="ok", dtype="bf16", B_compared=8, T_measured=T, H=16, K=128, V=128,
+                                   errors=e) for f, e in entries])
+    e = lambda o, dq, dk: dict(o=o, dq=dq, dk=dk)  # noqa: E731
+    same = doc("2026-01-01", "aaaaaaa", [("dplr.chunk", e(2e-3, 3e-3, 1e-3)), ("fla.dplr.chunk", e(3e-3, 4e-3, 5e-4))])
+    text = html.unescape(re.sub(r"<[^>]+>", "|", B.accuracy_goals_html([same])))
+    assert "||dk 2.000x||met (fla: the same run)||" in text, text
+    alone = doc("2026-02-01", "bbbbbbb", [("chunk", e(5e-3, 6e-3, 1e-3))])
+    other_seed = doc("2026-03-01", "ccccccc", [("fla.chunk", e(1e-3, 1e-3, 1e-3))], seed=1)
+    other_T = doc("2026-03-01", "ddddddd", [("fla.chunk", e(1e-3, 1e-3, 1e-3))], T=4096)
+    text = html.unescape(re.sub(r"<[^>]+>", "|", B.accuracy_goals_html([alone], [("GPU X", other_seed),
+                                                                                  ("GPU X", other_T)])))
+    assert "fla not measured on these inputs" in text and "missed" not in text, text
+    borrowed = doc("2026-01-15", "eeeeeee", [("fla.chunk", e(4e-3, 7e-3, 1e-3))])
+    text = html.unescape(re.sub(r"<[^>]+>", "|", B.accuracy_goals_html([alone], [("GPU X", borrowed)])))
+    assert "||o 1.250x||missed (fla: GPU X at eeeeeee (another run, same seeded inputs))||" in text, text
