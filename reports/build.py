@@ -728,9 +728,13 @@ def accuracy_goals_html(points, other_points=()) -> str:
     """The accuracy goal: ours' bf16 error (o, and the worst gradient) no worse than fla's on the same inputs.
     fla's errors come from the newest run that measured both where there is one; else from the newest run on any
     GPU (other_points: [(gpu, doc)]) that drew the same seeded inputs, and the row names that run."""
+    def worst(e):
+        g = {k: v for k, v in e.items() if k.startswith("d")}
+        return max(g.items(), key=lambda kv: kv[1]) if g else (None, None)
+    docs = sorted(points or [], key=lambda d: str(d.get("created") or ""), reverse=True)
+    others = sorted(other_points, key=lambda gx: str(gx[1].get("created") or ""), reverse=True)
     trs = []
     for form, peer in ACCURACY_GOALS:
-        docs = sorted(points or [], key=lambda d: str(d.get("created") or ""), reverse=True)
         mine = [d for d in docs if _accuracy_of(d, form)]
         if not mine:
             continue
@@ -739,19 +743,13 @@ def accuracy_goals_html(points, other_points=()) -> str:
         ours = _accuracy_of(d, form)
         theirs, where = (_accuracy_of(both, peer), "the same run") if both else (None, None)
         if theirs is None:
-            pool = [("this GPU", x) for x in docs] + sorted(other_points, key=lambda gx: str(gx[1].get("created")
-                                                                                                or ""), reverse=True)
-            for gpu, x in pool:
+            for gpu, x in [("this GPU", x) for x in docs] + others:
                 a = _accuracy_of(x, peer)
                 if a and _same_inputs(ours, a, d, x):
                     theirs = a
                     where = f"{gpu} at {_measured(x, peer)[1]} (another run, same seeded inputs)"
                     break
         eo, et = ours["errors"], (theirs or {}).get("errors") or {}
-
-        def worst(e):
-            g = {k: v for k, v in e.items() if k.startswith("d")}
-            return max(g.items(), key=lambda kv: kv[1]) if g else (None, None)
         wo, wt = worst(eo), worst(et)
         row = [form, f"T={ours.get('T_measured')}, B={ours.get('B_compared')}", _measured(d, form)[1],
                fmt(eo.get("o"), ".3g"), fmt(et.get("o"), ".3g"), f"{fmt(wo[1], '.3g')} ({wo[0]})",

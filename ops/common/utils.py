@@ -403,7 +403,8 @@ if os.environ.get("DELTACHECK_DPLR_TUNED", "1") == "1":
     TUNED.update(DPLR_TUNED)
 else:  # wy_bwd keeps the 1 stage its half path was GPU-tested at before visit 19 (fla issue 984: 2-4 stages can
     # miscompile a WY backward on Hopper; its 3 stages are GPU-tested only as DPLR_TUNED gives them)
-    TUNED["ops.generalized_delta_rule.dplr.wy_fast.wy_bwd_kernel"] = dict(num_warps=4, num_stages=1, half_inputs=True)
+    _wy_bwd = "ops.generalized_delta_rule.dplr.wy_fast.wy_bwd_kernel"
+    TUNED[_wy_bwd] = dict(DPLR_TUNED[_wy_bwd], num_stages=1)
 
 # Tuning only: settings every launch_fitting launch takes instead (benchmarks/tune_launch.py sets it), and the
 # settings each kernel last ran with.
